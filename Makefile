@@ -1,0 +1,38 @@
+.PHONY: run down down-prune-db logs scale-agents test dev build
+
+# Docker Compose v2 (`docker compose`) when present, else the v1 `docker-compose` binary.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+# Build images and run PostgreSQL, the API and one agent in the background.
+run:
+	$(COMPOSE) up -d --build
+
+# Stop and remove the containers (the database volume stays).
+down:
+	$(COMPOSE) down
+
+# Stop and remove the containers and the database volume.
+down-prune-db:
+	$(COMPOSE) down -v
+
+# Follow the logs of all services.
+logs:
+	$(COMPOSE) logs -f
+
+# Run N agents: make scale-agents num=3
+scale-agents:
+	@test -n "$(num)" || { echo "usage: make scale-agents num=N"; exit 2; }
+	$(COMPOSE) up -d --no-recreate --scale task-exec-agent=$(num)
+
+build:
+	cargo build --workspace --bins
+
+# All tests against a real PostgreSQL: $DATABASE_URL, else the server on 127.0.0.1:5432,
+# else a throwaway cluster started from the installed PostgreSQL binaries.
+test: build
+	scripts/with-postgres cargo test --workspace
+
+# The whole system natively, without Docker: PostgreSQL (as for `make test`), the API on
+# port 3500 and two agents. Ctrl-C stops everything.
+dev: build
+	scripts/with-postgres scripts/dev

@@ -1,0 +1,196 @@
+//! Settings: the shipped `Rocket.toml` as defaults, then the container environment variables,
+//! then `ROCKET_*` variables. Every setting is documented in `Rocket.toml`.
+
+use std::fmt;
+
+use rocket::fairing::AdHoc;
+use rocket::figment::providers::{Env, Format, Serialized, Toml};
+use rocket::figment::{Figment, Profile};
+use serde::Deserialize;
+
+/// The defaults, compiled in so that the binary needs no file to run.
+const DEFAULTS: &str = include_str!("../../Rocket.toml");
+
+/// Where the pool's URL lives in the figment (rocket_db_pools reads it there).
+pub const DATABASE_URL_KEY: &str = "databases.taskexec.url";
+
+/// The application's own settings (Rocket's, such as `port`, live in `rocket::Config`).
+#[derive(Clone, Deserialize)]
+pub struct AppConfig {
+    /// Log level: error, warn, info, debug or trace.
+    pub logging: log::LevelFilter,
+    /// The bearer token agents must present; checked at ignite, so never empty at run time.
+    #[serde(default)]
+    pub agent_token: Option<String>,
+    /// Largest accepted command, in bytes.
+    pub max_command_bytes: usize,
+    /// Page size of `GET /tasks` without `limit`, and the largest `limit`.
+    pub list_limit_default: u32,
+    pub list_limit_max: u32,
+    /// Seconds a pick is held without `wait`, and the most it is held.
+    pub pick_wait_default_secs: u64,
+    pub pick_wait_max_secs: u64,
+    /// Seconds between rescans of the queue while picks are parked.
+    pub dispatch_rescan_secs: u64,
+}
+
+/// Never print the token, even in a debug dump of the configuration.
+impl fmt::Debug for AppConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppConfig")
+            .field("logging", &self.logging)
+            .field(
+                "agent_token",
+                &self.agent_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("max_command_bytes", &self.max_command_bytes)
+            .field("list_limit_default", &self.list_limit_default)
+            .field("list_limit_max", &self.list_limit_max)
+            .field("pick_wait_default_secs", &self.pick_wait_default_secs)
+            .field("pick_wait_max_secs", &self.pick_wait_max_secs)
+            .field("dispatch_rescan_secs", &self.dispatch_rescan_secs)
+            .finish()
+    }
+}
+
+impl AppConfig {
+    /// The token, which `stage()` has checked is present.
+    pub fn agent_token(&self) -> &str {
+        self.agent_token.as_deref().unwrap_or_default()
+    }
+}
+
+/// The figment the server runs with: built-in defaults < `Rocket.toml` (or `ROCKET_CONFIG`)
+/// < container variables < `ROCKET_*` variables.
+pub fn figment() -> Figment {
+    let profile = Profile::from_env_or("ROCKET_PROFILE", rocket::Config::DEFAULT_PROFILE);
+    Figment::from(rocket::Config::default())
+        .merge(Toml::string(DEFAULTS).nested())
+        .merge(Toml::file(Env::var_or("ROCKET_CONFIG", "Rocket.toml")).nested())
+        .merge(container_env(|name| std::env::var(name).ok()))
+        .merge(Env::prefixed("ROCKET_").ignore(&["PROFILE"]).global())
+        .select(profile)
+}
+
+/// The variables of the original container setup, mapped onto figment keys.
+/// `DATABASE_URL` wins over the `DB_*` parts.
+fn container_env(var: impl Fn(&str) -> Option<String>) -> Figment {
+    let mut env = Figment::new();
+    if let Some(port) = var("SERVER_PORT") {
+        // A number, or the string itself so that extraction reports what was wrong with it.
+        env = match port.parse::<u16>() {
+            Ok(port) => env.merge(Serialized::global("port", port)),
+            Err(_) => env.merge(Serialized::global("port", port)),
+        };
+    }
+    if let Some(level) = var("LOG_LEVEL") {
+        env = env.merge(Serialized::global("logging", level));
+    }
+    if let Some(token) = var("AGENT_TOKEN") {
+        env = env.merge(Serialized::global("agent_token", token));
+    }
+    let url = var("DATABASE_URL").or_else(|| database_url_from_parts(&var));
+    if let Some(url) = url {
+        env = env.merge(Serialized::global(DATABASE_URL_KEY, url));
+    }
+    env
+}
+
+/// Builds a URL from `DB_USER`, `DB_PASSWORD`, `DB_HOST`, `DB_PORT` and `DB_NAME` when any of
+/// them is set; the unset ones take the PostgreSQL defaults.
+fn database_url_from_parts(var: &impl Fn(&str) -> Option<String>) -> Option<String> {
+    let parts = ["DB_USER", "DB_PASSWORD", "DB_HOST", "DB_PORT", "DB_NAME"].map(var);
+    if parts.iter().all(Option::is_none) {
+        return None;
+    }
+    let [user, password, host, port, name] = parts;
+    let encode = |s: &str| percent_encoding::utf8_percent_encode(s, USERINFO).to_string();
+    let user = encode(user.as_deref().unwrap_or("postgres"));
+    let password = password
+        .map(|p| format!(":{}", encode(&p)))
+        .unwrap_or_default();
+    let host = host.unwrap_or_else(|| "localhost".into());
+    let port = port.unwrap_or_else(|| "5432".into());
+    let name = encode(name.as_deref().unwrap_or("postgres"));
+    Some(format!("postgres://{user}{password}@{host}:{port}/{name}"))
+}
+
+/// Characters that must be escaped in a URL's user, password or path segment.
+const USERINFO: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Reads `AppConfig` at ignite and refuses to start without an agent token.
+pub fn stage() -> AdHoc {
+    AdHoc::try_on_ignite("Configuration", |rocket| async move {
+        let config: AppConfig = match rocket.figment().extract() {
+            Ok(config) => config,
+            Err(e) => {
+                for error in e {
+                    log::error!("invalid configuration: {error}");
+                }
+                return Err(rocket);
+            }
+        };
+        if config.agent_token().trim().is_empty() {
+            log::error!(
+                "AGENT_TOKEN is not set: agents could not authenticate, so the server refuses \
+                 to start. Set AGENT_TOKEN (or ROCKET_AGENT_TOKEN) to a long random secret."
+            );
+            return Err(rocket);
+        }
+        Ok(rocket.manage(config))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn url_from(vars: &[(&str, &str)]) -> Option<String> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = container_env(|name| vars.get(name).cloned());
+        env.extract_inner::<String>(DATABASE_URL_KEY).ok()
+    }
+
+    #[test]
+    fn database_url_is_built_from_parts_with_the_password_escaped() {
+        let url = url_from(&[
+            ("DB_USER", "app"),
+            ("DB_PASSWORD", "p@ss:w/rd"),
+            ("DB_HOST", "db"),
+        ]);
+        assert_eq!(
+            url.as_deref(),
+            Some("postgres://app:p%40ss%3Aw%2Frd@db:5432/postgres")
+        );
+    }
+
+    #[test]
+    fn database_url_wins_over_the_parts() {
+        let url = url_from(&[("DATABASE_URL", "postgres://x@y/z"), ("DB_HOST", "db")]);
+        assert_eq!(url.as_deref(), Some("postgres://x@y/z"));
+    }
+
+    #[test]
+    fn no_database_variables_leave_the_file_setting_alone() {
+        assert_eq!(url_from(&[("SERVER_PORT", "1")]), None);
+    }
+
+    #[test]
+    fn the_shipped_defaults_parse_and_carry_no_token() {
+        let config: AppConfig = Figment::from(rocket::Config::default())
+            .merge(Toml::string(DEFAULTS).nested())
+            .select(rocket::Config::DEFAULT_PROFILE)
+            .extract()
+            .expect("Rocket.toml parses into AppConfig");
+        assert!(config.agent_token.is_none());
+        assert!(config.pick_wait_default_secs < config.pick_wait_max_secs);
+    }
+}

@@ -1,0 +1,37 @@
+//! Liveness and readiness: `GET /` for container health checks that only need the process,
+//! `GET /health` for checks that need the database too.
+
+use std::time::Duration;
+
+use rocket::serde::json::Json;
+use rocket::{get, routes, Route, State};
+use serde_json::{json, Value};
+
+use crate::dispatch::Dispatcher;
+use crate::error::ApiError;
+use crate::Db;
+
+pub fn routes() -> Vec<Route> {
+    routes![index, health]
+}
+
+#[get("/")]
+fn index() -> Json<Value> {
+    Json(json!({"service": "taskexec-api", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+/// 200 when the database answers within two seconds, 503 otherwise. Also tells how many
+/// agents are parked on a pick right now.
+#[get("/health")]
+async fn health(db: &Db, dispatcher: &State<Dispatcher>) -> Result<Json<Value>, ApiError> {
+    let ping = sqlx::query("SELECT 1").execute(&**db);
+    match tokio::time::timeout(Duration::from_secs(2), ping).await {
+        Ok(Ok(_)) => Ok(Json(json!({
+            "status": "ok",
+            "database": "ok",
+            "parked_picks": dispatcher.parked(),
+        }))),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(ApiError::Unavailable),
+    }
+}

@@ -1,0 +1,70 @@
+//! The taskexec API server. `rocket()` builds the server the binary runs; `build()` builds
+//! the same server from any figment, which is how the tests start it.
+
+use rocket::fairing::AdHoc;
+use rocket::figment::Figment;
+use rocket::{catchers, Build, Rocket};
+use rocket_db_pools::Database;
+
+mod auth;
+mod body;
+pub mod config;
+pub mod dispatch;
+mod error;
+mod health;
+mod logging;
+pub mod tasks;
+
+pub use error::ApiError;
+
+/// The PostgreSQL pool. Handlers take `&Db` and run each statement on the pool, so none of
+/// them pins a connection while it waits (a parked pick holds no connection at all).
+#[derive(Database)]
+#[database("taskexec")]
+pub struct Db(sqlx::PgPool);
+
+/// The server as configured by `Rocket.toml` and the environment.
+pub fn rocket() -> Rocket<Build> {
+    build(config::figment())
+}
+
+/// The server for a given figment.
+pub fn build(figment: Figment) -> Rocket<Build> {
+    let level = figment
+        .extract_inner("logging")
+        .unwrap_or(log::LevelFilter::Info);
+    logging::init(level);
+    rocket::custom(figment)
+        .attach(config::stage())
+        .attach(Db::init())
+        .attach(AdHoc::try_on_ignite("Migrations", migrate))
+        .attach(dispatch::stage())
+        .attach(logging::RequestLog)
+        .attach(AdHoc::on_liftoff("Announce", |rocket| {
+            Box::pin(async move {
+                let config = rocket.config();
+                log::info!(
+                    "taskexec-api listening on {}:{}",
+                    config.address,
+                    config.port
+                );
+            })
+        }))
+        .mount("/", health::routes())
+        .mount("/", tasks::routes::routes())
+        .register("/", catchers![error::catch_all])
+}
+
+/// Applies the embedded migrations before the server takes requests.
+async fn migrate(rocket: Rocket<Build>) -> Result<Rocket<Build>, Rocket<Build>> {
+    let Some(db) = Db::fetch(&rocket) else {
+        return Err(rocket);
+    };
+    match sqlx::migrate!("../migrations").run(&**db).await {
+        Ok(()) => Ok(rocket),
+        Err(e) => {
+            log::error!("database migration failed: {e}");
+            Err(rocket)
+        }
+    }
+}

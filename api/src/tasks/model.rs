@@ -1,0 +1,425 @@
+//! The task resource and the bodies that create and finish one, with their validation.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use rocket::data::ByteUnit;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::body::Limited;
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, Serialize, Deserialize)]
+#[sqlx(type_name = "task_status", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Queued,
+    InProgress,
+    Finished,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 5] = [
+        TaskStatus::Queued,
+        TaskStatus::InProgress,
+        TaskStatus::Finished,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ];
+
+    /// The name used in JSON and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::InProgress => "in_progress",
+            TaskStatus::Finished => "finished",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl FromStr for TaskStatus {
+    type Err = ApiError;
+
+    fn from_str(s: &str) -> Result<Self, ApiError> {
+        TaskStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = TaskStatus::ALL.iter().map(|s| s.as_str()).collect();
+                ApiError::BadRequest(format!(
+                    "unknown status {s:?}; expected one of {}",
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
+/// A task as users see it. The lease is not part of it: it is the agent's capability.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct Task {
+    pub id: Uuid,
+    pub command: String,
+    pub status: TaskStatus,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    pub stdout: Option<String>,
+    pub stderr: Option<String>,
+    /// The output was not valid UTF-8 (or held NUL bytes) and was converted lossily.
+    pub stdout_lossy: bool,
+    pub stderr_lossy: bool,
+    pub error: Option<String>,
+    pub agent: Option<String>,
+    pub attempts: i32,
+    /// Creation order; the list cursor is made from it.
+    #[serde(skip)]
+    pub seq: i64,
+}
+
+/// The columns of `Task`, for every query that returns one, optionally qualified with a table
+/// alias (`task_columns!("t.")`). A macro so that each query stays one `&'static str`.
+macro_rules! task_columns {
+    () => {
+        task_columns!("")
+    };
+    ($p:literal) => {
+        concat!(
+            $p,
+            "id, ",
+            $p,
+            "command, ",
+            $p,
+            "status, ",
+            $p,
+            "created_at, ",
+            $p,
+            "started_at, ",
+            $p,
+            "finished_at, ",
+            $p,
+            "exit_code, ",
+            $p,
+            "stdout, ",
+            $p,
+            "stderr, ",
+            $p,
+            "stdout_lossy, ",
+            $p,
+            "stderr_lossy, ",
+            $p,
+            "error, ",
+            $p,
+            "agent, ",
+            $p,
+            "attempts, ",
+            $p,
+            "seq"
+        )
+    };
+}
+pub(crate) use task_columns;
+
+/// A task handed to an agent, with the lease that fences its reports.
+#[derive(Debug, Serialize)]
+pub struct Picked {
+    #[serde(flatten)]
+    pub task: Task,
+    pub lease: Uuid,
+}
+
+/// The body of `POST /tasks`, checked field by field so that each mistake gets its own
+/// message.
+#[derive(Debug)]
+pub struct NewTask {
+    pub command: String,
+}
+
+/// Fields of the task resource that the server owns.
+const SERVER_OWNED: [&str; 14] = [
+    "id",
+    "status",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "exit_code",
+    "stdout",
+    "stderr",
+    "stdout_lossy",
+    "stderr_lossy",
+    "error",
+    "agent",
+    "attempts",
+    "lease",
+];
+
+impl NewTask {
+    pub fn from_json(body: Value, max_command_bytes: usize) -> Result<NewTask, ApiError> {
+        let Value::Object(mut fields) = body else {
+            return Err(invalid(
+                "the body must be a JSON object such as {\"command\": \"echo hi\"}",
+            ));
+        };
+        reject_other_fields(&fields)?;
+        let command = match fields.remove("command") {
+            Some(Value::String(command)) => command,
+            Some(Value::Null) | None => return Err(invalid("`command` is required")),
+            Some(other) => {
+                return Err(invalid(&format!(
+                    "`command` must be a string, not {}",
+                    kind(&other)
+                )))
+            }
+        };
+        if command.trim().is_empty() {
+            return Err(invalid("`command` must not be empty or only whitespace"));
+        }
+        if command.contains('\0') {
+            return Err(invalid("`command` must not contain NUL characters"));
+        }
+        if command.len() > max_command_bytes {
+            return Err(invalid(&format!(
+                "`command` is {} bytes; the limit is {max_command_bytes}",
+                command.len()
+            )));
+        }
+        Ok(NewTask { command })
+    }
+}
+
+fn reject_other_fields(fields: &Map<String, Value>) -> Result<(), ApiError> {
+    let Some(field) = fields.keys().find(|k| k.as_str() != "command") else {
+        return Ok(());
+    };
+    if SERVER_OWNED.contains(&field.as_str()) {
+        Err(invalid(&format!(
+            "`{field}` is set by the server; a new task may set only `command`"
+        )))
+    } else {
+        Err(invalid(&format!(
+            "unknown field `{field}`; a new task may set only `command`"
+        )))
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn invalid(detail: &str) -> ApiError {
+    ApiError::Invalid(detail.to_owned())
+}
+
+/// The raw body of `POST /tasks`, read within the `task` limit and then checked by
+/// `NewTask::from_json`.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct NewTaskBody(pub Value);
+
+impl Limited for NewTaskBody {
+    const LIMIT: &'static str = "task";
+    const DEFAULT_LIMIT: ByteUnit = ByteUnit::Kibibyte(128);
+}
+
+/// An agent's report on the attempt it holds the lease of. Unknown fields are ignored, so a
+/// newer agent can report to an older server.
+#[derive(Debug, Deserialize)]
+pub struct FinishReport {
+    pub lease: Uuid,
+    /// Set when the command ran to an exit code.
+    pub exit_code: Option<i64>,
+    #[serde(default)]
+    pub stdout: String,
+    #[serde(default)]
+    pub stderr: String,
+    #[serde(default)]
+    pub stdout_lossy: bool,
+    #[serde(default)]
+    pub stderr_lossy: bool,
+    /// Set when the command did not run to an exit code: why.
+    pub error: Option<String>,
+}
+
+impl Limited for FinishReport {
+    const LIMIT: &'static str = "finish";
+    const DEFAULT_LIMIT: ByteUnit = ByteUnit::Mebibyte(16);
+}
+
+/// The most of an agent's `error` text that is kept.
+const MAX_ERROR_BYTES: usize = 4096;
+
+/// A report that passed validation: what will be written.
+#[derive(Debug)]
+pub struct Outcome {
+    pub lease: Uuid,
+    pub status: TaskStatus,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_lossy: bool,
+    pub stderr_lossy: bool,
+}
+
+impl FinishReport {
+    /// Checks the report: the server does not take an agent's word for its shape.
+    pub fn validate(self) -> Result<Outcome, ApiError> {
+        let (status, exit_code, error) = match (self.exit_code, self.error) {
+            (Some(code), None) => {
+                let code = i32::try_from(code)
+                    .ok()
+                    .filter(|c| (0..=255).contains(c))
+                    .ok_or_else(|| invalid("`exit_code` must be between 0 and 255"))?;
+                (TaskStatus::Finished, Some(code), None)
+            }
+            (None, Some(error)) if !error.trim().is_empty() => (
+                TaskStatus::Failed,
+                None,
+                Some(truncate(error, MAX_ERROR_BYTES)),
+            ),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "give `exit_code` (the command ran) or `error`, not both",
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    "give `exit_code` (the command ran) or a non-empty `error`",
+                ))
+            }
+        };
+        for (name, text) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            if text.contains('\0') {
+                return Err(invalid(&format!(
+                    "`{name}` holds NUL characters; replace them and set `{name}_lossy`"
+                )));
+            }
+        }
+        Ok(Outcome {
+            lease: self.lease,
+            status,
+            exit_code,
+            error,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            stdout_lossy: self.stdout_lossy,
+            stderr_lossy: self.stderr_lossy,
+        })
+    }
+}
+
+fn truncate(mut text: String, max_bytes: usize) -> String {
+    if text.len() > max_bytes {
+        let mut end = max_bytes;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn new_task(body: Value) -> Result<NewTask, String> {
+        NewTask::from_json(body, 16).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_command_alone_is_accepted() {
+        assert_eq!(
+            new_task(json!({"command": "echo hi"})).unwrap().command,
+            "echo hi"
+        );
+    }
+
+    #[test]
+    fn each_bad_new_task_is_named() {
+        let cases = [
+            (json!([]), "JSON object"),
+            (json!({}), "`command` is required"),
+            (json!({"command": null}), "`command` is required"),
+            (json!({"command": 5}), "must be a string, not a number"),
+            (json!({"command": " \n\t"}), "empty or only whitespace"),
+            (json!({"command": "a\u{0}b"}), "NUL"),
+            (
+                json!({"command": "x".repeat(17)}),
+                "17 bytes; the limit is 16",
+            ),
+            (
+                json!({"command": "ls", "status": "finished"}),
+                "`status` is set by the server",
+            ),
+            (
+                json!({"command": "ls", "priority": 1}),
+                "unknown field `priority`",
+            ),
+        ];
+        for (body, expected) in cases {
+            let error = new_task(body.clone()).expect_err(&body.to_string());
+            assert!(error.contains(expected), "{body}: {error}");
+        }
+    }
+
+    fn report(exit_code: Option<i64>, error: Option<&str>) -> FinishReport {
+        FinishReport {
+            lease: Uuid::nil(),
+            exit_code,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_lossy: false,
+            stderr_lossy: false,
+            error: error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn an_exit_code_finishes_and_an_error_fails() {
+        assert_eq!(
+            report(Some(3), None).validate().unwrap().status,
+            TaskStatus::Finished
+        );
+        assert_eq!(
+            report(None, Some("killed by signal 9"))
+                .validate()
+                .unwrap()
+                .status,
+            TaskStatus::Failed
+        );
+    }
+
+    #[test]
+    fn impossible_reports_are_refused() {
+        assert!(report(Some(256), None).validate().is_err());
+        assert!(report(Some(-1), None).validate().is_err());
+        assert!(report(Some(0), Some("both")).validate().is_err());
+        assert!(report(None, None).validate().is_err());
+        assert!(report(None, Some("  ")).validate().is_err());
+        let mut nul = report(Some(0), None);
+        nul.stdout = "a\0b".into();
+        assert!(nul.validate().is_err());
+    }
+
+    #[test]
+    fn a_long_error_is_cut_on_a_char_boundary() {
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let kept = report(None, Some(&long)).validate().unwrap().error.unwrap();
+        assert!(kept.len() <= MAX_ERROR_BYTES && kept.chars().all(|c| c == 'é'));
+    }
+}

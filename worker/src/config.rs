@@ -1,0 +1,145 @@
+//! The agent's settings, all from the environment.
+
+use std::env;
+use std::time::Duration;
+
+use crate::Error;
+
+#[derive(Clone)]
+pub struct Config {
+    /// Base URL of the API: `BACKEND_API_URL`, or `http://BACKEND_API_HOST:BACKEND_API_PORT`
+    /// (defaults localhost and 3500).
+    pub api_url: String,
+    /// `AGENT_TOKEN`, required. Never logged, never passed to a command.
+    pub token: String,
+    /// `AGENT_NAME`, default the host name. Sent as `X-Agent-Name` and recorded on the task.
+    pub name: String,
+    /// `POLL_INTERVAL` (default 5s): the pause, with jitter, after the API could not be
+    /// reached, and the upper bound of the retry backoff of a finish.
+    pub poll_interval: Duration,
+    /// `PICK_WAIT` (default 25s): how long the server may hold a pick. The HTTP read timeout
+    /// of a pick is this plus `PICK_READ_MARGIN`, so the agent never gives up first.
+    pub pick_wait: Duration,
+    /// `MAX_OUTPUT_BYTES` (default 1 MiB): the most of each of stdout and stderr kept and
+    /// reported; beyond it the first and last halves are kept.
+    pub max_output_bytes: usize,
+    /// `LOG_LEVEL` (default info).
+    pub log_level: log::LevelFilter,
+}
+
+/// Beyond the server's hold, how long a pick may take: the server answers at most 5 s after
+/// its hold when its database is slow, and the network gets the rest.
+pub const PICK_READ_MARGIN: Duration = Duration::from_secs(15);
+
+impl Config {
+    pub fn from_env() -> Result<Config, Error> {
+        Config::from_lookup(|name| env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Config, Error> {
+        let api_url = match var("BACKEND_API_URL") {
+            Some(url) => url,
+            None => {
+                let host = var("BACKEND_API_HOST").unwrap_or_else(|| "localhost".into());
+                let port = var("BACKEND_API_PORT").unwrap_or_else(|| "3500".into());
+                format!("http://{host}:{port}")
+            }
+        };
+        let token = var("AGENT_TOKEN").ok_or_else(|| {
+            Error::Config("AGENT_TOKEN is not set: the API would refuse every pick".into())
+        })?;
+        let name = var("AGENT_NAME").unwrap_or_else(host_name);
+        Ok(Config {
+            api_url: api_url.trim_end_matches('/').to_owned(),
+            token,
+            name,
+            poll_interval: duration(&var, "POLL_INTERVAL", "5s")?,
+            pick_wait: duration(&var, "PICK_WAIT", "25s")?,
+            max_output_bytes: match var("MAX_OUTPUT_BYTES") {
+                Some(n) => n.parse().map_err(|_| {
+                    Error::Config(format!("MAX_OUTPUT_BYTES={n:?} is not a number of bytes"))
+                })?,
+                None => 1 << 20,
+            },
+            log_level: match var("LOG_LEVEL") {
+                Some(level) => level.parse().map_err(|_| {
+                    Error::Config(format!(
+                        "LOG_LEVEL={level:?}: expected error, warn, info, debug or trace"
+                    ))
+                })?,
+                None => log::LevelFilter::Info,
+            },
+        })
+    }
+}
+
+/// A duration such as `5s`, `500ms` or `1m 30s` (humantime).
+fn duration(
+    var: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: &str,
+) -> Result<Duration, Error> {
+    let text = var(name).unwrap_or_else(|| default.into());
+    humantime::parse_duration(&text).map_err(|e| {
+        Error::Config(format!(
+            "{name}={text:?} is not a duration like 5s or 500ms: {e}"
+        ))
+    })
+}
+
+fn host_name() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    let ok = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
+    let end = buffer.iter().position(|b| *b == 0).unwrap_or(buffer.len());
+    match String::from_utf8_lossy(&buffer[..end]).trim() {
+        name if ok && !name.is_empty() => name.to_owned(),
+        _ => "taskexec-worker".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, Error> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn host_and_port_make_the_url_unless_a_url_is_given() {
+        let c = config(&[
+            ("AGENT_TOKEN", "t"),
+            ("BACKEND_API_HOST", "api"),
+            ("BACKEND_API_PORT", "1"),
+        ]);
+        assert_eq!(c.unwrap().api_url, "http://api:1");
+        let c = config(&[
+            ("AGENT_TOKEN", "t"),
+            ("BACKEND_API_URL", "http://x:2/"),
+            ("BACKEND_API_HOST", "api"),
+        ]);
+        assert_eq!(c.unwrap().api_url, "http://x:2");
+    }
+
+    #[test]
+    fn poll_interval_takes_human_durations() {
+        let c = config(&[("AGENT_TOKEN", "t"), ("POLL_INTERVAL", "500ms")]).unwrap();
+        assert_eq!(c.poll_interval, Duration::from_millis(500));
+        assert_eq!(
+            config(&[("AGENT_TOKEN", "t")]).unwrap().poll_interval,
+            Duration::from_secs(5)
+        );
+        assert!(config(&[("AGENT_TOKEN", "t"), ("POLL_INTERVAL", "soon")]).is_err());
+    }
+
+    #[test]
+    fn a_token_is_required() {
+        assert!(matches!(config(&[]), Err(Error::Config(_))));
+    }
+}
