@@ -726,3 +726,71 @@ async fn the_server_refuses_to_start_without_an_agent_token() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("AGENT_TOKEN is not set"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_to_the_server_ends_parked_picks_with_204_and_exits_0() {
+    let db = TestDb::create().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = tokio::process::Command::new(taskexec_tests::binary("taskexec-api"))
+        .env_clear()
+        .env("DATABASE_URL", &db.url)
+        .env("AGENT_TOKEN", TOKEN)
+        .env("SERVER_PORT", port.to_string())
+        .env("LOG_LEVEL", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{url}/health")).send().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pick = tokio::spawn({
+        let (url, http) = (url.clone(), http.clone());
+        async move {
+            let response = http
+                .get(format!("{url}/tasks/pick?wait=60"))
+                .bearer_auth(TOKEN)
+                .header("X-Agent-Name", "parked")
+                .send()
+                .await
+                .unwrap();
+            response.status()
+        }
+    });
+    loop {
+        let health: Value = http
+            .get(format!("{url}/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if health["parked_picks"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(server.id().unwrap() as i32, libc::SIGTERM) };
+
+    let status = tokio::time::timeout(Duration::from_secs(10), pick)
+        .await
+        .expect("the pick ends promptly");
+    assert_eq!(status.unwrap(), 204);
+    let exit = tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("the server exits");
+    assert!(exit.unwrap().success());
+}
