@@ -25,23 +25,12 @@ async fn a_created_task_is_queued_located_and_readable() {
     assert_eq!(task["command"], "echo hi");
     assert_eq!(task["status"], "queued");
     assert_eq!(task["attempts"], 0);
-    for field in [
-        "started_at",
-        "finished_at",
-        "exit_code",
-        "stdout",
-        "stderr",
-        "error",
-        "agent",
-    ] {
+    for field in ["started_at", "finished_at", "exit_code", "stdout", "stderr", "error", "agent"] {
         assert!(task[field].is_null(), "{field} is set on a new task");
     }
     assert!(task.get("lease").is_none(), "users must not see the lease");
     let created_at = task["created_at"].as_str().unwrap();
-    assert!(
-        created_at.ends_with('Z') && created_at.contains('T'),
-        "RFC 3339: {created_at}"
-    );
+    assert!(created_at.ends_with('Z') && created_at.contains('T'), "RFC 3339: {created_at}");
     assert_eq!(app.task(task["id"].as_str().unwrap()).await, task);
 }
 
@@ -50,21 +39,9 @@ async fn each_bad_new_task_gets_a_problem_naming_it() {
     let app = TestApp::spawn().await;
     let too_long = "x".repeat(64 * 1024 + 1);
     let json_cases: Vec<(Value, u16, &str)> = vec![
-        (
-            json!({"command": "ls", "status": "finished"}),
-            422,
-            "`status` is set by the server",
-        ),
-        (
-            json!({"command": "ls", "id": "x"}),
-            422,
-            "`id` is set by the server",
-        ),
-        (
-            json!({"command": "ls", "priority": 3}),
-            422,
-            "unknown field `priority`",
-        ),
+        (json!({"command": "ls", "status": "finished"}), 422, "`status` is set by the server"),
+        (json!({"command": "ls", "id": "x"}), 422, "`id` is set by the server"),
+        (json!({"command": "ls", "priority": 3}), 422, "unknown field `priority`"),
         (json!({}), 422, "`command` is required"),
         (json!({"command": ""}), 422, "empty"),
         (json!({"command": "  \n\t "}), 422, "only whitespace"),
@@ -75,41 +52,16 @@ async fn each_bad_new_task_gets_a_problem_naming_it() {
         (json!(["ls"]), 422, "JSON object"),
     ];
     for (body, status, needle) in json_cases {
-        let response = app
-            .request(Method::POST, "/tasks")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = app.request(Method::POST, "/tasks").json(&body).send().await.unwrap();
         assert_problem(response, status, needle).await;
     }
 
     let raw_cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
-        (
-            "application/json",
-            b"{\"command\": ".to_vec(),
-            400,
-            "not valid JSON",
-        ),
+        ("application/json", b"{\"command\": ".to_vec(), 400, "not valid JSON"),
         ("application/json", b"".to_vec(), 400, "not valid JSON"),
-        (
-            "application/json",
-            vec![b'"'; 200 * 1024],
-            413,
-            "larger than",
-        ),
-        (
-            "text/plain",
-            b"{\"command\": \"ls\"}".to_vec(),
-            415,
-            "Content-Type: application/json",
-        ),
-        (
-            "application/x-www-form-urlencoded",
-            b"command=ls".to_vec(),
-            415,
-            "application/json",
-        ),
+        ("application/json", vec![b'"'; 200 * 1024], 413, "larger than"),
+        ("text/plain", b"{\"command\": \"ls\"}".to_vec(), 415, "Content-Type: application/json"),
+        ("application/x-www-form-urlencoded", b"command=ls".to_vec(), 415, "application/json"),
     ];
     for (content_type, body, status, needle) in raw_cases {
         let response = app
@@ -122,19 +74,9 @@ async fn each_bad_new_task_gets_a_problem_naming_it() {
         assert_problem(response, status, needle).await;
     }
 
-    let page: Value = app
-        .request(Method::GET, "/tasks")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        page["tasks"],
-        json!([]),
-        "a refused task must not be stored"
-    );
+    let page: Value =
+        app.request(Method::GET, "/tasks").send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["tasks"], json!([]), "a refused task must not be stored");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -148,18 +90,11 @@ async fn a_command_at_the_size_limit_is_accepted() {
 async fn unknown_and_malformed_task_ids_are_4xx_problems() {
     let app = TestApp::spawn().await;
 
-    let unknown = app
-        .request(Method::GET, &format!("/tasks/{}", uuid::Uuid::new_v4()))
-        .send()
-        .await
-        .unwrap();
+    let unknown =
+        app.request(Method::GET, &format!("/tasks/{}", uuid::Uuid::new_v4())).send().await.unwrap();
     assert_problem(unknown, 404, "no task with id").await;
 
-    let malformed = app
-        .request(Method::GET, "/tasks/not-a-uuid")
-        .send()
-        .await
-        .unwrap();
+    let malformed = app.request(Method::GET, "/tasks/not-a-uuid").send().await.unwrap();
     assert_problem(malformed, 400, "not a task id").await;
 
     let no_route = app.request(Method::GET, "/nowhere").send().await.unwrap();
@@ -174,20 +109,9 @@ async fn the_list_is_newest_first_and_filters_by_status() {
     let third = app.create("echo 3").await;
     app.pick("a", 0).await.expect("the first task is picked");
 
-    let page: Value = app
-        .request(Method::GET, "/tasks")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&Value> = page["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| &t["id"])
-        .collect();
+    let page: Value =
+        app.request(Method::GET, "/tasks").send().await.unwrap().json().await.unwrap();
+    let ids: Vec<&Value> = page["tasks"].as_array().unwrap().iter().map(|t| &t["id"]).collect();
     assert_eq!(ids, vec![&third["id"], &second["id"], &first["id"]]);
     assert!(page["next"].is_null());
 
@@ -199,12 +123,7 @@ async fn the_list_is_newest_first_and_filters_by_status() {
         .json()
         .await
         .unwrap();
-    let ids: Vec<&Value> = queued["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| &t["id"])
-        .collect();
+    let ids: Vec<&Value> = queued["tasks"].as_array().unwrap().iter().map(|t| &t["id"]).collect();
     assert_eq!(ids, vec![&third["id"], &second["id"]]);
 
     let running: Value = app
@@ -224,25 +143,14 @@ async fn walking_all_pages_sees_each_task_exactly_once_while_tasks_arrive() {
     let app = TestApp::spawn().await;
     let mut created = HashSet::new();
     for i in 0..23 {
-        created.insert(
-            app.create(&format!("echo {i}")).await["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        created.insert(app.create(&format!("echo {i}")).await["id"].as_str().unwrap().to_owned());
     }
 
     let mut seen = Vec::new();
     let mut path = "/tasks?limit=5".to_owned();
     loop {
-        let page: Value = app
-            .request(Method::GET, &path)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value =
+            app.request(Method::GET, &path).send().await.unwrap().json().await.unwrap();
         let tasks = page["tasks"].as_array().unwrap();
         assert!(tasks.len() <= 5);
         seen.extend(tasks.iter().map(|t| t["id"].as_str().unwrap().to_owned()));
@@ -273,11 +181,7 @@ async fn bad_list_parameters_are_400_problems() {
         let response = app.request(Method::GET, path).send().await.unwrap();
         assert_problem(response, 400, needle).await;
     }
-    let max = app
-        .request(Method::GET, "/tasks?limit=1000")
-        .send()
-        .await
-        .unwrap();
+    let max = app.request(Method::GET, "/tasks?limit=1000").send().await.unwrap();
     assert_eq!(max.status(), 200);
 }
 
@@ -305,12 +209,8 @@ async fn agent_endpoints_require_the_token_and_a_name() {
         .unwrap();
     assert_problem(wrong, 401, "token").await;
 
-    let unnamed = app
-        .request(Method::GET, "/tasks/pick?wait=0")
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let unnamed =
+        app.request(Method::GET, "/tasks/pick?wait=0").bearer_auth(TOKEN).send().await.unwrap();
     assert_problem(unnamed, 400, "X-Agent-Name").await;
 
     let finish = app
@@ -321,11 +221,7 @@ async fn agent_endpoints_require_the_token_and_a_name() {
         .unwrap();
     assert_problem(finish, 401, "token").await;
 
-    assert_eq!(
-        app.task(id).await["status"],
-        "queued",
-        "refused requests change nothing"
-    );
+    assert_eq!(app.task(id).await["status"], "queued", "refused requests change nothing");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -434,10 +330,7 @@ async fn a_parked_pick_wakes_when_a_task_is_created() {
     assert_eq!(response.status(), 200);
     let picked: Value = response.json().await.unwrap();
     assert_eq!(picked["id"], task["id"]);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "woken long before the 20 s deadline"
-    );
+    assert!(started.elapsed() < Duration::from_secs(10), "woken long before the 20 s deadline");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -472,21 +365,15 @@ async fn a_parked_pick_answers_204_at_its_deadline() {
     let picked = app.pick("patient", 1).await;
 
     assert!(picked.is_none());
-    assert!(
-        started.elapsed() >= Duration::from_secs(1),
-        "held until the deadline"
-    );
+    assert!(started.elapsed() >= Duration::from_secs(1), "held until the deadline");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wait_beyond_the_maximum_is_refused() {
     let app = TestApp::spawn().await;
     for wait in ["61", "-1", "soon"] {
-        let response = app
-            .agent(Method::GET, &format!("/tasks/pick?wait={wait}"), "a")
-            .send()
-            .await
-            .unwrap();
+        let response =
+            app.agent(Method::GET, &format!("/tasks/pick?wait={wait}"), "a").send().await.unwrap();
         assert_problem(response, 400, "`wait` must be").await;
     }
 }
@@ -514,10 +401,7 @@ async fn shutting_the_api_down_ends_parked_picks_with_204() {
 
     let (status, waited) = pick.await.unwrap();
     assert_eq!(status, 204);
-    assert!(
-        waited < Duration::from_secs(10),
-        "ended by the shutdown, not the 60 s deadline"
-    );
+    assert!(waited < Duration::from_secs(10), "ended by the shutdown, not the 60 s deadline");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -562,9 +446,7 @@ async fn a_finish_with_another_lease_is_409_and_changes_nothing() {
     let picked = app.pick("a", 0).await.unwrap();
     let id = picked["id"].as_str().unwrap();
 
-    let response = app
-        .finish(id, json!({"lease": uuid::Uuid::new_v4(), "exit_code": 0}))
-        .await;
+    let response = app.finish(id, json!({"lease": uuid::Uuid::new_v4(), "exit_code": 0})).await;
 
     assert_problem(response, 409, "another attempt").await;
     assert_eq!(app.task(id).await["status"], "in_progress");
@@ -583,10 +465,7 @@ async fn a_finish_of_a_task_not_in_progress_is_409() {
         .await;
 
     assert_problem(response, 409, "").await;
-    assert_eq!(
-        app.task(queued["id"].as_str().unwrap()).await["status"],
-        "queued"
-    );
+    assert_eq!(app.task(queued["id"].as_str().unwrap()).await["status"], "queued");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -603,15 +482,9 @@ async fn a_repeated_finish_answers_200_and_is_recorded_once() {
     assert_eq!(again.status(), 200);
     let again: Value = again.json().await.unwrap();
     assert_eq!(again, first, "the same record, not a second write");
-    let late = app
-        .finish(id, json!({"lease": picked["lease"], "exit_code": 1}))
-        .await;
-    assert_eq!(late.status(), 200);
-    assert_eq!(
-        app.task(id).await["exit_code"],
-        0,
-        "the first report stands"
-    );
+    let different = app.finish(id, json!({"lease": picked["lease"], "exit_code": 1})).await;
+    assert_problem(different, 409, "different result").await;
+    assert_eq!(app.task(id).await["exit_code"], 0, "the first report stands");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -622,23 +495,11 @@ async fn bad_finish_reports_are_refused_without_effect() {
     let id = picked["id"].as_str().unwrap();
     let lease = picked["lease"].clone();
     let cases = [
-        (
-            json!({"lease": lease, "exit_code": 256}),
-            "between 0 and 255",
-        ),
-        (
-            json!({"lease": lease, "exit_code": -1}),
-            "between 0 and 255",
-        ),
+        (json!({"lease": lease, "exit_code": 256}), "between 0 and 255"),
+        (json!({"lease": lease, "exit_code": -1}), "between 0 and 255"),
         (json!({"lease": lease}), "give `exit_code`"),
-        (
-            json!({"lease": lease, "exit_code": 0, "error": "both"}),
-            "not both",
-        ),
-        (
-            json!({"lease": lease, "exit_code": 0, "stdout": "a\u{0}b"}),
-            "NUL",
-        ),
+        (json!({"lease": lease, "exit_code": 0, "error": "both"}), "not both"),
+        (json!({"lease": lease, "exit_code": 0, "stdout": "a\u{0}b"}), "NUL"),
         (json!({"lease": "not-a-uuid", "exit_code": 0}), "UUID"),
         (json!({"exit_code": 0}), "lease"),
         (json!({"lease": lease, "exit_code": "0"}), "invalid type"),
@@ -647,10 +508,7 @@ async fn bad_finish_reports_are_refused_without_effect() {
         assert_problem(app.finish(id, body).await, 422, needle).await;
     }
     let unknown = app
-        .finish(
-            &uuid::Uuid::new_v4().to_string(),
-            json!({"lease": lease, "exit_code": 0}),
-        )
+        .finish(&uuid::Uuid::new_v4().to_string(), json!({"lease": lease, "exit_code": 0}))
         .await;
     assert_problem(unknown, 404, "no task").await;
     assert_eq!(app.task(id).await["status"], "in_progress");
@@ -660,14 +518,7 @@ async fn bad_finish_reports_are_refused_without_effect() {
 async fn the_root_names_the_service_and_health_checks_the_database() {
     let app = TestApp::spawn().await;
 
-    let root: Value = app
-        .request(Method::GET, "/")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let root: Value = app.request(Method::GET, "/").send().await.unwrap().json().await.unwrap();
     let health = app.request(Method::GET, "/health").send().await.unwrap();
 
     assert_eq!(root["service"], "taskexec-api");
@@ -689,24 +540,16 @@ async fn the_api_answers_503_while_the_database_is_gone_and_recovers_by_itself()
 
     let started = tokio::time::Instant::now();
     let health = app.request(Method::GET, "/health").send().await.unwrap();
-    let create = app
-        .request(Method::POST, "/tasks")
-        .json(&json!({"command": "ls"}))
-        .send()
-        .await
-        .unwrap();
+    let create =
+        app.request(Method::POST, "/tasks").json(&json!({"command": "ls"})).send().await.unwrap();
     let list = app.request(Method::GET, "/tasks").send().await.unwrap();
 
     assert_problem(health, 503, "database").await;
     assert_problem(create, 503, "database").await;
     assert_problem(list, 503, "database").await;
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "503s come within seconds, not a hang"
-    );
+    assert!(started.elapsed() < Duration::from_secs(15), "503s come within seconds, not a hang");
     proxy.restore();
-    app.eventually(|health: Value| health["status"] == "ok", "/health")
-        .await;
+    app.eventually(|health: Value| health["status"] == "ok", "/health").await;
     assert_eq!(app.create("echo back").await["status"], "queued");
 }
 
@@ -730,11 +573,7 @@ async fn the_server_refuses_to_start_without_an_agent_token() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_to_the_server_ends_parked_picks_with_204_and_exits_0() {
     let db = TestDb::create().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut server = tokio::process::Command::new(taskexec_tests::binary("taskexec-api"))
         .env_clear()
         .env("DATABASE_URL", &db.url)
@@ -748,10 +587,7 @@ async fn sigterm_to_the_server_ends_parked_picks_with_204_and_exits_0() {
     let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while http.get(format!("{url}/health")).send().await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the server never answered"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "the server never answered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let pick = tokio::spawn({
@@ -768,14 +604,8 @@ async fn sigterm_to_the_server_ends_parked_picks_with_204_and_exits_0() {
         }
     });
     loop {
-        let health: Value = http
-            .get(format!("{url}/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health: Value =
+            http.get(format!("{url}/health")).send().await.unwrap().json().await.unwrap();
         if health["parked_picks"] == 1 {
             break;
         }
@@ -785,9 +615,8 @@ async fn sigterm_to_the_server_ends_parked_picks_with_204_and_exits_0() {
     // SAFETY: signals our own child.
     unsafe { libc::kill(server.id().unwrap() as i32, libc::SIGTERM) };
 
-    let status = tokio::time::timeout(Duration::from_secs(10), pick)
-        .await
-        .expect("the pick ends promptly");
+    let status =
+        tokio::time::timeout(Duration::from_secs(10), pick).await.expect("the pick ends promptly");
     assert_eq!(status.unwrap(), 204);
     let exit = tokio::time::timeout(Duration::from_secs(10), server.wait())
         .await

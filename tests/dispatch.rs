@@ -4,60 +4,43 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use taskexec_api::dispatch::{DispatchLoop, Dispatcher, Reply, Round};
+use taskexec_api::dispatch::{DispatchLoop, Dispatcher, PickTerms, Reply, Round};
 use taskexec_api::tasks::store;
 use taskexec_tests::{TestApp, TestDb, TOKEN};
 use tokio::time::Instant;
 
+const TERMS: PickTerms = PickTerms { lease_secs: 30, kill_grace_secs: 10 };
+
 async fn migrated() -> (TestDb, PgPool) {
     let db = TestDb::create().await;
     let pool = db.pool().await;
-    sqlx::migrate!("../migrations")
-        .run(&pool)
-        .await
-        .expect("migrations apply");
+    sqlx::migrate!("../migrations").run(&pool).await.expect("migrations apply");
     (db, pool)
 }
 
 fn park(dispatcher: &Dispatcher, agent: &str) -> Reply {
-    dispatcher
-        .park(agent.to_owned(), Instant::now() + Duration::from_secs(60))
-        .unwrap()
+    dispatcher.park(agent.to_owned(), Instant::now() + Duration::from_secs(60)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_claim_serves_all_parked_picks_oldest_waiter_first() {
     let (_db, pool) = migrated().await;
-    let (dispatcher, mut dispatch) = DispatchLoop::new(pool.clone(), Duration::from_secs(3600));
-    let mut replies: Vec<Reply> = (0..5)
-        .map(|n| park(&dispatcher, &format!("agent-{n}")))
-        .collect();
+    let (dispatcher, mut dispatch) =
+        DispatchLoop::new(pool.clone(), Duration::from_secs(3600), TERMS);
+    let mut replies: Vec<Reply> =
+        (0..5).map(|n| park(&dispatcher, &format!("agent-{n}"))).collect();
     let mut tasks = Vec::new();
     for n in 0..3 {
-        tasks.push(store::insert(&pool, &format!("echo {n}")).await.unwrap().id);
+        tasks.push(store::insert(&pool, &format!("echo {n}"), 60).await.unwrap().id);
     }
 
     let round = dispatch.run_once().await;
 
-    assert_eq!(
-        round,
-        Round {
-            queried: true,
-            delivered: 3,
-            returned: 0,
-            expired: 0
-        }
-    );
+    assert_eq!(round, Round { queried: true, delivered: 3, returned: 0, expired: 0 });
     for (n, reply) in replies.drain(..3).enumerate() {
         let picked = reply.await.unwrap().expect("a task");
-        assert_eq!(
-            picked.task.id, tasks[n],
-            "waiter {n} gets the {n}th oldest task"
-        );
-        assert_eq!(
-            picked.task.agent.as_deref(),
-            Some(format!("agent-{n}").as_str())
-        );
+        assert_eq!(picked.task.id, tasks[n], "waiter {n} gets the {n}th oldest task");
+        assert_eq!(picked.task.agent.as_deref(), Some(format!("agent-{n}").as_str()));
     }
     assert_eq!(dispatcher.parked(), 2);
 }
@@ -65,7 +48,8 @@ async fn one_claim_serves_all_parked_picks_oldest_waiter_first() {
 #[tokio::test(flavor = "multi_thread")]
 async fn parking_on_a_known_empty_queue_costs_no_query() {
     let (db, pool) = migrated().await;
-    let (dispatcher, mut dispatch) = DispatchLoop::new(pool.clone(), Duration::from_secs(3600));
+    let (dispatcher, mut dispatch) =
+        DispatchLoop::new(pool.clone(), Duration::from_secs(3600), TERMS);
     // "Empty" is trusted only while notifications can arrive to say otherwise.
     tokio::spawn(dispatch.listener(db.url.clone()));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -76,28 +60,22 @@ async fn parking_on_a_known_empty_queue_costs_no_query() {
     let _first = park(&dispatcher, "a");
     assert!(dispatch.run_once().await.queried, "the first look queries");
 
-    let _more: Vec<Reply> = (0..1000)
-        .map(|n| park(&dispatcher, &format!("idle-{n}")))
-        .collect();
+    let _more: Vec<Reply> = (0..1000).map(|n| park(&dispatcher, &format!("idle-{n}"))).collect();
     let round = dispatch.run_once().await;
 
-    assert!(
-        !round.queried,
-        "1,000 more parked picks cost the database nothing"
-    );
+    assert!(!round.queried, "1,000 more parked picks cost the database nothing");
     assert_eq!(dispatcher.parked(), 1001);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hundred_parked_picks_and_a_hundred_tasks_pair_up_one_to_one() {
     let (_db, pool) = migrated().await;
-    let (dispatcher, mut dispatch) = DispatchLoop::new(pool.clone(), Duration::from_secs(3600));
+    let (dispatcher, mut dispatch) =
+        DispatchLoop::new(pool.clone(), Duration::from_secs(3600), TERMS);
     for n in 0..100 {
-        store::insert(&pool, &format!("echo {n}")).await.unwrap();
+        store::insert(&pool, &format!("echo {n}"), 60).await.unwrap();
     }
-    let replies: Vec<Reply> = (0..100)
-        .map(|n| park(&dispatcher, &format!("agent-{n}")))
-        .collect();
+    let replies: Vec<Reply> = (0..100).map(|n| park(&dispatcher, &format!("agent-{n}"))).collect();
 
     let round = dispatch.run_once().await;
 
@@ -111,7 +89,7 @@ async fn a_hundred_parked_picks_and_a_hundred_tasks_pair_up_one_to_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pick_past_its_deadline_is_answered_with_nothing() {
     let (_db, pool) = migrated().await;
-    let (dispatcher, mut dispatch) = DispatchLoop::new(pool, Duration::from_secs(3600));
+    let (dispatcher, mut dispatch) = DispatchLoop::new(pool, Duration::from_secs(3600), TERMS);
     let reply = dispatcher.park("late".into(), Instant::now()).unwrap();
 
     let round = dispatch.run_once().await;
@@ -125,38 +103,23 @@ async fn the_dispatcher_listens_again_after_its_connection_is_killed() {
     // No fallback rescan within the test: only a notification can wake the pick.
     let app = TestApp::spawn_with(|f| f.merge(("dispatch_rescan_secs", 3600))).await;
     let peer = app.spawn_peer().await;
-    let admin = PgPool::connect(&std::env::var("DATABASE_URL").unwrap())
-        .await
-        .unwrap();
+    let admin = PgPool::connect(&std::env::var("DATABASE_URL").unwrap()).await.unwrap();
     let listeners = "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN%'";
-    let pids: Vec<i32> = sqlx::query_scalar(listeners)
-        .bind(&app.db.name)
-        .fetch_all(&admin)
-        .await
-        .unwrap();
+    let pids: Vec<i32> =
+        sqlx::query_scalar(listeners).bind(&app.db.name).fetch_all(&admin).await.unwrap();
     assert_eq!(pids.len(), 2, "one LISTEN connection per API process");
 
     for pid in &pids {
-        sqlx::query("SELECT pg_terminate_backend($1)")
-            .bind(pid)
-            .execute(&admin)
-            .await
-            .unwrap();
+        sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&admin).await.unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let now: Vec<i32> = sqlx::query_scalar(listeners)
-            .bind(&app.db.name)
-            .fetch_all(&admin)
-            .await
-            .unwrap();
+        let now: Vec<i32> =
+            sqlx::query_scalar(listeners).bind(&app.db.name).fetch_all(&admin).await.unwrap();
         if now.len() == 2 && now.iter().all(|pid| !pids.contains(pid)) {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the dispatchers did not listen again"
-        );
+        assert!(Instant::now() < deadline, "the dispatchers did not listen again");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pick = {
@@ -176,8 +139,5 @@ async fn the_dispatcher_listens_again_after_its_connection_is_killed() {
 
     let response = pick.await.unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(
-        response.json::<serde_json::Value>().await.unwrap()["id"],
-        task["id"]
-    );
+    assert_eq!(response.json::<serde_json::Value>().await.unwrap()["id"], task["id"]);
 }

@@ -48,9 +48,7 @@ async fn binary_output_is_reported_lossily_and_flagged() {
     let app = TestApp::spawn().await;
     let _worker = WorkerProcess::start(&app, "agent", &[]);
 
-    let task = app
-        .create(r"printf 'ok\000\377\376end'; printf 'clean' >&2")
-        .await;
+    let task = app.create(r"printf 'ok\000\377\376end'; printf 'clean' >&2").await;
 
     let task = app.until_done(task["id"].as_str().unwrap()).await;
     assert_eq!(task["status"], "finished");
@@ -63,24 +61,34 @@ async fn binary_output_is_reported_lossily_and_flagged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_do_not_see_the_agent_token_or_other_secrets() {
     let app = TestApp::spawn().await;
-    let secrets = [
-        ("DB_PASSWORD", "hunter2"),
-        ("SOME_API_KEY", "k-123"),
-        ("HARMLESS", "visible"),
-    ];
+    let secrets = [("DB_PASSWORD", "hunter2"), ("SOME_API_KEY", "k-123"), ("HARMLESS", "visible")];
     let _worker = WorkerProcess::start(&app, "agent", &secrets);
 
     let task = app.create("env").await;
 
     let task = app.until_done(task["id"].as_str().unwrap()).await;
     let env = task["stdout"].as_str().unwrap();
-    assert!(
-        env.contains("HARMLESS=visible"),
-        "the environment is passed on: {env}"
-    );
+    assert!(env.contains("HARMLESS=visible"), "the environment is passed on: {env}");
     for leaked in [TOKEN, "AGENT_TOKEN", "hunter2", "k-123"] {
         assert!(!env.contains(leaked), "{leaked} reached the command");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_cannot_read_the_agent_token_from_the_agents_proc_entries() {
+    let app = TestApp::spawn().await;
+    let _worker = WorkerProcess::start_unprivileged(&app, "guarded", &[]);
+    // The command's parent is the guard; the guard's parent is the agent.
+    let command = "agent=$(awk '{print $4}' /proc/$PPID/stat); \
+                   cat /proc/$PPID/environ /proc/$agent/environ 2>&1 | tr '\\0' '\\n'; \
+                   echo checked $agent";
+
+    let task = app.create(command).await;
+
+    let task = app.until_done(task["id"].as_str().unwrap()).await;
+    let seen = task["stdout"].as_str().unwrap();
+    assert!(seen.contains("checked "), "{seen}");
+    assert!(!seen.contains(TOKEN), "the token leaked through /proc: {seen}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -101,18 +109,12 @@ async fn sigterm_during_a_task_lets_it_finish_and_report_then_exits_0() {
     let later = app.create("echo must wait for another agent").await;
     std::fs::write(dir.join("go"), b"").unwrap();
 
-    let status = worker
-        .wait(Duration::from_secs(30))
-        .await
-        .expect("the worker exits");
+    let status = worker.wait(Duration::from_secs(30)).await.expect("the worker exits");
     assert!(status.success(), "exit status {status}");
     let task = app.task(id).await;
     assert_eq!(task["status"], "finished");
     assert_eq!(task["stdout"], "done\n");
-    assert_eq!(
-        app.task(later["id"].as_str().unwrap()).await["status"],
-        "queued"
-    );
+    assert_eq!(app.task(later["id"].as_str().unwrap()).await["status"], "queued");
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -124,10 +126,8 @@ async fn sigterm_while_idle_exits_0_at_once() {
 
     worker.signal(libc::SIGTERM);
 
-    let status = worker
-        .wait(Duration::from_secs(5))
-        .await
-        .expect("exits without waiting for the pick");
+    let status =
+        worker.wait(Duration::from_secs(5)).await.expect("exits without waiting for the pick");
     assert!(status.success(), "exit status {status}");
 }
 
@@ -152,20 +152,13 @@ async fn the_worker_keeps_trying_until_the_api_is_reachable() {
 
     let task = app.until_done(task["id"].as_str().unwrap()).await;
     assert_eq!(task["stdout"], "finally\n");
-    assert!(
-        worker.wait(Duration::from_millis(10)).await.is_none(),
-        "still running"
-    );
+    assert!(worker.wait(Duration::from_millis(10)).await.is_none(), "still running");
 }
 
 async fn until_exists(path: &std::path::Path) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !path.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
+        assert!(tokio::time::Instant::now() < deadline, "{} never appeared", path.display());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

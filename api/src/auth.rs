@@ -23,8 +23,10 @@ impl<'r> FromRequest<'r> for AgentAuth {
         let presented = request
             .headers()
             .get_one("Authorization")
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .unwrap_or_default();
+            .and_then(|value| value.split_once(' '))
+            // The scheme is case-insensitive (RFC 9110, section 11.1).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         // Constant time, so the comparison does not reveal how much of a guess was right.
         if bool::from(presented.as_bytes().ct_eq(config.agent_token().as_bytes())) {
             Outcome::Success(AgentAuth)
@@ -44,11 +46,7 @@ impl<'r> FromRequest<'r> for AgentName {
     type Error = ApiError;
 
     async fn from_request(request: &'r Request<'_>) -> request::Outcome<Self, ApiError> {
-        let name = request
-            .headers()
-            .get_one("X-Agent-Name")
-            .unwrap_or_default()
-            .trim();
+        let name = request.headers().get_one("X-Agent-Name").unwrap_or_default().trim();
         let valid = !name.is_empty()
             && name.chars().count() <= MAX_AGENT_NAME_CHARS
             && !name.chars().any(char::is_control);

@@ -44,9 +44,7 @@ async fn read<T: Limited>(request: &Request<'_>, data: Data<'_>) -> Result<T, Ap
         .await
         .map_err(|e| ApiError::BadRequest(format!("the body could not be read: {e}")))?;
     if !bytes.is_complete() {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "the body is larger than {limit}"
-        )));
+        return Err(ApiError::PayloadTooLarge(format!("the body is larger than {limit}")));
     }
     serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),

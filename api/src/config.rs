@@ -32,6 +32,17 @@ pub struct AppConfig {
     pub pick_wait_max_secs: u64,
     /// Seconds between rescans of the queue while picks are parked.
     pub dispatch_rescan_secs: u64,
+    /// Seconds a pick's lease lasts; heartbeats extend it by as much.
+    pub lease_secs: u32,
+    /// Seconds between reaper runs.
+    pub reaper_interval_secs: u64,
+    /// Picks a task may get before an expired lease fails it.
+    pub max_attempts: u32,
+    /// A task's timeout without `timeout_secs`, and the largest `timeout_secs`.
+    pub default_timeout_secs: u32,
+    pub max_timeout_secs: u32,
+    /// Seconds between SIGTERM and SIGKILL when an agent stops a command.
+    pub kill_grace_secs: u32,
 }
 
 /// Never print the token, even in a debug dump of the configuration.
@@ -39,16 +50,19 @@ impl fmt::Debug for AppConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AppConfig")
             .field("logging", &self.logging)
-            .field(
-                "agent_token",
-                &self.agent_token.as_ref().map(|_| "<redacted>"),
-            )
+            .field("agent_token", &self.agent_token.as_ref().map(|_| "<redacted>"))
             .field("max_command_bytes", &self.max_command_bytes)
             .field("list_limit_default", &self.list_limit_default)
             .field("list_limit_max", &self.list_limit_max)
             .field("pick_wait_default_secs", &self.pick_wait_default_secs)
             .field("pick_wait_max_secs", &self.pick_wait_max_secs)
             .field("dispatch_rescan_secs", &self.dispatch_rescan_secs)
+            .field("lease_secs", &self.lease_secs)
+            .field("reaper_interval_secs", &self.reaper_interval_secs)
+            .field("max_attempts", &self.max_attempts)
+            .field("default_timeout_secs", &self.default_timeout_secs)
+            .field("max_timeout_secs", &self.max_timeout_secs)
+            .field("kill_grace_secs", &self.kill_grace_secs)
             .finish()
     }
 }
@@ -57,6 +71,32 @@ impl AppConfig {
     /// The token, which `stage()` has checked is present.
     pub fn agent_token(&self) -> &str {
         self.agent_token.as_deref().unwrap_or_default()
+    }
+
+    /// The longest a heartbeat is held: a third of the lease, so that an agent that heartbeats
+    /// again as soon as one returns extends its lease well before it runs out.
+    pub fn heartbeat_hold_secs(&self) -> u32 {
+        self.lease_secs / 3
+    }
+
+    /// Checks that the timeouts are ordered: every agent-facing wait fits in the lease, and
+    /// the defaults fit in the limits.
+    fn check(&self) -> Result<(), String> {
+        let rules = [
+            (!self.agent_token().trim().is_empty(), "AGENT_TOKEN is not set: agents could not authenticate, so the server refuses to start. Set AGENT_TOKEN (or ROCKET_AGENT_TOKEN) to a long random secret."),
+            (self.lease_secs >= 3, "lease_secs must be at least 3 (heartbeats come every third of it)"),
+            (self.kill_grace_secs < self.lease_secs, "kill_grace_secs must be less than lease_secs"),
+            (self.reaper_interval_secs >= 1, "reaper_interval_secs must be at least 1"),
+            (self.max_attempts >= 1, "max_attempts must be at least 1"),
+            (self.default_timeout_secs >= 1 && self.default_timeout_secs <= self.max_timeout_secs,
+             "default_timeout_secs must be between 1 and max_timeout_secs"),
+            (self.pick_wait_default_secs <= self.pick_wait_max_secs,
+             "pick_wait_default_secs must not exceed pick_wait_max_secs"),
+        ];
+        match rules.iter().find(|(ok, _)| !ok) {
+            Some((_, message)) => Err((*message).to_owned()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -106,9 +146,7 @@ fn database_url_from_parts(var: &impl Fn(&str) -> Option<String>) -> Option<Stri
     let [user, password, host, port, name] = parts;
     let encode = |s: &str| percent_encoding::utf8_percent_encode(s, USERINFO).to_string();
     let user = encode(user.as_deref().unwrap_or("postgres"));
-    let password = password
-        .map(|p| format!(":{}", encode(&p)))
-        .unwrap_or_default();
+    let password = password.map(|p| format!(":{}", encode(&p))).unwrap_or_default();
     let host = host.unwrap_or_else(|| "localhost".into());
     let port = port.unwrap_or_else(|| "5432".into());
     let name = encode(name.as_deref().unwrap_or("postgres"));
@@ -116,13 +154,11 @@ fn database_url_from_parts(var: &impl Fn(&str) -> Option<String>) -> Option<Stri
 }
 
 /// Characters that must be escaped in a URL's user, password or path segment.
-const USERINFO: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+const USERINFO: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
-/// Reads `AppConfig` at ignite and refuses to start without an agent token.
+/// Reads `AppConfig` at ignite; refuses to start without an agent token or with timeouts out
+/// of order.
 pub fn stage() -> AdHoc {
     AdHoc::try_on_ignite("Configuration", |rocket| async move {
         let config: AppConfig = match rocket.figment().extract() {
@@ -134,11 +170,8 @@ pub fn stage() -> AdHoc {
                 return Err(rocket);
             }
         };
-        if config.agent_token().trim().is_empty() {
-            log::error!(
-                "AGENT_TOKEN is not set: agents could not authenticate, so the server refuses \
-                 to start. Set AGENT_TOKEN (or ROCKET_AGENT_TOKEN) to a long random secret."
-            );
+        if let Err(message) = config.check() {
+            log::error!("{message}");
             return Err(rocket);
         }
         Ok(rocket.manage(config))
@@ -151,25 +184,16 @@ mod tests {
     use std::collections::HashMap;
 
     fn url_from(vars: &[(&str, &str)]) -> Option<String> {
-        let vars: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let vars: HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let env = container_env(|name| vars.get(name).cloned());
         env.extract_inner::<String>(DATABASE_URL_KEY).ok()
     }
 
     #[test]
     fn database_url_is_built_from_parts_with_the_password_escaped() {
-        let url = url_from(&[
-            ("DB_USER", "app"),
-            ("DB_PASSWORD", "p@ss:w/rd"),
-            ("DB_HOST", "db"),
-        ]);
-        assert_eq!(
-            url.as_deref(),
-            Some("postgres://app:p%40ss%3Aw%2Frd@db:5432/postgres")
-        );
+        let url = url_from(&[("DB_USER", "app"), ("DB_PASSWORD", "p@ss:w/rd"), ("DB_HOST", "db")]);
+        assert_eq!(url.as_deref(), Some("postgres://app:p%40ss%3Aw%2Frd@db:5432/postgres"));
     }
 
     #[test]

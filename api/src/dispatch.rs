@@ -4,9 +4,9 @@
 //! tasks go to the oldest waiters first. Parking costs the database nothing while the queue is
 //! known to be empty; notifications are hints and the rescan timer is the guarantee.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rocket::fairing::AdHoc;
@@ -16,6 +16,7 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{sleep, sleep_until, Instant};
+use uuid::Uuid;
 
 use crate::config::{AppConfig, DATABASE_URL_KEY};
 use crate::error::ApiError;
@@ -27,10 +28,21 @@ use crate::Db;
 const MAX_BATCH: usize = 512;
 
 /// The handle that request handlers use (managed state).
+#[derive(Clone)]
 pub struct Dispatcher {
     parks: mpsc::UnboundedSender<Waiter>,
+    hints: Arc<Hints>,
     queued: Arc<Notify>,
     parked: Arc<AtomicUsize>,
+    listening: Arc<AtomicBool>,
+    aborts: AbortWatch,
+}
+
+/// What a pick grants besides the task: the lease's length and the kill grace the agent keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct PickTerms {
+    pub lease_secs: u32,
+    pub kill_grace_secs: u32,
 }
 
 /// What a parked pick receives: a task, or `None` at its deadline or on shutdown.
@@ -50,13 +62,7 @@ impl Dispatcher {
     /// `Unavailable` when the dispatcher has stopped (the server is shutting down).
     pub fn park(&self, agent: String, deadline: Instant) -> Result<Reply, ApiError> {
         let (reply, receiver) = oneshot::channel();
-        self.parks
-            .send(Waiter {
-                agent,
-                deadline,
-                reply,
-            })
-            .map_err(|_| ApiError::Unavailable)?;
+        self.parks.send(Waiter { agent, deadline, reply }).map_err(|_| ApiError::Unavailable)?;
         Ok(receiver)
     }
 
@@ -65,10 +71,42 @@ impl Dispatcher {
         self.parked.load(Ordering::Relaxed)
     }
 
-    /// Announces a committed insert (or requeue) to every API process. Bursts are coalesced
-    /// into one NOTIFY, sent after the caller's statement has committed.
+    /// Whether notifications can arrive (the LISTEN connection is up). When they cannot,
+    /// long polls that wait for one should wait less.
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+
+    /// The registry of heartbeats waiting for an abort.
+    pub fn aborts(&self) -> &AbortWatch {
+        &self.aborts
+    }
+
+    /// Announces a committed insert (or requeue): to this process's dispatcher at once (so a
+    /// pick that follows the 201 sees the task), and to every API process through one NOTIFY
+    /// per burst, sent after the caller's statement has committed.
     pub fn task_queued(&self) {
+        self.hints.hint();
         self.queued.notify_one();
+    }
+}
+
+/// "The queue may have changed since the last claim": raised by notifications, local inserts
+/// and a lost LISTEN connection; taken by the dispatcher's next round.
+#[derive(Default)]
+struct Hints {
+    fresh: AtomicBool,
+    wake: Notify,
+}
+
+impl Hints {
+    fn hint(&self) {
+        self.fresh.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> bool {
+        self.fresh.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -89,10 +127,12 @@ pub struct Round {
 pub struct DispatchLoop {
     pool: PgPool,
     parks: mpsc::UnboundedReceiver<Waiter>,
-    hints: Arc<Notify>,
+    hints: Arc<Hints>,
     queued: Arc<Notify>,
     listening: Arc<AtomicBool>,
     parked: Arc<AtomicUsize>,
+    aborts: AbortWatch,
+    terms: PickTerms,
     waiters: VecDeque<Waiter>,
     /// The last claim found fewer tasks than waiters, and no hint has come since.
     queue_empty: bool,
@@ -102,22 +142,30 @@ pub struct DispatchLoop {
 
 impl DispatchLoop {
     /// A dispatcher and its loop; nothing runs until `run` or `run_once` is called.
-    pub fn new(pool: PgPool, rescan: Duration) -> (Dispatcher, DispatchLoop) {
+    pub fn new(pool: PgPool, rescan: Duration, terms: PickTerms) -> (Dispatcher, DispatchLoop) {
         let (parks, receiver) = mpsc::unbounded_channel();
         let queued = Arc::new(Notify::new());
         let parked = Arc::new(AtomicUsize::new(0));
+        let listening = Arc::new(AtomicBool::new(false));
+        let aborts = AbortWatch::default();
+        let hints = Arc::new(Hints::default());
         let dispatcher = Dispatcher {
             parks,
+            hints: hints.clone(),
             queued: queued.clone(),
             parked: parked.clone(),
+            listening: listening.clone(),
+            aborts: aborts.clone(),
         };
         let state = DispatchLoop {
             pool,
             parks: receiver,
-            hints: Arc::new(Notify::new()),
+            hints,
             queued,
-            listening: Arc::new(AtomicBool::new(false)),
+            listening,
             parked,
+            aborts,
+            terms,
             waiters: VecDeque::new(),
             queue_empty: false,
             rescan,
@@ -138,7 +186,7 @@ impl DispatchLoop {
                     Some(waiter) => self.waiters.push_back(waiter),
                     None => break,
                 },
-                _ = self.hints.notified() => self.queue_empty = false,
+                _ = self.hints.wake.notified() => {}
                 _ = sleep_until(next_deadline.unwrap_or(rescan_at)), if next_deadline.is_some() => {}
                 _ = sleep_until(rescan_at), if !self.waiters.is_empty() => self.queue_empty = false,
             }
@@ -150,20 +198,29 @@ impl DispatchLoop {
     }
 
     /// Takes in newly parked picks, claims tasks for as many of them as the queue allows (one
-    /// statement, skipped when the queue is known to be empty), and answers the picks whose
-    /// deadline has passed.
+    /// statement per `MAX_BATCH` picks, skipped when the queue is known to be empty unless a
+    /// pick asked for one look at once), and answers the picks whose deadline has passed.
     pub async fn run_once(&mut self) -> Round {
         while let Ok(waiter) = self.parks.try_recv() {
             self.waiters.push_back(waiter);
         }
         self.waiters.retain(|w| !w.reply.is_closed());
-        if !self.listening.load(Ordering::Acquire) {
-            // Without a LISTEN connection no hint can arrive: "empty" may be stale.
+        // Without a LISTEN connection no hint can arrive: "empty" may be stale.
+        if self.hints.take() || !self.listening.load(Ordering::Acquire) {
             self.queue_empty = false;
         }
         let mut round = Round::default();
-        if !self.waiters.is_empty() && !self.queue_empty {
-            self.claim(&mut round).await;
+        let now = Instant::now();
+        // A pick with `wait=0` gets a look at the database itself: a task another API process
+        // has just created may not have been announced here yet.
+        let immediate = self.waiters.iter().any(|w| w.deadline <= now);
+        if immediate {
+            self.queue_empty = false;
+        }
+        while !self.waiters.is_empty() && !self.queue_empty {
+            if !self.claim(&mut round).await {
+                break;
+            }
         }
         let now = Instant::now();
         let (expired, waiting): (Vec<_>, Vec<_>) =
@@ -177,21 +234,18 @@ impl DispatchLoop {
         round
     }
 
-    async fn claim(&mut self, round: &mut Round) {
+    /// One claim statement for the oldest `MAX_BATCH` waiters. False when it failed.
+    async fn claim(&mut self, round: &mut Round) -> bool {
         let batch = self.waiters.len().min(MAX_BATCH);
-        let agents: Vec<String> = self
-            .waiters
-            .iter()
-            .take(batch)
-            .map(|w| w.agent.clone())
-            .collect();
+        let agents: Vec<String> =
+            self.waiters.iter().take(batch).map(|w| w.agent.clone()).collect();
         self.last_claim = Instant::now();
         round.queried = true;
-        let claimed = match store::claim(&self.pool, &agents).await {
+        let claimed = match store::claim(&self.pool, &agents, self.terms.lease_secs).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 log::warn!("claim for {batch} parked picks failed: {e}");
-                return;
+                return false;
             }
         };
         self.queue_empty = claimed.len() < batch;
@@ -200,6 +254,9 @@ impl DispatchLoop {
             let picked = Picked {
                 task: claimed.task,
                 lease: claimed.lease,
+                lease_expires_at: claimed.lease_expires_at,
+                lease_secs: self.terms.lease_secs,
+                kill_grace_secs: self.terms.kill_grace_secs,
             };
             match waiter.reply.send(Some(picked)) {
                 Ok(()) => round.delivered += 1,
@@ -210,14 +267,18 @@ impl DispatchLoop {
                 Err(None) => {}
             }
         }
+        true
     }
 
     /// The pick that this task was claimed for has gone: queue the task again at once rather
     /// than leave it to lease expiry, and say so to every dispatcher (this one included).
     async fn put_back(&mut self, picked: Picked) {
         let id = picked.task.id;
-        match store::unclaim(&self.pool, id, picked.lease).await {
-            Ok(_) => self.queued.notify_one(),
+        match store::release(&self.pool, id, picked.lease).await {
+            Ok(_) => {
+                self.hints.hint();
+                self.queued.notify_one();
+            }
             Err(e) => log::warn!(
                 "task {id} was claimed for a pick that left, and could not be put back: {e}"
             ),
@@ -229,7 +290,7 @@ impl DispatchLoop {
     /// The task that keeps this dispatcher's LISTEN connection, on its own connection to
     /// `url` (not one from the request pool). Spawn it beside `run`.
     pub fn listener(&self, url: String) -> impl std::future::Future<Output = ()> + Send + 'static {
-        listen(url, self.hints.clone(), self.listening.clone())
+        listen(url, self.hints.clone(), self.listening.clone(), self.aborts.clone())
     }
 
     /// Whether the LISTEN connection is up, so that notifications can arrive.
@@ -238,9 +299,10 @@ impl DispatchLoop {
     }
 }
 
-/// Follows the LISTEN connection: every notification is a hint; a lost connection is
-/// reported by `listening` and followed by a rescan once it is back.
-async fn listen(url: String, hints: Arc<Notify>, listening: Arc<AtomicBool>) {
+/// Follows the LISTEN connection: a task notification is a hint for the dispatcher, an abort
+/// notification wakes the heartbeats of that task; a lost connection is reported by
+/// `listening` and followed by a rescan once it is back.
+async fn listen(url: String, hints: Arc<Hints>, listening: Arc<AtomicBool>, aborts: AbortWatch) {
     let mut delay = Duration::from_millis(100);
     loop {
         let mut listener = match connect_listener(&url).await {
@@ -254,10 +316,15 @@ async fn listen(url: String, hints: Arc<Notify>, listening: Arc<AtomicBool>) {
         };
         delay = Duration::from_millis(100);
         listening.store(true, Ordering::Release);
-        hints.notify_one();
+        hints.hint();
         loop {
             match listener.try_recv().await {
-                Ok(Some(_)) => hints.notify_one(),
+                Ok(Some(n)) if n.channel() == store::ABORT_CHANNEL => {
+                    if let Ok(id) = n.payload().parse() {
+                        aborts.wake(id);
+                    }
+                }
+                Ok(Some(_)) => hints.hint(),
                 Ok(None) => {
                     log::warn!("LISTEN connection lost; reconnecting");
                     break;
@@ -269,13 +336,13 @@ async fn listen(url: String, hints: Arc<Notify>, listening: Arc<AtomicBool>) {
             }
         }
         listening.store(false, Ordering::Release);
-        hints.notify_one();
+        hints.hint();
     }
 }
 
 async fn connect_listener(url: &str) -> sqlx::Result<PgListener> {
     let mut listener = PgListener::connect(url).await?;
-    listener.listen(store::CHANNEL).await?;
+    listener.listen_all([store::CHANNEL, store::ABORT_CHANNEL]).await?;
     Ok(listener)
 }
 
@@ -295,27 +362,23 @@ pub fn stage() -> AdHoc {
         let Some(pool) = Db::fetch(&rocket).map(|db| (**db).clone()) else {
             return rocket;
         };
-        let rescan = rocket
-            .state::<AppConfig>()
-            .map_or(Duration::from_secs(5), |c| {
-                Duration::from_secs(c.dispatch_rescan_secs.max(1))
-            });
-        let url: String = rocket
-            .figment()
-            .extract_inner(DATABASE_URL_KEY)
-            .unwrap_or_default();
-        let (dispatcher, state) = DispatchLoop::new(pool.clone(), rescan);
+        let Some(config) = rocket.state::<AppConfig>() else {
+            return rocket;
+        };
+        let rescan = Duration::from_secs(config.dispatch_rescan_secs.max(1));
+        let terms =
+            PickTerms { lease_secs: config.lease_secs, kill_grace_secs: config.kill_grace_secs };
+        let url: String = rocket.figment().extract_inner(DATABASE_URL_KEY).unwrap_or_default();
+        let (dispatcher, state) = DispatchLoop::new(pool.clone(), rescan, terms);
         let queued = state.queued.clone();
-        rocket
-            .manage(dispatcher)
-            .attach(AdHoc::on_liftoff("Dispatcher loop", move |rocket| {
-                Box::pin(async move {
-                    let shutdown = rocket.shutdown();
-                    tokio::spawn(until(shutdown.clone(), state.listener(url)));
-                    tokio::spawn(until(shutdown.clone(), notify(pool, queued)));
-                    tokio::spawn(state.run(shutdown));
-                })
-            }))
+        rocket.manage(dispatcher).attach(AdHoc::on_liftoff("Dispatcher loop", move |rocket| {
+            Box::pin(async move {
+                let shutdown = rocket.shutdown();
+                tokio::spawn(until(shutdown.clone(), state.listener(url)));
+                tokio::spawn(until(shutdown.clone(), notify(pool, queued)));
+                tokio::spawn(state.run(shutdown));
+            })
+        }))
     })
 }
 
@@ -323,5 +386,57 @@ async fn until(shutdown: Shutdown, work: impl std::future::Future<Output = ()>) 
     tokio::select! {
         _ = shutdown => {}
         _ = work => {}
+    }
+}
+
+/// Heartbeats parked on running tasks, each woken when its task's abort is requested.
+#[derive(Clone, Default)]
+pub struct AbortWatch {
+    watches: Arc<Mutex<HashMap<Uuid, Vec<Arc<Notify>>>>>,
+}
+
+/// Interest in one task's abort, from before the caller looks at the database (so that a
+/// request landing in between is not missed) until it is dropped.
+pub struct Watch {
+    registry: AbortWatch,
+    id: Uuid,
+    notify: Arc<Notify>,
+}
+
+impl AbortWatch {
+    pub fn watch(&self, id: Uuid) -> Watch {
+        let notify = Arc::new(Notify::new());
+        self.lock().entry(id).or_default().push(notify.clone());
+        Watch { registry: self.clone(), id, notify }
+    }
+
+    fn wake(&self, id: Uuid) {
+        for notify in self.lock().get(&id).into_iter().flatten() {
+            // A stored permit: a watch that is not awaiting yet still sees it.
+            notify.notify_one();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Vec<Arc<Notify>>>> {
+        self.watches.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Watch {
+    /// Resolves when an abort of the task is announced.
+    pub async fn requested(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut watches = self.registry.lock();
+        if let Some(list) = watches.get_mut(&self.id) {
+            list.retain(|n| !Arc::ptr_eq(n, &self.notify));
+            if list.is_empty() {
+                watches.remove(&self.id);
+            }
+        }
     }
 }

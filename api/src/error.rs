@@ -134,11 +134,7 @@ fn problem_response<'o>(status: Status, kind: &str, detail: String) -> Response<
 
 impl<'r> Responder<'r, 'static> for ApiError {
     fn respond_to(self, _: &'r Request<'_>) -> response::Result<'static> {
-        Ok(problem_response(
-            self.status(),
-            self.kind(),
-            self.to_string(),
-        ))
+        Ok(problem_response(self.status(), self.kind(), self.to_string()))
     }
 }
 

@@ -31,7 +31,11 @@ async fn health(db: &Db, dispatcher: &State<Dispatcher>) -> Result<Json<Value>, 
             "database": "ok",
             "parked_picks": dispatcher.parked(),
         }))),
-        Ok(Err(e)) => Err(e.into()),
+        // Whatever the cause (down, gone, refusing us), the database does not answer.
+        Ok(Err(e)) => {
+            log::warn!("health check: the database does not answer: {e}");
+            Err(ApiError::Unavailable)
+        }
         Err(_) => Err(ApiError::Unavailable),
     }
 }

@@ -13,6 +13,7 @@ pub mod dispatch;
 mod error;
 mod health;
 mod logging;
+pub mod reaper;
 pub mod tasks;
 
 pub use error::ApiError;
@@ -30,24 +31,19 @@ pub fn rocket() -> Rocket<Build> {
 
 /// The server for a given figment.
 pub fn build(figment: Figment) -> Rocket<Build> {
-    let level = figment
-        .extract_inner("logging")
-        .unwrap_or(log::LevelFilter::Info);
+    let level = figment.extract_inner("logging").unwrap_or(log::LevelFilter::Info);
     logging::init(level);
     rocket::custom(figment)
         .attach(config::stage())
         .attach(Db::init())
         .attach(AdHoc::try_on_ignite("Migrations", migrate))
         .attach(dispatch::stage())
+        .attach(reaper::stage())
         .attach(logging::RequestLog)
         .attach(AdHoc::on_liftoff("Announce", |rocket| {
             Box::pin(async move {
                 let config = rocket.config();
-                log::info!(
-                    "taskexec-api listening on {}:{}",
-                    config.address,
-                    config.port
-                );
+                log::info!("taskexec-api listening on {}:{}", config.address, config.port);
             })
         }))
         .mount("/", health::routes())

@@ -31,26 +31,24 @@ impl TestDb {
         let admin_url = std::env::var("DATABASE_URL").expect(
             "DATABASE_URL is not set: run the tests with `make test`, which provides a database",
         );
+        TestDb::create_on(&admin_url).await
+    }
+
+    /// A database on the server of `admin_url`.
+    pub async fn create_on(admin_url: &str) -> TestDb {
+        let admin_url = admin_url.to_owned();
         let name = format!("taskexec_test_{}", Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url)
-            .await
-            .expect("connect to DATABASE_URL");
+        let mut admin = PgConnection::connect(&admin_url).await.expect("connect to DATABASE_URL");
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await
             .expect("create the test database");
         let url = with_database(&admin_url, &name);
-        TestDb {
-            name,
-            url,
-            admin_url,
-        }
+        TestDb { name, url, admin_url }
     }
 
     pub async fn pool(&self) -> PgPool {
-        PgPool::connect(&self.url)
-            .await
-            .expect("connect to the test database")
+        PgPool::connect(&self.url).await.expect("connect to the test database")
     }
 }
 
@@ -59,9 +57,7 @@ impl Drop for TestDb {
         let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
         // Drop runs inside the test's runtime, which cannot block on itself: use a thread.
         let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
                 let mut admin = PgConnection::connect(&admin_url).await.map_err(io)?;
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -84,9 +80,7 @@ fn io(e: sqlx::Error) -> std::io::Error {
 
 /// `postgres://u@h:p/db?x` with the database replaced by `name`.
 pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
     let authority_end = base.find("://").map_or(0, |i| i + 3);
     let base = match base[authority_end..].find('/') {
         Some(slash) => &base[..authority_end + slash],
@@ -150,10 +144,10 @@ impl TestApp {
     }
 
     /// Starts Rocket's graceful shutdown and waits for the server to stop.
-    pub async fn stop(self) -> Arc<TestDb> {
+    pub async fn stop(mut self) -> Arc<TestDb> {
         self.shutdown.clone().notify();
-        let _ = tokio::time::timeout(Duration::from_secs(30), &mut { self.server }).await;
-        self.db
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.server).await;
+        self.db.clone()
     }
 
     pub fn shutdown_handle(&self) -> Shutdown {
@@ -166,9 +160,7 @@ impl TestApp {
 
     /// A request with the agent's credentials.
     pub fn agent(&self, method: Method, path: &str, name: &str) -> RequestBuilder {
-        self.request(method, path)
-            .bearer_auth(TOKEN)
-            .header("X-Agent-Name", name)
+        self.request(method, path).bearer_auth(TOKEN).header("X-Agent-Name", name)
     }
 
     /// Submits a command and returns the created task.
@@ -184,11 +176,7 @@ impl TestApp {
     }
 
     pub async fn task(&self, id: &str) -> Value {
-        let response = self
-            .request(Method::GET, &format!("/tasks/{id}"))
-            .send()
-            .await
-            .unwrap();
+        let response = self.request(Method::GET, &format!("/tasks/{id}")).send().await.unwrap();
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
     }
@@ -203,10 +191,9 @@ impl TestApp {
         match response.status().as_u16() {
             200 => Some(response.json().await.unwrap()),
             204 => None,
-            status => panic!(
-                "pick answered {status}: {}",
-                response.text().await.unwrap_or_default()
-            ),
+            status => {
+                panic!("pick answered {status}: {}", response.text().await.unwrap_or_default())
+            }
         }
     }
 
@@ -220,8 +207,7 @@ impl TestApp {
 
     /// Waits until `parked` picks are parked, as the server reports on /health.
     pub async fn until_parked(&self, parked: u64) {
-        self.eventually(|health: Value| health["parked_picks"] == parked, "/health")
-            .await;
+        self.eventually(|health: Value| health["parked_picks"] == parked, "/health").await;
     }
 
     /// Polls `path` until `done` holds for its JSON, or panics after 30 s.
@@ -233,10 +219,7 @@ impl TestApp {
             if done(value.clone()) {
                 return value;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{path} never satisfied: {value}"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "{path} never satisfied: {value}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -244,12 +227,17 @@ impl TestApp {
     /// Waits until task `id` reaches a terminal status and returns it.
     pub async fn until_done(&self, id: &str) -> Value {
         let terminal = |task: Value| {
-            matches!(
-                task["status"].as_str(),
-                Some("finished" | "failed" | "cancelled")
-            )
+            matches!(task["status"].as_str(), Some("finished" | "failed" | "cancelled"))
         };
         self.eventually(terminal, &format!("/tasks/{id}")).await
+    }
+}
+
+impl Drop for TestApp {
+    /// Starts the server's shutdown before its database is dropped, so that its background
+    /// tasks stop rather than retry against a database that is gone.
+    fn drop(&mut self) {
+        self.shutdown.clone().notify();
     }
 }
 
@@ -260,7 +248,7 @@ pub fn test_figment(database_url: &str) -> Figment {
         .merge(("address", "127.0.0.1"))
         .merge(("port", 0))
         .merge(("agent_token", TOKEN))
-        .merge(("logging", "warn"))
+        .merge(("logging", "error"))
         .merge((taskexec_api::config::DATABASE_URL_KEY, database_url))
         .merge(("databases.taskexec.max_connections", 8))
 }
@@ -268,44 +256,57 @@ pub fn test_figment(database_url: &str) -> Figment {
 /// Asserts an RFC 9457 problem response with `status` whose detail mentions `needle`.
 pub async fn assert_problem(response: Response, status: u16, needle: &str) -> Value {
     assert_eq!(response.status(), status, "status");
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
     assert_eq!(content_type, "application/problem+json");
     let problem: Value = response.json().await.expect("a JSON problem");
     assert_eq!(problem["status"], status);
-    assert!(
-        problem["type"].is_string() && problem["title"].is_string(),
-        "{problem}"
-    );
+    assert!(problem["type"].is_string() && problem["title"].is_string(), "{problem}");
     let detail = problem["detail"].as_str().unwrap_or_default();
-    assert!(
-        detail.contains(needle),
-        "detail {detail:?} does not mention {needle:?}"
-    );
+    assert!(detail.contains(needle), "detail {detail:?} does not mention {needle:?}");
     problem
 }
 
-/// A binary of this workspace, built by `cargo build` (which `make test` runs first).
+/// A binary of this workspace, freshly built: the first call in a test process runs
+/// `cargo build` for the API and the worker, so the tests never run a stale binary.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>");
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test's path");
+        let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>").to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = std::process::Command::new(cargo);
+        // The whole workspace, as `make build` does: building a subset would resolve features
+        // differently and rebuild the dependencies every time the two alternate.
+        build.args(["build", "--quiet", "--workspace", "--bins"]);
+        // Cargo describes the test package to the test in CARGO_PKG_*, CARGO_MANIFEST_* and so
+        // on; build scripts that watch such variables would take them for a change and rebuild.
+        for (name, _) in std::env::vars() {
+            let set_by_cargo_for_tests =
+                ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_"]
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix))
+                    || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "CARGO_RUSTC_CURRENT_DIR"]
+                        .contains(&name.as_str());
+            if set_by_cargo_for_tests {
+                build.env_remove(name);
+            }
+        }
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build of the binaries failed");
+        dir
+    });
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --bins` first (make test does)",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing after the build", path.display());
     path
 }
 
-/// A worker process talking to `app`, killed when dropped.
+/// A worker process talking to `app`, killed when dropped. Its log (stderr) is kept.
 pub struct WorkerProcess {
     pub child: tokio::process::Child,
+    log: Arc<std::sync::Mutex<String>>,
 }
 
 impl WorkerProcess {
@@ -313,8 +314,39 @@ impl WorkerProcess {
         WorkerProcess::start_with_url(&app.url, name, extra_env)
     }
 
+    /// A worker for `url`, which may list several API addresses separated by commas.
     pub fn start_with_url(url: &str, name: &str, extra_env: &[(&str, &str)]) -> WorkerProcess {
-        let mut command = tokio::process::Command::new(binary("taskexec-worker"));
+        WorkerProcess::spawn(
+            tokio::process::Command::new(binary("taskexec-worker")),
+            url,
+            name,
+            extra_env,
+        )
+    }
+
+    /// A worker running as an unprivileged user (`nobody`) when the tests run as root, as the
+    /// container image runs it.
+    pub fn start_unprivileged(
+        app: &TestApp,
+        name: &str,
+        extra_env: &[(&str, &str)],
+    ) -> WorkerProcess {
+        let command = if is_root() {
+            let mut command = tokio::process::Command::new("runuser");
+            command.args(["-u", "nobody", "--"]).arg(binary("taskexec-worker"));
+            command
+        } else {
+            tokio::process::Command::new(binary("taskexec-worker"))
+        };
+        WorkerProcess::spawn(command, &app.url, name, extra_env)
+    }
+
+    fn spawn(
+        mut command: tokio::process::Command,
+        url: &str,
+        name: &str,
+        extra_env: &[(&str, &str)],
+    ) -> WorkerProcess {
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -325,30 +357,335 @@ impl WorkerProcess {
             .env("PICK_WAIT", "5s")
             .env("LOG_LEVEL", "warn")
             .stdin(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         for (key, value) in extra_env {
             command.env(key, value);
         }
-        WorkerProcess {
-            child: command.spawn().expect("start the worker"),
-        }
+        let mut child = command.spawn().expect("start the worker");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        WorkerProcess { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("the worker is running") as i32
     }
 
     pub fn signal(&self, signal: i32) {
-        let pid = self.child.id().expect("the worker is running") as i32;
         // SAFETY: sends a signal to our own child.
         unsafe {
-            libc::kill(pid, signal);
+            libc::kill(self.pid(), signal);
         }
     }
 
     /// Waits for the process to exit, at most `timeout`.
     pub async fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .ok()
-            .map(|r| r.expect("wait"))
+        tokio::time::timeout(timeout, self.child.wait()).await.ok().map(|r| r.expect("wait"))
     }
+
+    /// What the worker has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// Whether process `pid` is alive (a zombie is not).
+pub fn is_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            !matches!(stat.rsplit(')').next().map(str::trim_start), Some(rest) if rest.starts_with('Z'))
+        }
+        Err(_) => false,
+    }
+}
+
+/// Live processes of process group `group`.
+pub fn group_members(group: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // After the command name: state, ppid, pgrp, ...
+            let fields: Vec<&str> =
+                stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(group)
+                && fields.first() != Some(&"Z")
+        })
+        .collect()
+}
+
+/// Waits until `done` holds, or panics with `what` after `timeout`.
+pub async fn until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A set of workers kept running: one that exits is started again, as a supervisor would.
+pub struct AgentPool {
+    workers: Arc<tokio::sync::Mutex<Vec<WorkerProcess>>>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl AgentPool {
+    pub fn start(url: &str, count: usize, extra_env: &[(&str, &str)]) -> AgentPool {
+        let env: Vec<(String, String)> =
+            extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let start = {
+            let url = url.to_owned();
+            move |n: usize| {
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                WorkerProcess::start_with_url(&url, &format!("pool-{n}"), &env)
+            }
+        };
+        let workers = Arc::new(tokio::sync::Mutex::new((0..count).map(&start).collect::<Vec<_>>()));
+        let kept = workers.clone();
+        let keeper = tokio::spawn(async move {
+            loop {
+                {
+                    let mut workers = kept.lock().await;
+                    for (n, worker) in workers.iter_mut().enumerate() {
+                        if let Ok(Some(_)) = worker.child.try_wait() {
+                            *worker = start(n);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        AgentPool { workers, keeper }
+    }
+
+    /// SIGKILLs worker `n` (the keeper starts it again).
+    pub async fn kill(&self, n: usize) {
+        let workers = self.workers.lock().await;
+        let worker = &workers[n % workers.len()];
+        worker.signal(libc::SIGKILL);
+    }
+
+    pub async fn len(&self) -> usize {
+        self.workers.lock().await.len()
+    }
+}
+
+impl Drop for AgentPool {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+/// The API binary as a process of its own, for tests that kill or restart it.
+pub struct ApiProcess {
+    pub url: String,
+    pub child: tokio::process::Child,
+    port: u16,
+    database_url: String,
+    env: Vec<(String, String)>,
+}
+
+impl ApiProcess {
+    pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> ApiProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let env = extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        ApiProcess::launch(port, database_url, &env).await
+    }
+
+    async fn launch(port: u16, database_url: &str, env: &[(String, String)]) -> ApiProcess {
+        let mut command = tokio::process::Command::new(binary("taskexec-api"));
+        command
+            .env_clear()
+            .env("DATABASE_URL", database_url)
+            .env("AGENT_TOKEN", TOKEN)
+            .env("SERVER_PORT", port.to_string())
+            .env("ROCKET_ADDRESS", "127.0.0.1")
+            .env("LOG_LEVEL", "warn")
+            .envs(env.iter().cloned())
+            .kill_on_drop(true);
+        let child = command.spawn().expect("start the API");
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while http
+            .get(format!("{url}/health"))
+            .send()
+            .await
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the API at {url} never became healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ApiProcess { url, child, port, database_url: database_url.to_owned(), env: env.to_vec() }
+    }
+
+    /// Stops the server with SIGTERM, waits for it to exit, and starts it again on the same
+    /// port and database.
+    pub async fn restart(mut self) -> ApiProcess {
+        self.signal(libc::SIGTERM);
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the API stops on SIGTERM")
+            .expect("wait for the API");
+        assert!(status.success(), "the API exited with {status}");
+        ApiProcess::launch(self.port, &self.database_url, &self.env).await
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("the API is running") as i32;
+        // SAFETY: signals our own child.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// A PostgreSQL cluster of the test's own, for tests that restart the server. Started from the
+/// installed binaries (as an unprivileged user when run as root); removed when dropped.
+pub struct PgCluster {
+    pub admin_url: String,
+    dir: PathBuf,
+    bindir: PathBuf,
+    port: u16,
+}
+
+impl PgCluster {
+    pub fn start() -> PgCluster {
+        let bindir = pg_bindir();
+        let dir = std::env::temp_dir().join(format!("taskexec-pg-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cluster = PgCluster {
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            dir,
+            bindir,
+            port,
+        };
+        cluster.chown();
+        let data = cluster.data();
+        cluster.pg(
+            "initdb",
+            &["-D", &data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
+        );
+        cluster.start_server();
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    /// Starts (or starts again) the server and waits until it accepts connections.
+    pub fn start_server(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("postgres.log").display().to_string();
+        self.pg(
+            "pg_ctl",
+            &["-D", &self.data(), "-l", &log, "-w", "-t", "60", "-o", &options, "start"],
+        );
+    }
+
+    /// Stops the server the hard way, as a crash would.
+    pub fn stop_immediately(&self) {
+        self.pg("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"]);
+    }
+
+    fn pg(&self, program: &str, args: &[&str]) {
+        let path = self.bindir.join(program);
+        let mut command = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            std::process::Command::new(&path)
+        };
+        let output =
+            command.args(args).stdin(Stdio::null()).output().expect("run a PostgreSQL tool");
+        assert!(
+            output.status.success(),
+            "{program} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn chown(&self) {
+        if is_root() {
+            let status = std::process::Command::new("chown")
+                .args(["postgres", &self.dir.display().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let path = self.bindir.join("pg_ctl");
+        let data = self.data();
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = if is_root() {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&path)
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new(&path).args(args).output()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Where the PostgreSQL server binaries are: $TASKEXEC_PG_BINDIR or $PG_BINDIR, `pg_config
+/// --bindir`, or the newest /usr/lib/postgresql/*/bin.
+fn pg_bindir() -> PathBuf {
+    for var in ["TASKEXEC_PG_BINDIR", "PG_BINDIR"] {
+        if let Ok(dir) = std::env::var(var) {
+            return PathBuf::from(dir);
+        }
+    }
+    if let Ok(output) = std::process::Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| entries.filter_map(|e| Some(e.ok()?.path().join("bin"))).collect())
+        .unwrap_or_default();
+    versions.sort_by_key(|dir| {
+        dir.parent().and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok()).unwrap_or(0)
+    });
+    versions.pop().expect("no PostgreSQL binaries found: install PostgreSQL or set PG_BINDIR")
 }
 
 /// A TCP proxy in front of PostgreSQL that a test can cut, to play a database outage without
@@ -363,15 +700,11 @@ pub struct PgProxy {
 impl PgProxy {
     pub async fn start(db: &TestDb) -> PgProxy {
         let mut url = reqwest::Url::parse(&db.url).expect("DATABASE_URL is a URL");
-        let upstream = format!(
-            "{}:{}",
-            url.host_str().unwrap_or("127.0.0.1"),
-            url.port().unwrap_or(5432)
-        );
+        let upstream =
+            format!("{}:{}", url.host_str().unwrap_or("127.0.0.1"), url.port().unwrap_or(5432));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         url.set_host(Some("127.0.0.1")).unwrap();
-        url.set_port(Some(listener.local_addr().unwrap().port()))
-            .unwrap();
+        url.set_port(Some(listener.local_addr().unwrap().port())).unwrap();
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (cuts, _) = tokio::sync::watch::channel(0u64);
         let (flag, cut_tx) = (up.clone(), cuts.clone());
@@ -393,11 +726,7 @@ impl PgProxy {
                 });
             }
         });
-        PgProxy {
-            url: url.to_string(),
-            up,
-            cuts,
-        }
+        PgProxy { url: url.to_string(), up, cuts }
     }
 
     /// Closes every connection and refuses new ones until `restore`.

@@ -1,6 +1,7 @@
 //! The agent's side of the HTTP protocol. Timeouts are ordered: a pick may be held by the
 //! server for `pick_wait`, so its read timeout is longer than that; other calls are short.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -11,6 +12,8 @@ use crate::config::{Config, PICK_READ_MARGIN};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A finish carries up to two capped outputs; it must not hang on a stalled API.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Any other call, beyond what the server may hold it for.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest pick response accepted: a command (64 KiB by default on the server) in JSON.
 const MAX_PICK_BYTES: u64 = 4 << 20;
 
@@ -32,19 +35,61 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether the same request may succeed later.
+    /// Whether the same request may succeed later (the API was unreachable or failed).
     pub fn is_retryable(&self) -> bool {
         matches!(self, ClientError::Unavailable(_))
     }
+
+    /// Whether a report about the attempt is pointless from now on: the attempt is no longer
+    /// ours, or the task does not exist.
+    pub fn is_final(&self) -> bool {
+        matches!(self, ClientError::Fenced(_) | ClientError::Refused { status: 404, .. })
+    }
 }
 
-/// A task handed to this agent.
+/// A task handed to this agent, with the terms of its lease.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Assignment {
     pub id: Uuid,
     pub command: String,
     pub lease: Uuid,
     pub attempts: u32,
+    /// Stop the command after this long.
+    pub timeout_secs: u64,
+    /// The lease lasts this long from each heartbeat.
+    pub lease_secs: u64,
+    /// Between SIGTERM and SIGKILL when the command must stop.
+    pub kill_grace_secs: u64,
+}
+
+impl Assignment {
+    /// Checks the server's numbers before acting on them: the agent does not take them blindly.
+    fn validate(self) -> Result<Assignment, ClientError> {
+        let problem = if self.command.trim().is_empty() {
+            Some("no command")
+        } else if self.timeout_secs == 0 {
+            Some("a zero timeout")
+        } else if !(3..=24 * 3600).contains(&self.lease_secs) {
+            Some("a lease outside 3 s to 24 h")
+        } else if self.kill_grace_secs >= self.lease_secs {
+            Some("a kill grace not shorter than the lease")
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => {
+                Err(ClientError::Unexpected(format!("task {} has {problem}", self.id)))
+            }
+            None => Ok(self),
+        }
+    }
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Heartbeat {
+    /// A user asked to abort the task: stop the command and report.
+    pub abort: bool,
 }
 
 /// What the agent reports when a command has ended.
@@ -57,11 +102,31 @@ pub struct Report {
     pub stderr: String,
     pub stdout_lossy: bool,
     pub stderr_lossy: bool,
+    /// The command was stopped because an abort was requested.
+    pub aborted: bool,
 }
 
+impl Report {
+    /// Halves the output kept of each stream (first and last quarters of what was there, with a
+    /// marker), for an API whose body limit is smaller than this agent's output cap.
+    pub fn shrink_output(&mut self) {
+        for text in [&mut self.stdout, &mut self.stderr] {
+            *text = crate::exec::shrink(text, text.len() / 2);
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct LeaseBody {
+    lease: Uuid,
+}
+
+/// The API, at one or more addresses: after a failed call the next address is used, so agents
+/// of a failed API process carry on with another.
 pub struct Client {
     http: ureq::Agent,
-    base: String,
+    bases: Vec<String>,
+    current: AtomicUsize,
     authorization: String,
     name: String,
     pick_wait: Duration,
@@ -77,18 +142,36 @@ impl Client {
             .into();
         Client {
             http,
-            base: config.api_url.clone(),
+            bases: config.api_urls.clone(),
+            current: AtomicUsize::new(0),
             authorization: format!("Bearer {}", config.token),
             name: config.name.clone(),
             pick_wait: config.pick_wait,
         }
     }
 
+    fn url(&self, path: &str) -> String {
+        let base = &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()];
+        format!("{base}{path}")
+    }
+
+    /// Moves on to the next address after a failure to reach the current one.
+    fn fail_over(&self, error: ClientError) -> ClientError {
+        if matches!(error, ClientError::Unavailable(_)) && self.bases.len() > 1 {
+            self.current.fetch_add(1, Ordering::Relaxed);
+        }
+        error
+    }
+
     /// Long-polls for a task: `None` when none arrived within the server's hold.
     pub fn pick(&self) -> Result<Option<Assignment>, ClientError> {
+        self.try_pick().map_err(|e| self.fail_over(e))
+    }
+
+    fn try_pick(&self) -> Result<Option<Assignment>, ClientError> {
         let mut response = self
             .http
-            .get(format!("{}/tasks/pick", self.base))
+            .get(self.url("/tasks/pick"))
             .query("wait", self.pick_wait.as_secs().to_string())
             .header("Authorization", &self.authorization)
             .header("X-Agent-Name", &self.name)
@@ -106,13 +189,7 @@ impl Client {
                     .limit(MAX_PICK_BYTES)
                     .read_json()
                     .map_err(|e| ClientError::Unexpected(format!("unreadable pick: {e}")))?;
-                if assignment.command.trim().is_empty() {
-                    return Err(ClientError::Unexpected(format!(
-                        "task {} has no command",
-                        assignment.id
-                    )));
-                }
-                Ok(Some(assignment))
+                assignment.validate().map(Some)
             }
             _ => Err(status_error(response)),
         }
@@ -121,19 +198,52 @@ impl Client {
     /// Reports the end of the attempt. Ok also when the server had already recorded this very
     /// report (a retry after a lost response).
     pub fn finish(&self, id: Uuid, report: &Report) -> Result<(), ClientError> {
+        self.post(&format!("/tasks/{id}/finish"), report, FINISH_TIMEOUT).map(|_| ())
+    }
+
+    /// Extends the lease; the server holds the call up to `hold` and answers at once when an
+    /// abort is requested.
+    pub fn heartbeat(
+        &self,
+        id: Uuid,
+        lease: Uuid,
+        hold: Duration,
+    ) -> Result<Heartbeat, ClientError> {
+        let path = format!("/tasks/{id}/heartbeat?wait={}", hold.as_secs());
+        let mut response = self.post(&path, &LeaseBody { lease }, hold + CALL_TIMEOUT)?;
+        response
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024)
+            .read_json()
+            .map_err(|e| ClientError::Unexpected(format!("unreadable heartbeat answer: {e}")))
+    }
+
+    /// Hands the task back to the queue (the agent is draining).
+    pub fn release(&self, id: Uuid, lease: Uuid) -> Result<(), ClientError> {
+        self.post(&format!("/tasks/{id}/release"), &LeaseBody { lease }, CALL_TIMEOUT).map(|_| ())
+    }
+
+    /// A POST with the agent's credentials; Ok only for 200.
+    fn post(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+        timeout: Duration,
+    ) -> Result<ureq::http::Response<ureq::Body>, ClientError> {
         let response = self
             .http
-            .post(format!("{}/tasks/{id}/finish", self.base))
+            .post(self.url(path))
             .header("Authorization", &self.authorization)
             .header("X-Agent-Name", &self.name)
             .config()
-            .timeout_global(Some(FINISH_TIMEOUT))
+            .timeout_global(Some(timeout))
             .build()
-            .send_json(report)
-            .map_err(transport)?;
+            .send_json(body)
+            .map_err(|e| self.fail_over(transport(e)))?;
         match response.status().as_u16() {
-            200 => Ok(()),
-            _ => Err(status_error(response)),
+            200 => Ok(response),
+            _ => Err(self.fail_over(status_error(response))),
         }
     }
 }
@@ -152,12 +262,7 @@ fn status_error(mut response: ureq::http::Response<ureq::Body>) -> ClientError {
         .limit(64 * 1024)
         .read_json::<serde_json::Value>()
         .ok()
-        .and_then(|problem| {
-            problem
-                .get("detail")
-                .and_then(|d| d.as_str())
-                .map(str::to_owned)
-        })
+        .and_then(|problem| problem.get("detail").and_then(|d| d.as_str()).map(str::to_owned))
         .unwrap_or_else(|| format!("HTTP {status}"));
     match status {
         409 => ClientError::Fenced(detail),

@@ -7,10 +7,12 @@ use crate::Error;
 
 #[derive(Clone)]
 pub struct Config {
-    /// Base URL of the API: `BACKEND_API_URL`, or `http://BACKEND_API_HOST:BACKEND_API_PORT`
-    /// (defaults localhost and 3500).
-    pub api_url: String,
-    /// `AGENT_TOKEN`, required. Never logged, never passed to a command.
+    /// Base URLs of the API: `BACKEND_API_URL` (several, comma-separated, are tried in turn
+    /// when one fails), or `http://BACKEND_API_HOST:BACKEND_API_PORT` (defaults localhost and
+    /// 3500).
+    pub api_urls: Vec<String>,
+    /// `AGENT_TOKEN`, or the contents of the file `AGENT_TOKEN_FILE` names (for Docker
+    /// secrets); required. Never logged, never passed to a command.
     pub token: String,
     /// `AGENT_NAME`, default the host name. Sent as `X-Agent-Name` and recorded on the task.
     pub name: String,
@@ -23,6 +25,9 @@ pub struct Config {
     /// `MAX_OUTPUT_BYTES` (default 1 MiB): the most of each of stdout and stderr kept and
     /// reported; beyond it the first and last halves are kept.
     pub max_output_bytes: usize,
+    /// `DRAIN_TIMEOUT` (default 30s): after SIGTERM, how long the running task may go on before
+    /// it is stopped and handed back to the queue.
+    pub drain_timeout: Duration,
     /// `LOG_LEVEL` (default info).
     pub log_level: log::LevelFilter,
 }
@@ -37,24 +42,40 @@ impl Config {
     }
 
     pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Config, Error> {
-        let api_url = match var("BACKEND_API_URL") {
-            Some(url) => url,
+        let api_urls: Vec<String> = match var("BACKEND_API_URL") {
+            Some(urls) => urls
+                .split(',')
+                .map(|url| url.trim().trim_end_matches('/').to_owned())
+                .filter(|url| !url.is_empty())
+                .collect(),
             None => {
                 let host = var("BACKEND_API_HOST").unwrap_or_else(|| "localhost".into());
                 let port = var("BACKEND_API_PORT").unwrap_or_else(|| "3500".into());
-                format!("http://{host}:{port}")
+                vec![format!("http://{host}:{port}")]
             }
         };
-        let token = var("AGENT_TOKEN").ok_or_else(|| {
-            Error::Config("AGENT_TOKEN is not set: the API would refuse every pick".into())
-        })?;
+        if api_urls.is_empty() {
+            return Err(Error::Config("BACKEND_API_URL holds no URL".into()));
+        }
+        let token =
+            match (var("AGENT_TOKEN"), var("AGENT_TOKEN_FILE")) {
+                (Some(token), _) => token,
+                (None, Some(path)) => std::fs::read_to_string(&path)
+                    .map(|token| token.trim().to_owned())
+                    .map_err(|e| Error::Config(format!("AGENT_TOKEN_FILE={path:?}: {e}")))?,
+                (None, None) => return Err(Error::Config(
+                    "AGENT_TOKEN (or AGENT_TOKEN_FILE) is not set: the API would refuse every pick"
+                        .into(),
+                )),
+            };
         let name = var("AGENT_NAME").unwrap_or_else(host_name);
         Ok(Config {
-            api_url: api_url.trim_end_matches('/').to_owned(),
+            api_urls,
             token,
             name,
             poll_interval: duration(&var, "POLL_INTERVAL", "5s")?,
-            pick_wait: duration(&var, "PICK_WAIT", "25s")?,
+            pick_wait: pick_wait(&var)?,
+            drain_timeout: duration(&var, "DRAIN_TIMEOUT", "30s")?,
             max_output_bytes: match var("MAX_OUTPUT_BYTES") {
                 Some(n) => n.parse().map_err(|_| {
                     Error::Config(format!("MAX_OUTPUT_BYTES={n:?} is not a number of bytes"))
@@ -81,10 +102,20 @@ fn duration(
 ) -> Result<Duration, Error> {
     let text = var(name).unwrap_or_else(|| default.into());
     humantime::parse_duration(&text).map_err(|e| {
-        Error::Config(format!(
-            "{name}={text:?} is not a duration like 5s or 500ms: {e}"
-        ))
+        Error::Config(format!("{name}={text:?} is not a duration like 5s or 500ms: {e}"))
     })
+}
+
+/// `PICK_WAIT`: whole seconds, at least 1 (a zero hold would turn the long poll into a busy
+/// one) and at most an hour. It must not exceed the API's `pick_wait_max_secs` (60 by default).
+fn pick_wait(var: &impl Fn(&str) -> Option<String>) -> Result<Duration, Error> {
+    let wait = duration(var, "PICK_WAIT", "25s")?;
+    if wait.subsec_nanos() != 0 || !(1..=3600).contains(&wait.as_secs()) {
+        return Err(Error::Config(format!(
+            "PICK_WAIT={wait:?} must be whole seconds from 1 s to 1 h"
+        )));
+    }
+    Ok(wait)
 }
 
 fn host_name() -> String {
@@ -104,42 +135,54 @@ mod tests {
     use std::collections::HashMap;
 
     fn config(vars: &[(&str, &str)]) -> Result<Config, Error> {
-        let vars: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let vars: HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Config::from_lookup(|name| vars.get(name).cloned())
     }
 
     #[test]
     fn host_and_port_make_the_url_unless_a_url_is_given() {
-        let c = config(&[
-            ("AGENT_TOKEN", "t"),
-            ("BACKEND_API_HOST", "api"),
-            ("BACKEND_API_PORT", "1"),
-        ]);
-        assert_eq!(c.unwrap().api_url, "http://api:1");
+        let c =
+            config(&[("AGENT_TOKEN", "t"), ("BACKEND_API_HOST", "api"), ("BACKEND_API_PORT", "1")]);
+        assert_eq!(c.unwrap().api_urls, ["http://api:1"]);
         let c = config(&[
             ("AGENT_TOKEN", "t"),
             ("BACKEND_API_URL", "http://x:2/"),
             ("BACKEND_API_HOST", "api"),
         ]);
-        assert_eq!(c.unwrap().api_url, "http://x:2");
+        assert_eq!(c.unwrap().api_urls, ["http://x:2"]);
+        let c = config(&[("AGENT_TOKEN", "t"), ("BACKEND_API_URL", "http://a:1, http://b:2/")]);
+        assert_eq!(c.unwrap().api_urls, ["http://a:1", "http://b:2"]);
     }
 
     #[test]
     fn poll_interval_takes_human_durations() {
         let c = config(&[("AGENT_TOKEN", "t"), ("POLL_INTERVAL", "500ms")]).unwrap();
         assert_eq!(c.poll_interval, Duration::from_millis(500));
-        assert_eq!(
-            config(&[("AGENT_TOKEN", "t")]).unwrap().poll_interval,
-            Duration::from_secs(5)
-        );
+        assert_eq!(config(&[("AGENT_TOKEN", "t")]).unwrap().poll_interval, Duration::from_secs(5));
         assert!(config(&[("AGENT_TOKEN", "t"), ("POLL_INTERVAL", "soon")]).is_err());
     }
 
     #[test]
     fn a_token_is_required() {
         assert!(matches!(config(&[]), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn the_token_can_come_from_a_file() {
+        let path = std::env::temp_dir().join(format!("taskexec-token-{}", std::process::id()));
+        std::fs::write(&path, "from-file\n").unwrap();
+        let c = config(&[("AGENT_TOKEN_FILE", path.to_str().unwrap())]).unwrap();
+        std::fs::remove_file(&path).ok();
+        assert_eq!(c.token, "from-file");
+    }
+
+    #[test]
+    fn pick_wait_must_be_whole_seconds_within_reason() {
+        for bad in ["500ms", "0s", "2h", "1500ms"] {
+            assert!(config(&[("AGENT_TOKEN", "t"), ("PICK_WAIT", bad)]).is_err(), "{bad}");
+        }
+        let c = config(&[("AGENT_TOKEN", "t"), ("PICK_WAIT", "1m")]).unwrap();
+        assert_eq!(c.pick_wait, Duration::from_secs(60));
     }
 }

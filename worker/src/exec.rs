@@ -1,11 +1,13 @@
-//! Running one command: `sh -c` through duct, in its own process group, with stdout and
-//! stderr captured separately into bounded buffers and a clean environment.
+//! Running one command: `sh -c` through duct (under the guard), in its own process group, with
+//! stdout and stderr captured separately into bounded buffers and a clean environment.
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::sync::mpsc;
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How the command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,15 +34,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// Variable names that are never passed to a command: the agent's own credentials and
 /// anything named like a secret.
-const SECRET_MARKERS: [&str; 7] = [
-    "TOKEN",
-    "SECRET",
-    "PASSWORD",
-    "PASSWD",
-    "CREDENTIAL",
-    "PRIVATE_KEY",
-    "API_KEY",
-];
+const SECRET_MARKERS: [&str; 7] =
+    ["TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE_KEY", "API_KEY"];
 
 pub fn is_secret(name: &str) -> bool {
     let name = name.to_ascii_uppercase();
@@ -49,37 +44,48 @@ pub fn is_secret(name: &str) -> bool {
 
 /// The agent's environment without its secrets: what a command runs with.
 pub fn command_env() -> Vec<(String, String)> {
-    std::env::vars()
-        .filter(|(name, _)| !is_secret(name))
-        .collect()
+    std::env::vars().filter(|(name, _)| !is_secret(name)).collect()
 }
 
-/// Runs `command` with `sh -c` and waits for it. Output beyond `max_output_bytes` per stream
-/// keeps its first and last halves. Descendants still alive when the shell exits are killed
-/// with their process group, so nothing of the task outlives it.
-pub fn run(command: &str, env: &[(String, String)], max_output_bytes: usize) -> Execution {
-    match start(command, env, max_output_bytes) {
-        Ok(execution) => execution,
-        Err(e) => Execution {
-            exit: Exit::NotStarted(format!("could not start sh: {e}")),
-            stdout: Captured::new(max_output_bytes),
-            stderr: Captured::new(max_output_bytes),
-        },
-    }
+/// What to run and how.
+pub struct Spec<'a> {
+    pub command: &'a str,
+    pub env: &'a [(String, String)],
+    /// The most of each stream kept: first and last halves beyond it.
+    pub max_output_bytes: usize,
+    /// This binary, to run the command under a guard that kills the command's process group
+    /// if the agent dies (see `guard`). `None` runs `sh -c` directly.
+    pub guard: Option<&'a Path>,
 }
 
-fn start(
-    command: &str,
-    env: &[(String, String)],
-    max_output_bytes: usize,
-) -> std::io::Result<Execution> {
+/// A command that has been started: its process group and its output, still being read.
+pub struct Running {
+    handle: Arc<duct::Handle>,
+    group: Option<u32>,
+    stdout: Capture,
+    stderr: Capture,
+}
+
+/// Starts the command in a process group of its own, stdin closed, stdout and stderr read
+/// into bounded buffers on their own threads.
+///
+/// # Errors
+/// When the pipes or the process cannot be created.
+pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
     let (stdout_reader, stdout_writer) = os_pipe::pipe()?;
     let (stderr_reader, stderr_writer) = os_pipe::pipe()?;
-    let expression = duct::cmd("sh", ["-c", command])
+    let expression = match spec.guard {
+        Some(guard) => {
+            let agent = std::process::id().to_string();
+            duct::cmd(guard, [OsStr::new(crate::guard::ARG), agent.as_ref(), spec.command.as_ref()])
+        }
+        None => duct::cmd("sh", ["-c", spec.command]),
+    };
+    let expression = expression
         .stdin_null()
         .stdout_file(stdout_writer)
         .stderr_file(stderr_writer)
-        .full_env(env.iter().cloned())
+        .full_env(spec.env.iter().cloned())
         .unchecked()
         .before_spawn(|child| {
             // Its own process group, so the whole tree can be signalled at once.
@@ -90,30 +96,77 @@ fn start(
     // The expression holds our copies of the write ends: drop them, or the pipes never close.
     drop(expression);
     let handle = handle?;
-    let stdout = capture(stdout_reader, max_output_bytes);
-    let stderr = capture(stderr_reader, max_output_bytes);
-    let status = handle.wait().map(|output| output.status);
     let group = handle.pids().first().copied();
-    if let Some(group) = group {
-        kill_group(group, libc::SIGKILL);
+    Ok(Running {
+        handle: Arc::new(handle),
+        group,
+        stdout: capture(stdout_reader, spec.max_output_bytes),
+        stderr: capture(stderr_reader, spec.max_output_bytes),
+    })
+}
+
+impl Running {
+    /// Calls `exited` on another thread once the command has exited.
+    pub fn on_exit(&self, exited: impl FnOnce(Exit) + Send + 'static) {
+        let handle = self.handle.clone();
+        thread::spawn(move || exited(exit_of(handle.wait().map(|output| output.status))));
     }
-    let exit = match status {
+
+    /// Sends `signal` to the command's whole process group.
+    pub fn signal(&self, signal: libc::c_int) {
+        if let Some(group) = self.group {
+            kill_group(group, signal);
+        }
+    }
+
+    /// After the command has exited: kills whatever it left running in its group, and
+    /// collects the output.
+    pub fn finish(self, exit: Exit) -> Execution {
+        self.signal(libc::SIGKILL);
+        let deadline = Instant::now() + DRAIN_GRACE;
+        Execution {
+            exit,
+            stdout: self.stdout.collect(deadline),
+            stderr: self.stderr.collect(deadline),
+        }
+    }
+}
+
+impl Execution {
+    /// A command that could not be started.
+    pub fn not_started(why: String, max_output_bytes: usize) -> Execution {
+        Execution {
+            exit: Exit::NotStarted(why),
+            stdout: Captured::new(max_output_bytes),
+            stderr: Captured::new(max_output_bytes),
+        }
+    }
+}
+
+/// Runs the command to its end. Descendants still alive when the shell exits are killed with
+/// their process group, so nothing of the task outlives it.
+pub fn run(spec: &Spec<'_>) -> Execution {
+    match start(spec) {
+        Ok(running) => {
+            let exit = exit_of(running.handle.wait().map(|output| output.status));
+            running.finish(exit)
+        }
+        Err(e) => Execution::not_started(
+            format!("could not start the command: {e}"),
+            spec.max_output_bytes,
+        ),
+    }
+}
+
+fn exit_of(status: std::io::Result<std::process::ExitStatus>) -> Exit {
+    match status {
         Ok(status) => match (status.code(), status.signal()) {
             (Some(code), _) => Exit::Code(code),
             (None, Some(signal)) => Exit::Signal(signal),
             (None, None) => Exit::NotStarted(format!("unexpected wait status {status}")),
         },
         Err(e) => Exit::NotStarted(format!("could not wait for the command: {e}")),
-    };
-    Ok(Execution {
-        exit,
-        stdout: stdout
-            .recv_timeout(DRAIN_GRACE)
-            .unwrap_or_else(|_| Captured::new(max_output_bytes)),
-        stderr: stderr
-            .recv_timeout(DRAIN_GRACE)
-            .unwrap_or_else(|_| Captured::new(max_output_bytes)),
-    })
+    }
 }
 
 /// Sends `signal` to the process group led by `leader`. A group that has already gone is not
@@ -129,41 +182,60 @@ pub fn kill_group(leader: u32, signal: libc::c_int) {
 }
 
 /// Reads a pipe to its end on a thread, keeping at most `limit` bytes.
-fn capture(mut pipe: os_pipe::PipeReader, limit: usize) -> mpsc::Receiver<Captured> {
-    let (sender, receiver) = mpsc::channel();
+fn capture(mut pipe: os_pipe::PipeReader, limit: usize) -> Capture {
+    let buffer = Arc::new(Mutex::new(Captured::new(limit)));
+    let (closed, done) = mpsc::channel();
+    let sink = buffer.clone();
     thread::spawn(move || {
-        let mut captured = Captured::new(limit);
-        let mut buffer = vec![0u8; 64 * 1024];
+        let mut chunk = vec![0u8; 64 * 1024];
         loop {
-            match pipe.read(&mut buffer) {
+            match pipe.read(&mut chunk) {
                 Ok(0) => break,
-                Ok(n) => captured.push(&buffer[..n]),
+                Ok(n) => lock(&sink).push(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             }
         }
-        let _ = sender.send(captured);
+        let _ = closed.send(());
     });
-    receiver
+    Capture { buffer, done }
+}
+
+/// A stream being read: what has been read so far, and a signal when the pipe has closed.
+struct Capture {
+    buffer: Arc<Mutex<Captured>>,
+    done: mpsc::Receiver<()>,
+}
+
+impl Capture {
+    /// The output once the pipe has closed, or as it stands at `deadline` if a descendant
+    /// that left the process group still holds the pipe open.
+    fn collect(self, deadline: Instant) -> Captured {
+        let closed = self.done.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let mut captured = lock(&self.buffer).clone();
+        captured.open = closed.is_err();
+        captured
+    }
+}
+
+fn lock(buffer: &Mutex<Captured>) -> std::sync::MutexGuard<'_, Captured> {
+    buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A stream's output, bounded: the first half of the limit, and a ring of the last half.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Captured {
     limit: usize,
     head: Vec<u8>,
     tail: std::collections::VecDeque<u8>,
     dropped: u64,
+    /// The pipe was still open when the output was collected: later output is not here.
+    open: bool,
 }
 
 impl Captured {
     pub fn new(limit: usize) -> Captured {
-        Captured {
-            limit,
-            head: Vec::new(),
-            tail: Default::default(),
-            dropped: 0,
-        }
+        Captured { limit, head: Vec::new(), tail: Default::default(), dropped: 0, open: false }
     }
 
     pub fn push(&mut self, mut bytes: &[u8]) {
@@ -194,19 +266,43 @@ impl Captured {
     /// dropped, a marker line between head and tail says how many.
     pub fn to_text(&self) -> (String, bool) {
         let tail: Vec<u8> = self.tail.iter().copied().collect();
-        if self.dropped == 0 {
+        let (mut text, lossy) = if self.dropped == 0 {
             let mut all = self.head.clone();
             all.extend_from_slice(&tail);
-            return lossy(&all);
+            lossy(&all)
+        } else {
+            let (head, head_lossy) = lossy(trim_incomplete_end(&self.head));
+            let (tail, tail_lossy) = lossy(trim_partial_start(&tail));
+            let marker = format!("\n[taskexec: {} bytes of output dropped here]\n", self.dropped);
+            (format!("{head}{marker}{tail}"), head_lossy || tail_lossy)
+        };
+        if self.open {
+            text.push_str("\n[taskexec: a process outside the task still held this stream open; later output is not captured]\n");
         }
-        let (head, head_lossy) = lossy(trim_incomplete_end(&self.head));
-        let (tail, tail_lossy) = lossy(trim_partial_start(&tail));
-        let marker = format!(
-            "\n[taskexec: {} bytes of output dropped here]\n",
-            self.dropped
-        );
-        (format!("{head}{marker}{tail}"), head_lossy || tail_lossy)
+        (text, lossy)
     }
+}
+
+/// `text` cut to about `max_bytes`: its first and last halves, on character boundaries, with a
+/// marker between them.
+pub fn shrink(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_owned();
+    }
+    let mut head_end = max_bytes / 2;
+    while !text.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    let mut tail_start = text.len() - max_bytes / 2;
+    while !text.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    let dropped = tail_start - head_end;
+    format!(
+        "{}\n[taskexec: {dropped} bytes of output dropped here]\n{}",
+        &text[..head_end],
+        &text[tail_start..]
+    )
 }
 
 fn lossy(bytes: &[u8]) -> (String, bool) {
@@ -229,11 +325,7 @@ fn trim_incomplete_end(bytes: &[u8]) -> &[u8] {
 
 /// Drops continuation bytes of a character whose start was cut off.
 fn trim_partial_start(bytes: &[u8]) -> &[u8] {
-    let skip = bytes
-        .iter()
-        .take(3)
-        .take_while(|b| (**b & 0b1100_0000) == 0b1000_0000)
-        .count();
+    let skip = bytes.iter().take(3).take_while(|b| (**b & 0b1100_0000) == 0b1000_0000).count();
     &bytes[skip..]
 }
 
@@ -241,10 +333,9 @@ fn trim_partial_start(bytes: &[u8]) -> &[u8] {
 pub fn describe(exit: &Exit) -> Option<String> {
     match exit {
         Exit::Code(_) => None,
-        Exit::Signal(signal) => Some(format!(
-            "killed by signal {signal} ({})",
-            signal_name(*signal)
-        )),
+        Exit::Signal(signal) => {
+            Some(format!("killed by signal {signal} ({})", signal_name(*signal)))
+        }
         Exit::NotStarted(why) => Some(why.clone()),
     }
 }
@@ -271,9 +362,14 @@ fn signal_name(signal: i32) -> &'static str {
 mod tests {
     use super::*;
 
+    fn run(command: &str, limit: usize) -> Execution {
+        let env = command_env();
+        super::run(&Spec { command, env: &env, max_output_bytes: limit, guard: None })
+    }
+
     #[test]
     fn exit_codes_and_streams_are_kept_apart() {
-        let run = run("echo out; echo err >&2; exit 3", &command_env(), 1024);
+        let run = run("echo out; echo err >&2; exit 3", 1024);
         assert_eq!(run.exit, Exit::Code(3));
         assert_eq!(run.stdout.to_text(), ("out\n".to_owned(), false));
         assert_eq!(run.stderr.to_text(), ("err\n".to_owned(), false));
@@ -281,14 +377,14 @@ mod tests {
 
     #[test]
     fn a_signal_is_reported_as_a_signal() {
-        let run = run("kill -9 $$", &command_env(), 1024);
+        let run = run("kill -9 $$", 1024);
         assert_eq!(run.exit, Exit::Signal(libc::SIGKILL));
         assert_eq!(describe(&run.exit).unwrap(), "killed by signal 9 (SIGKILL)");
     }
 
     #[test]
     fn binary_output_is_converted_lossily_and_flagged() {
-        let run = run(r"printf 'a\000b\377c'", &command_env(), 1024);
+        let run = run(r"printf 'a\000b\377c'", 1024);
         let (text, lossy) = run.stdout.to_text();
         assert_eq!(text, "a\u{FFFD}b\u{FFFD}c");
         assert!(lossy);
@@ -302,10 +398,7 @@ mod tests {
         }
         assert_eq!(captured.dropped(), 10);
         let (text, lossy) = captured.to_text();
-        assert_eq!(
-            text,
-            "01234\n[taskexec: 10 bytes of output dropped here]\nfghij"
-        );
+        assert_eq!(text, "01234\n[taskexec: 10 bytes of output dropped here]\nfghij");
         assert!(!lossy);
     }
 
@@ -316,6 +409,18 @@ mod tests {
         let (text, lossy) = captured.to_text();
         assert!(!lossy, "{text}");
         assert!(text.starts_with("aa") && text.ends_with("bbb"), "{text}");
+    }
+
+    #[test]
+    fn shrinking_keeps_both_ends_on_character_boundaries() {
+        let text = format!("{}{}", "é".repeat(100), "z".repeat(100));
+        let shrunk = shrink(&text, 101);
+        assert!(
+            shrunk.starts_with(&"é".repeat(25)) && shrunk.ends_with(&"z".repeat(50)),
+            "{shrunk}"
+        );
+        assert!(shrunk.contains("bytes of output dropped here"));
+        assert_eq!(shrink("short", 10), "short");
     }
 
     #[test]
@@ -337,12 +442,9 @@ mod tests {
     #[test]
     fn background_children_do_not_outlive_the_command() {
         let started = std::time::Instant::now();
-        let run = run("sleep 30 & echo started", &command_env(), 1024);
+        let run = run("sleep 30 & echo started", 1024);
         assert_eq!(run.exit, Exit::Code(0));
         assert_eq!(run.stdout.to_text().0, "started\n");
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the pipe was held by sleep"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "the pipe was held by sleep");
     }
 }

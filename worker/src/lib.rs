@@ -1,7 +1,11 @@
-//! The taskexec executor agent: long-polls the API for a task, runs it with `sh -c`, reports
-//! the result, and polls again at once. One task at a time.
+//! The taskexec executor agent: long-polls the API for a task, runs it with `sh -c` under a
+//! guard, keeps its lease alive, reports the result, and polls again at once. One task at a
+//! time.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
@@ -10,18 +14,19 @@ use uuid::Uuid;
 pub mod client;
 pub mod config;
 pub mod exec;
+mod guard;
 mod stop;
+mod task;
 
 pub use client::{Assignment, Client, ClientError, Report};
 pub use config::Config;
 pub use stop::Stop;
+use task::{Ending, Supervision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
-    #[error("could not install signal handlers: {0}")]
-    Signals(#[from] std::io::Error),
 }
 
 /// What one step of the loop did.
@@ -29,7 +34,7 @@ pub enum Error {
 pub enum Step {
     /// The pick ended without a task.
     Idle,
-    /// A task ran; `recorded` says whether the API accepted its result.
+    /// A task ran; `recorded` says whether the API accepted its result (or took it back).
     Ran { id: Uuid, recorded: bool },
     /// The pick failed; the loop pauses for `POLL_INTERVAL` before the next.
     Unavailable(ClientError),
@@ -37,19 +42,18 @@ pub enum Step {
 
 pub struct Worker {
     config: Config,
-    client: Client,
+    client: Arc<Client>,
     /// The environment commands run with: the agent's, minus its secrets.
     env: Vec<(String, String)>,
+    /// This binary, which runs each command under its guard.
+    guard: Option<PathBuf>,
 }
 
 impl Worker {
     pub fn new(config: Config) -> Worker {
-        let client = Client::new(&config);
-        Worker {
-            config,
-            client,
-            env: exec::command_env(),
-        }
+        let client = Arc::new(Client::new(&config));
+        let guard = std::env::current_exe().ok();
+        Worker { config, client, env: exec::command_env(), guard }
     }
 
     /// One pick and, if a task came, its run and its report.
@@ -59,40 +63,82 @@ impl Worker {
             Ok(None) => return Step::Idle,
             Err(e) => return Step::Unavailable(e),
         };
-        let _busy = stop.busy();
-        log::info!(
-            "task {}: picked (attempt {})",
-            assignment.id,
-            assignment.attempts
-        );
-        let report = self.execute(&assignment);
-        let recorded = self.report(&assignment, &report);
-        Step::Ran {
-            id: assignment.id,
-            recorded,
-        }
+        let (events, inbox) = mpsc::channel();
+        let _busy = stop.busy(events.clone());
+        log::info!("task {}: picked (attempt {})", assignment.id, assignment.attempts);
+        let started = std::time::Instant::now();
+        // Heartbeats go on until the report is in: a finish retried through an API outage
+        // must not lose its lease meanwhile.
+        let beating = Arc::new(AtomicBool::new(true));
+        task::heartbeat(self.client.clone(), &assignment, events.clone(), beating.clone());
+        let ending = self.execute(&assignment, events, &inbox);
+        let recorded = self.conclude(&assignment, ending, started.elapsed());
+        beating.store(false, Ordering::Release);
+        Step::Ran { id: assignment.id, recorded }
     }
 
-    fn execute(&self, assignment: &Assignment) -> Report {
-        let started = std::time::Instant::now();
-        let run = exec::run(&assignment.command, &self.env, self.config.max_output_bytes);
-        let (stdout, stdout_lossy) = run.stdout.to_text();
-        let (stderr, stderr_lossy) = run.stderr.to_text();
-        let error = exec::describe(&run.exit);
-        let exit_code = match run.exit {
-            exec::Exit::Code(code) => Some(code),
+    fn execute(
+        &self,
+        assignment: &Assignment,
+        events: mpsc::Sender<task::Event>,
+        inbox: &mpsc::Receiver<task::Event>,
+    ) -> Ending {
+        let spec = exec::Spec {
+            command: &assignment.command,
+            env: &self.env,
+            max_output_bytes: self.config.max_output_bytes,
+            guard: self.guard.as_deref(),
+        };
+        let running = match exec::start(&spec) {
+            Ok(running) => running,
+            Err(e) => {
+                let why = format!("could not start the command: {e}");
+                return Ending::Ran(exec::Execution::not_started(why, spec.max_output_bytes));
+            }
+        };
+        running.on_exit(move |exit| {
+            let _ = events.send(task::Event::Exited(exit));
+        });
+        let settings = Supervision { drain_timeout: self.config.drain_timeout };
+        task::supervise(running, assignment, inbox, &settings)
+    }
+
+    /// Tells the API how the attempt ended. Returns whether it took note.
+    fn conclude(&self, assignment: &Assignment, ending: Ending, took: Duration) -> bool {
+        let id = assignment.id;
+        let (execution, error, aborted) = match ending {
+            Ending::Ran(execution) => {
+                let error = exec::describe(&execution.exit);
+                (execution, error, false)
+            }
+            Ending::TimedOut(execution) => {
+                let error = format!("timed out after {} s", assignment.timeout_secs);
+                (execution, Some(error), false)
+            }
+            Ending::Aborted(execution) => {
+                (execution, Some("aborted at a user's request".to_owned()), true)
+            }
+            Ending::Fenced(why) => {
+                log::warn!("task {id}: stopped and dropped: {why}");
+                return false;
+            }
+            Ending::Released => {
+                log::info!("task {id}: handing it back to the queue");
+                return self.retry(id, "release", || self.client.release(id, assignment.lease));
+            }
+        };
+        let exit_code = match (&execution.exit, &error) {
+            (exec::Exit::Code(code), None) => Some(*code),
             _ => None,
         };
+        let (stdout, stdout_lossy) = execution.stdout.to_text();
+        let (stderr, stderr_lossy) = execution.stderr.to_text();
         log::info!(
-            "task {}: {} after {:.3}s",
-            assignment.id,
-            error.as_deref().map_or_else(
-                || format!("exit code {}", exit_code.unwrap_or_default()),
-                str::to_owned
-            ),
-            started.elapsed().as_secs_f64()
+            "task {id}: {} after {:.3}s",
+            error.clone().unwrap_or_else(|| format!("exit code {}", exit_code.unwrap_or_default())),
+            took.as_secs_f64()
         );
-        Report {
+        let mut report = Report {
             lease: assignment.lease,
             exit_code,
             error,
@@ -100,27 +146,39 @@ impl Worker {
             stderr,
             stdout_lossy,
             stderr_lossy,
-        }
+            aborted,
+        };
+        self.retry(id, "finish", || {
+            let sent = self.client.finish(id, &report);
+            if let Err(ClientError::Refused { status: 413, .. }) = sent {
+                // The API takes less output than this agent keeps: send less.
+                report.shrink_output();
+            }
+            sent
+        })
     }
 
-    /// Sends the report until it is accepted or refused: a short outage of the API must not
-    /// lose a result. Returns whether the API recorded it.
-    fn report(&self, assignment: &Assignment, report: &Report) -> bool {
+    /// Sends a report until it is accepted, or the API says the attempt is no longer ours
+    /// (409) or the task is gone (404): an API outage, a rejected token during a rollout, or
+    /// any other refusal must not lose a result. Returns whether the API accepted it.
+    fn retry(
+        &self,
+        id: Uuid,
+        what: &str,
+        mut call: impl FnMut() -> Result<(), ClientError>,
+    ) -> bool {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.client.finish(assignment.id, report) {
+            match call() {
                 Ok(()) => return true,
-                Err(e) if e.is_retryable() => {
-                    log::warn!(
-                        "task {}: finish failed, retrying in about {delay:?}: {e}",
-                        assignment.id
-                    );
-                    thread::sleep(jitter(delay));
-                    delay = (delay * 2).min(self.config.poll_interval.max(delay));
+                Err(e) if e.is_final() => {
+                    log::warn!("task {id}: {what} refused, result dropped: {e}");
+                    return false;
                 }
                 Err(e) => {
-                    log::warn!("task {}: result dropped: {e}", assignment.id);
-                    return false;
+                    log::warn!("task {id}: {what} failed, retrying in about {delay:?}: {e}");
+                    thread::sleep(jitter(delay));
+                    delay = (delay * 2).min(self.config.poll_interval.max(delay));
                 }
             }
         }
@@ -128,11 +186,8 @@ impl Worker {
 
     /// Picks and runs tasks until a signal asks it to stop.
     pub fn run(&self, stop: &Stop) {
-        log::info!(
-            "agent {:?} taking tasks from {}",
-            self.config.name,
-            self.config.api_url
-        );
+        let urls = self.config.api_urls.join(", ");
+        log::info!("agent {:?} taking tasks from {urls}", self.config.name);
         while !stop.requested() {
             if let Step::Unavailable(e) = self.run_once(stop) {
                 let pause = jitter(self.config.poll_interval);
@@ -150,8 +205,18 @@ pub fn jitter(duration: Duration) -> Duration {
     duration.mul_f64(0.5 + fastrand::f64())
 }
 
-/// The binary: configuration from the environment, logging, signals, the loop.
+/// The binary: the guard when asked for, else configuration from the environment, logging,
+/// signals, the loop.
 pub fn main() -> ExitCode {
+    if let Some(code) = guard::run_if_requested() {
+        return code;
+    }
+    // Not dumpable: /proc/<pid>/environ and /proc/<pid>/mem of the agent become unreadable to
+    // the commands it runs as the same user, so they cannot lift its token from there.
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) only changes this process's attributes.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -163,7 +228,7 @@ pub fn main() -> ExitCode {
     let stop = match Stop::on_signals() {
         Ok(stop) => stop,
         Err(e) => {
-            log::error!("{}", Error::from(e));
+            log::error!("could not install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -1,13 +1,16 @@
-//! SIGTERM and SIGINT: stop picking at once, but let a running task finish and be reported.
+//! SIGTERM and SIGINT. Idle, the agent exits at once. Busy, the first signal starts a drain
+//! (the task may run on for `DRAIN_TIMEOUT`, then it is stopped and handed back); a second
+//! signal hands it back at once.
 
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-/// Whether a stop was asked for, and whether a task is under way. Shared with the signal
-/// thread, which exits the process at once when no task is under way.
+use crate::task::Event;
+
 #[derive(Clone, Default)]
 pub struct Stop {
     state: Arc<Mutex<State>>,
@@ -15,8 +18,9 @@ pub struct Stop {
 
 #[derive(Default)]
 struct State {
-    requested: bool,
-    busy: bool,
+    signals: u32,
+    /// The running task's inbox, while there is one.
+    task: Option<Sender<Event>>,
 }
 
 impl Stop {
@@ -33,44 +37,51 @@ impl Stop {
         let stop = Stop::new();
         let mut signals = Signals::new([SIGTERM, SIGINT])?;
         let handle = stop.clone();
-        thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                for signal in signals.forever() {
-                    handle.request(signal);
-                }
-            })?;
+        thread::Builder::new().name("signals".into()).spawn(move || {
+            for signal in signals.forever() {
+                handle.request(signal);
+            }
+        })?;
         Ok(stop)
     }
 
-    /// Records the request. Idle (waiting on a pick or a retry pause), the agent has nothing
-    /// to lose and exits now; a pick answered at this very moment is recovered by the
-    /// server when its lease expires.
+    /// Records a stop request. Idle (waiting on a pick or a retry pause), the agent has nothing
+    /// to lose and exits now; a pick answered at this very moment is recovered by the server
+    /// when its lease expires.
     pub fn request(&self, signal: i32) {
         let mut state = self.lock();
-        state.requested = true;
-        if state.busy {
-            log::info!("signal {signal}: stopping after the current task is finished and reported");
-        } else {
+        state.signals += 1;
+        let Some(task) = &state.task else {
             log::info!("signal {signal}: stopping");
             std::process::exit(0);
-        }
+        };
+        let event = if state.signals == 1 {
+            log::info!("signal {signal}: draining; the running task may finish");
+            Event::Drain
+        } else {
+            log::info!("signal {signal} again: handing the running task back now");
+            Event::StopNow
+        };
+        let _ = task.send(event);
     }
 
     pub fn requested(&self) -> bool {
-        self.lock().requested
+        self.lock().signals > 0
     }
 
-    /// Marks a task as under way until the guard is dropped.
-    pub fn busy(&self) -> Busy<'_> {
-        self.lock().busy = true;
+    /// Marks a task as under way, with the inbox that signals go to, until the guard drops.
+    pub fn busy(&self, inbox: Sender<Event>) -> Busy<'_> {
+        let mut state = self.lock();
+        if state.signals > 0 {
+            // A signal came while the pick was being answered: drain this task at once.
+            let _ = inbox.send(Event::Drain);
+        }
+        state.task = Some(inbox);
         Busy(self)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -78,6 +89,6 @@ pub struct Busy<'a>(&'a Stop);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.0.lock().busy = false;
+        self.0.lock().task = None;
     }
 }

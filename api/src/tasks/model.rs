@@ -47,16 +47,13 @@ impl FromStr for TaskStatus {
     type Err = ApiError;
 
     fn from_str(s: &str) -> Result<Self, ApiError> {
-        TaskStatus::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = TaskStatus::ALL.iter().map(|s| s.as_str()).collect();
-                ApiError::BadRequest(format!(
-                    "unknown status {s:?}; expected one of {}",
-                    names.join(", ")
-                ))
-            })
+        TaskStatus::ALL.into_iter().find(|status| status.as_str() == s).ok_or_else(|| {
+            let names: Vec<_> = TaskStatus::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::BadRequest(format!(
+                "unknown status {s:?}; expected one of {}",
+                names.join(", ")
+            ))
+        })
     }
 }
 
@@ -78,6 +75,10 @@ pub struct Task {
     pub error: Option<String>,
     pub agent: Option<String>,
     pub attempts: i32,
+    /// How long the command may run, in seconds.
+    pub timeout_secs: i32,
+    /// When a user asked to abort the running task.
+    pub abort_requested_at: Option<DateTime<Utc>>,
     /// Creation order; the list cursor is made from it.
     #[serde(skip)]
     pub seq: i64,
@@ -85,53 +86,33 @@ pub struct Task {
 
 /// The columns of `Task`, for every query that returns one, optionally qualified with a table
 /// alias (`task_columns!("t.")`). A macro so that each query stays one `&'static str`.
+#[rustfmt::skip]
 macro_rules! task_columns {
     () => {
         task_columns!("")
     };
     ($p:literal) => {
         concat!(
-            $p,
-            "id, ",
-            $p,
-            "command, ",
-            $p,
-            "status, ",
-            $p,
-            "created_at, ",
-            $p,
-            "started_at, ",
-            $p,
-            "finished_at, ",
-            $p,
-            "exit_code, ",
-            $p,
-            "stdout, ",
-            $p,
-            "stderr, ",
-            $p,
-            "stdout_lossy, ",
-            $p,
-            "stderr_lossy, ",
-            $p,
-            "error, ",
-            $p,
-            "agent, ",
-            $p,
-            "attempts, ",
-            $p,
-            "seq"
+            $p, "id, ", $p, "command, ", $p, "status, ", $p, "created_at, ", $p, "started_at, ",
+            $p, "finished_at, ", $p, "exit_code, ", $p, "stdout, ", $p, "stderr, ",
+            $p, "stdout_lossy, ", $p, "stderr_lossy, ", $p, "error, ", $p, "agent, ",
+            $p, "attempts, ", $p, "timeout_secs, ", $p, "abort_requested_at, ", $p, "seq"
         )
     };
 }
 pub(crate) use task_columns;
 
-/// A task handed to an agent, with the lease that fences its reports.
+/// A task handed to an agent, with the lease that fences its reports and the timings the
+/// agent must keep: heartbeat before `lease_expires_at` (the lease lasts `lease_secs`), stop
+/// the command after `timeout_secs`, and wait `kill_grace_secs` between SIGTERM and SIGKILL.
 #[derive(Debug, Serialize)]
 pub struct Picked {
     #[serde(flatten)]
     pub task: Task,
     pub lease: Uuid,
+    pub lease_expires_at: DateTime<Utc>,
+    pub lease_secs: u32,
+    pub kill_grace_secs: u32,
 }
 
 /// The body of `POST /tasks`, checked field by field so that each mistake gets its own
@@ -139,10 +120,14 @@ pub struct Picked {
 #[derive(Debug)]
 pub struct NewTask {
     pub command: String,
+    pub timeout_secs: Option<u32>,
 }
 
+/// The fields a new task may set.
+const SETTABLE: [&str; 2] = ["command", "timeout_secs"];
+
 /// Fields of the task resource that the server owns.
-const SERVER_OWNED: [&str; 14] = [
+const SERVER_OWNED: [&str; 15] = [
     "id",
     "status",
     "created_at",
@@ -156,11 +141,18 @@ const SERVER_OWNED: [&str; 14] = [
     "error",
     "agent",
     "attempts",
+    "abort_requested_at",
     "lease",
 ];
 
+/// The limits a new task is checked against.
+pub struct NewTaskLimits {
+    pub max_command_bytes: usize,
+    pub max_timeout_secs: u32,
+}
+
 impl NewTask {
-    pub fn from_json(body: Value, max_command_bytes: usize) -> Result<NewTask, ApiError> {
+    pub fn from_json(body: Value, limits: &NewTaskLimits) -> Result<NewTask, ApiError> {
         let Value::Object(mut fields) = body else {
             return Err(invalid(
                 "the body must be a JSON object such as {\"command\": \"echo hi\"}",
@@ -171,10 +163,7 @@ impl NewTask {
             Some(Value::String(command)) => command,
             Some(Value::Null) | None => return Err(invalid("`command` is required")),
             Some(other) => {
-                return Err(invalid(&format!(
-                    "`command` must be a string, not {}",
-                    kind(&other)
-                )))
+                return Err(invalid(&format!("`command` must be a string, not {}", kind(&other))))
             }
         };
         if command.trim().is_empty() {
@@ -183,28 +172,41 @@ impl NewTask {
         if command.contains('\0') {
             return Err(invalid("`command` must not contain NUL characters"));
         }
-        if command.len() > max_command_bytes {
+        if command.len() > limits.max_command_bytes {
             return Err(invalid(&format!(
-                "`command` is {} bytes; the limit is {max_command_bytes}",
-                command.len()
+                "`command` is {} bytes; the limit is {}",
+                command.len(),
+                limits.max_command_bytes
             )));
         }
-        Ok(NewTask { command })
+        let timeout_secs = match fields.remove("timeout_secs") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(
+                value
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|n| (1..=limits.max_timeout_secs).contains(n))
+                    .ok_or_else(|| {
+                        invalid(&format!(
+                            "`timeout_secs` must be a whole number of seconds from 1 to {}",
+                            limits.max_timeout_secs
+                        ))
+                    })?,
+            ),
+        };
+        Ok(NewTask { command, timeout_secs })
     }
 }
 
 fn reject_other_fields(fields: &Map<String, Value>) -> Result<(), ApiError> {
-    let Some(field) = fields.keys().find(|k| k.as_str() != "command") else {
+    let Some(field) = fields.keys().find(|k| !SETTABLE.contains(&k.as_str())) else {
         return Ok(());
     };
+    let allowed = "a new task may set only `command` and `timeout_secs`";
     if SERVER_OWNED.contains(&field.as_str()) {
-        Err(invalid(&format!(
-            "`{field}` is set by the server; a new task may set only `command`"
-        )))
+        Err(invalid(&format!("`{field}` is set by the server; {allowed}")))
     } else {
-        Err(invalid(&format!(
-            "unknown field `{field}`; a new task may set only `command`"
-        )))
+        Err(invalid(&format!("unknown field `{field}`; {allowed}")))
     }
 }
 
@@ -251,6 +253,9 @@ pub struct FinishReport {
     pub stderr_lossy: bool,
     /// Set when the command did not run to an exit code: why.
     pub error: Option<String>,
+    /// The agent stopped the command because an abort was requested.
+    #[serde(default)]
+    pub aborted: bool,
 }
 
 impl Limited for FinishReport {
@@ -272,6 +277,8 @@ pub struct Outcome {
     pub stderr: String,
     pub stdout_lossy: bool,
     pub stderr_lossy: bool,
+    /// Record the task as `cancelled`, if an abort was indeed requested.
+    pub aborted: bool,
 }
 
 impl FinishReport {
@@ -285,21 +292,13 @@ impl FinishReport {
                     .ok_or_else(|| invalid("`exit_code` must be between 0 and 255"))?;
                 (TaskStatus::Finished, Some(code), None)
             }
-            (None, Some(error)) if !error.trim().is_empty() => (
-                TaskStatus::Failed,
-                None,
-                Some(truncate(error, MAX_ERROR_BYTES)),
-            ),
+            (None, Some(error)) if !error.trim().is_empty() => {
+                (TaskStatus::Failed, None, Some(truncate(error, MAX_ERROR_BYTES)))
+            }
             (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "give `exit_code` (the command ran) or `error`, not both",
-                ))
+                return Err(invalid("give `exit_code` (the command ran) or `error`, not both"))
             }
-            _ => {
-                return Err(invalid(
-                    "give `exit_code` (the command ran) or a non-empty `error`",
-                ))
-            }
+            _ => return Err(invalid("give `exit_code` (the command ran) or a non-empty `error`")),
         };
         for (name, text) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
             if text.contains('\0') {
@@ -307,6 +306,9 @@ impl FinishReport {
                     "`{name}` holds NUL characters; replace them and set `{name}_lossy`"
                 )));
             }
+        }
+        if error.as_deref().is_some_and(|e| e.contains('\0')) {
+            return Err(invalid("`error` must not contain NUL characters"));
         }
         Ok(Outcome {
             lease: self.lease,
@@ -317,7 +319,39 @@ impl FinishReport {
             stderr: self.stderr,
             stdout_lossy: self.stdout_lossy,
             stderr_lossy: self.stderr_lossy,
+            aborted: self.aborted,
         })
+    }
+}
+
+/// The body of a heartbeat or a release: the lease the agent holds.
+#[derive(Debug, Deserialize)]
+pub struct LeaseBody {
+    pub lease: Uuid,
+}
+
+impl Limited for LeaseBody {
+    const LIMIT: &'static str = "task";
+    const DEFAULT_LIMIT: ByteUnit = ByteUnit::Kibibyte(128);
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Serialize)]
+pub struct HeartbeatReply {
+    /// Stop the command: a user asked to abort the task.
+    pub abort: bool,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+impl Outcome {
+    /// Whether `task` holds exactly this report: a retry of a finish already accepted.
+    pub fn is_recorded_in(&self, task: &Task) -> bool {
+        task.exit_code == self.exit_code
+            && task.error == self.error
+            && task.stdout.as_deref() == Some(self.stdout.as_str())
+            && task.stderr.as_deref() == Some(self.stderr.as_str())
+            && task.stdout_lossy == self.stdout_lossy
+            && task.stderr_lossy == self.stderr_lossy
     }
 }
 
@@ -338,15 +372,13 @@ mod tests {
     use serde_json::json;
 
     fn new_task(body: Value) -> Result<NewTask, String> {
-        NewTask::from_json(body, 16).map_err(|e| e.to_string())
+        let limits = NewTaskLimits { max_command_bytes: 16, max_timeout_secs: 60 };
+        NewTask::from_json(body, &limits).map_err(|e| e.to_string())
     }
 
     #[test]
     fn a_command_alone_is_accepted() {
-        assert_eq!(
-            new_task(json!({"command": "echo hi"})).unwrap().command,
-            "echo hi"
-        );
+        assert_eq!(new_task(json!({"command": "echo hi"})).unwrap().command, "echo hi");
     }
 
     #[test]
@@ -358,18 +390,9 @@ mod tests {
             (json!({"command": 5}), "must be a string, not a number"),
             (json!({"command": " \n\t"}), "empty or only whitespace"),
             (json!({"command": "a\u{0}b"}), "NUL"),
-            (
-                json!({"command": "x".repeat(17)}),
-                "17 bytes; the limit is 16",
-            ),
-            (
-                json!({"command": "ls", "status": "finished"}),
-                "`status` is set by the server",
-            ),
-            (
-                json!({"command": "ls", "priority": 1}),
-                "unknown field `priority`",
-            ),
+            (json!({"command": "x".repeat(17)}), "17 bytes; the limit is 16"),
+            (json!({"command": "ls", "status": "finished"}), "`status` is set by the server"),
+            (json!({"command": "ls", "priority": 1}), "unknown field `priority`"),
         ];
         for (body, expected) in cases {
             let error = new_task(body.clone()).expect_err(&body.to_string());
@@ -386,20 +409,15 @@ mod tests {
             stdout_lossy: false,
             stderr_lossy: false,
             error: error.map(str::to_owned),
+            aborted: false,
         }
     }
 
     #[test]
     fn an_exit_code_finishes_and_an_error_fails() {
+        assert_eq!(report(Some(3), None).validate().unwrap().status, TaskStatus::Finished);
         assert_eq!(
-            report(Some(3), None).validate().unwrap().status,
-            TaskStatus::Finished
-        );
-        assert_eq!(
-            report(None, Some("killed by signal 9"))
-                .validate()
-                .unwrap()
-                .status,
+            report(None, Some("killed by signal 9")).validate().unwrap().status,
             TaskStatus::Failed
         );
     }
@@ -414,6 +432,7 @@ mod tests {
         let mut nul = report(Some(0), None);
         nul.stdout = "a\0b".into();
         assert!(nul.validate().is_err());
+        assert!(report(None, Some("bad\0error")).validate().is_err());
     }
 
     #[test]

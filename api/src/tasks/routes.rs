@@ -9,8 +9,11 @@ use rocket::{get, post, routes, Responder, Route, Shutdown, State};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::model::{FinishReport, NewTask, NewTaskBody, Picked, Task, TaskStatus};
-use super::store;
+use super::model::{
+    FinishReport, HeartbeatReply, LeaseBody, NewTask, NewTaskBody, NewTaskLimits, Picked, Task,
+    TaskStatus,
+};
+use super::store::{self, Aborted};
 use crate::auth::{AgentAuth, AgentName};
 use crate::body::JsonBody;
 use crate::config::AppConfig;
@@ -19,7 +22,7 @@ use crate::error::ApiError;
 use crate::Db;
 
 pub fn routes() -> Vec<Route> {
-    routes![create, list, show, pick, finish]
+    routes![create, list, show, abort, pick, heartbeat, release, finish]
 }
 
 #[post("/tasks", data = "<body>")]
@@ -29,8 +32,13 @@ async fn create(
     dispatcher: &State<Dispatcher>,
     body: JsonBody<NewTaskBody>,
 ) -> Result<Created<Json<Task>>, ApiError> {
-    let new = NewTask::from_json(body.0 .0, config.max_command_bytes)?;
-    let task = store::insert(db, &new.command).await?;
+    let limits = NewTaskLimits {
+        max_command_bytes: config.max_command_bytes,
+        max_timeout_secs: config.max_timeout_secs,
+    };
+    let new = NewTask::from_json(body.0 .0, &limits)?;
+    let timeout_secs = new.timeout_secs.unwrap_or(config.default_timeout_secs);
+    let task = store::insert(db, &new.command, timeout_secs).await?;
     dispatcher.task_queued();
     let location = format!("/tasks/{}", task.id);
     Ok(Created::new(location).body(Json(task)))
@@ -80,10 +88,33 @@ async fn list(
 #[get("/tasks/<id>")]
 async fn show(db: &Db, id: &str) -> Result<Json<Task>, ApiError> {
     let id = parse_id(id)?;
-    store::get(db, id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| not_found(id))
+    store::get(db, id).await?.map(Json).ok_or_else(|| not_found(id))
+}
+
+#[derive(Responder)]
+enum AbortResponse {
+    /// A queued task, cancelled at once.
+    Cancelled(Json<Task>),
+    /// A running task: its agent stops it and reports.
+    #[response(status = 202)]
+    Requested(Json<Task>),
+}
+
+/// Cancels a queued task at once, or asks the agent of a running one to stop it.
+#[post("/tasks/<id>/abort")]
+async fn abort(db: &Db, id: &str) -> Result<AbortResponse, ApiError> {
+    let id = parse_id(id)?;
+    match store::abort(db, id).await? {
+        Some(Aborted::Cancelled(task)) => Ok(AbortResponse::Cancelled(Json(task))),
+        Some(Aborted::Requested(task)) => Ok(AbortResponse::Requested(Json(task))),
+        None => {
+            let task = store::get(db, id).await?.ok_or_else(|| not_found(id))?;
+            Err(ApiError::Conflict(format!(
+                "task {id} is {}; only a queued or running task can be aborted",
+                task.status.as_str()
+            )))
+        }
+    }
 }
 
 #[derive(Responder)]
@@ -105,31 +136,97 @@ async fn pick(
 ) -> Result<PickResponse, ApiError> {
     let wait = match wait {
         None => config.pick_wait_default_secs,
-        Some(text) => text
-            .parse::<u64>()
-            .ok()
-            .filter(|w| *w <= config.pick_wait_max_secs)
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "`wait` must be a whole number of seconds from 0 to {}",
-                    config.pick_wait_max_secs
-                ))
-            })?,
+        Some(text) => {
+            text.parse::<u64>().ok().filter(|w| *w <= config.pick_wait_max_secs).ok_or_else(
+                || {
+                    ApiError::BadRequest(format!(
+                        "`wait` must be a whole number of seconds from 0 to {}",
+                        config.pick_wait_max_secs
+                    ))
+                },
+            )?
+        }
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-    let reply = dispatcher.park(agent.0, deadline)?;
+    let mut reply = dispatcher.park(agent.0, deadline)?;
     // The dispatcher answers by the deadline unless the database holds it up; the margin keeps
-    // this response inside the agent's read timeout even then. A task claimed for a pick that
-    // gave up is put back by the dispatcher.
+    // this response inside the agent's read timeout even then.
     let picked = tokio::select! {
-        reply = reply => reply.unwrap_or(None),
+        biased;
+        answer = &mut reply => answer.unwrap_or(None),
         _ = shutdown => None,
         _ = tokio::time::sleep_until(deadline + Duration::from_secs(5)) => None,
     };
+    // Giving up: close the channel so that the dispatcher puts back anything it claims from
+    // now on, and deliver what it may have sent in the meantime rather than drop it.
+    let picked = picked.or_else(|| {
+        reply.close();
+        reply.try_recv().ok().flatten()
+    });
     Ok(match picked {
         Some(picked) => PickResponse::Task(Json(picked)),
         None => PickResponse::Nothing(()),
     })
+}
+
+/// Extends the lease of the attempt, then holds the request up to `wait` seconds (at most a
+/// third of the lease) and answers at once if an abort of the task is requested meanwhile.
+/// An agent that heartbeats again as soon as this returns learns of an abort within
+/// milliseconds, without a busy poll.
+#[post("/tasks/<id>/heartbeat?<wait>", data = "<body>")]
+async fn heartbeat(
+    _auth: AgentAuth,
+    db: &Db,
+    config: &State<AppConfig>,
+    dispatcher: &State<Dispatcher>,
+    id: &str,
+    wait: Option<&str>,
+    body: JsonBody<LeaseBody>,
+    shutdown: Shutdown,
+) -> Result<Json<HeartbeatReply>, ApiError> {
+    let id = parse_id(id)?;
+    let max_hold = u64::from(config.heartbeat_hold_secs());
+    let mut hold = Duration::from_secs(parse_wait(wait, 0, max_hold)?);
+    if !dispatcher.is_listening() {
+        // No notification can arrive: come back soon and look at the database again.
+        hold = hold.min(Duration::from_secs(1));
+    }
+    // Watch before reading, so that an abort requested in between is not missed.
+    let watch = dispatcher.aborts().watch(id);
+    let lease = body.0.lease;
+    let Some((abort, lease_expires_at)) =
+        store::heartbeat(db, id, lease, config.lease_secs).await?
+    else {
+        return Err(not_current(db, id, lease).await);
+    };
+    let abort = abort
+        || tokio::select! {
+            _ = watch.requested() => true,
+            _ = tokio::time::sleep(hold) => false,
+            _ = shutdown => false,
+        };
+    Ok(Json(HeartbeatReply { abort, lease_expires_at }))
+}
+
+/// Hands the task back to the queue without counting the attempt (an agent that is draining).
+#[post("/tasks/<id>/release", data = "<body>")]
+async fn release(
+    _auth: AgentAuth,
+    db: &Db,
+    dispatcher: &State<Dispatcher>,
+    id: &str,
+    body: JsonBody<LeaseBody>,
+) -> Result<Json<Task>, ApiError> {
+    let id = parse_id(id)?;
+    let lease = body.0.lease;
+    let task = store::release(db, id, lease).await?;
+    let Some(task) = task else {
+        return Err(not_current(db, id, lease).await);
+    };
+    if task.status == TaskStatus::Queued {
+        dispatcher.task_queued();
+    }
+    Ok(Json(task))
 }
 
 /// Records the result of the attempt the lease identifies. A repeat of an accepted finish
@@ -146,18 +243,42 @@ async fn finish(
     if let Some(task) = store::finish(db, id, &outcome).await? {
         return Ok(Json(task));
     }
-    let (task, lease) = store::get_with_lease(db, id)
-        .await?
-        .ok_or_else(|| not_found(id))?;
-    let done = matches!(task.status, TaskStatus::Finished | TaskStatus::Failed);
-    if lease == Some(outcome.lease) && done {
-        return Ok(Json(task));
+    // A repeat of the report that ended this very attempt is answered as it was; another
+    // report for the same attempt is a conflict.
+    if let Some((task, Some(lease))) = store::get_with_lease(db, id).await? {
+        if lease == outcome.lease && task.status != TaskStatus::InProgress {
+            if outcome.is_recorded_in(&task) {
+                return Ok(Json(task));
+            }
+            return Err(ApiError::Conflict(format!(
+                "task {id} was already reported {} with a different result",
+                task.status.as_str()
+            )));
+        }
     }
-    Err(ApiError::Conflict(if lease != Some(outcome.lease) {
-        format!("task {id} is not leased with this token: another attempt owns it")
-    } else {
-        format!("task {id} is {}, not in progress", task.status.as_str())
-    }))
+    Err(not_current(db, id, outcome.lease).await)
+}
+
+/// Why a write fenced by `lease` changed nothing: 404, or 409 naming the reason.
+async fn not_current(db: &Db, id: Uuid, lease: Uuid) -> ApiError {
+    match store::get_with_lease(db, id).await {
+        Err(e) => e.into(),
+        Ok(None) => not_found(id),
+        Ok(Some((_, current))) if current != Some(lease) => ApiError::Conflict(format!(
+            "task {id} is not leased with this token: another attempt owns it"
+        )),
+        Ok(Some((task, _))) => {
+            ApiError::Conflict(format!("task {id} is {}, not in progress", task.status.as_str()))
+        }
+    }
+}
+
+/// A `wait` query parameter: whole seconds from 0 to `max`, `default` when absent.
+fn parse_wait(wait: Option<&str>, default: u64, max: u64) -> Result<u64, ApiError> {
+    let Some(text) = wait else { return Ok(default) };
+    text.parse::<u64>().ok().filter(|w| *w <= max).ok_or_else(|| {
+        ApiError::BadRequest(format!("`wait` must be a whole number of seconds from 0 to {max}"))
+    })
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

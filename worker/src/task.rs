@@ -1,0 +1,162 @@
+//! One assignment, from its start to its report: the command under its guard, the heartbeats
+//! that keep the lease and bring aborts, the timeout, and the drain on SIGTERM. Every way the
+//! command can be stopped goes through `stop_command`: SIGTERM to the process group, the kill
+//! grace, then SIGKILL.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::client::{Assignment, Client};
+use crate::exec::{Execution, Exit, Running};
+
+/// What the supervisor of a running task hears about.
+#[derive(Debug)]
+pub enum Event {
+    /// The command has exited.
+    Exited(Exit),
+    /// A user asked to abort the task.
+    Abort,
+    /// The lease is no longer ours (409), or it ran out while the API was unreachable:
+    /// another attempt may be running; stop and drop the result.
+    Fenced(String),
+    /// First SIGTERM: the task may run on for `DRAIN_TIMEOUT`.
+    Drain,
+    /// Second SIGTERM, or the drain timeout: stop now and hand the task back.
+    StopNow,
+}
+
+/// How an attempt ended, and so what the API is told.
+#[derive(Debug)]
+pub enum Ending {
+    /// The command ended by itself.
+    Ran(Execution),
+    /// The command overran its timeout and was stopped.
+    TimedOut(Execution),
+    /// The command was stopped at a user's request.
+    Aborted(Execution),
+    /// The attempt is no longer ours: nothing is reported.
+    Fenced(String),
+    /// The agent is stopping: the task goes back to the queue.
+    Released,
+}
+
+/// Settings of the supervision that do not come with the assignment.
+pub struct Supervision {
+    pub drain_timeout: Duration,
+}
+
+/// Supervises `running` until it ends one way or another. `inbox` receives the command's exit
+/// (already wired with `Running::on_exit`), heartbeat news and stop requests.
+pub fn supervise(
+    running: Running,
+    assignment: &Assignment,
+    inbox: &Receiver<Event>,
+    settings: &Supervision,
+) -> Ending {
+    let grace = Duration::from_secs(assignment.kill_grace_secs);
+    let timeout = Instant::now() + Duration::from_secs(assignment.timeout_secs);
+    let mut drain: Option<Instant> = None;
+    loop {
+        let wake = drain.map_or(timeout, |d| d.min(timeout));
+        let event = match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= timeout => {
+                log::info!("task {}: timed out after {} s", assignment.id, assignment.timeout_secs);
+                let exit = stop_command(&running, inbox, grace);
+                return Ending::TimedOut(running.finish(exit));
+            }
+            Err(RecvTimeoutError::Timeout) => Event::StopNow,
+            Err(RecvTimeoutError::Disconnected) => Event::StopNow,
+        };
+        match event {
+            Event::Exited(exit) => return Ending::Ran(running.finish(exit)),
+            Event::Abort => {
+                log::info!("task {}: abort requested", assignment.id);
+                let exit = stop_command(&running, inbox, grace);
+                return Ending::Aborted(running.finish(exit));
+            }
+            Event::Fenced(why) => {
+                let exit = stop_command(&running, inbox, grace);
+                drop(running.finish(exit));
+                return Ending::Fenced(why);
+            }
+            Event::Drain => {
+                drain.get_or_insert_with(|| Instant::now() + settings.drain_timeout);
+            }
+            Event::StopNow => {
+                let exit = stop_command(&running, inbox, grace);
+                drop(running.finish(exit));
+                return Ending::Released;
+            }
+        }
+    }
+}
+
+/// SIGTERM to the process group, up to `grace` for it to exit, then SIGKILL. A second stop
+/// request skips the rest of the grace.
+fn stop_command(running: &Running, inbox: &Receiver<Event>, grace: Duration) -> Exit {
+    running.signal(libc::SIGTERM);
+    let until = Instant::now() + grace;
+    loop {
+        match inbox.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(Event::Exited(exit)) => return exit,
+            Ok(Event::StopNow) => break,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    running.signal(libc::SIGKILL);
+    loop {
+        match inbox.recv() {
+            Ok(Event::Exited(exit)) => return exit,
+            Ok(_) => {}
+            Err(_) => return Exit::Signal(libc::SIGKILL),
+        }
+    }
+}
+
+/// Keeps the lease alive while `beating` holds: a heartbeat at least every third of the lease,
+/// each held by the server until then unless an abort comes first. Reports an abort, a fence
+/// (409), or a lease that ran out while the API could not be reached.
+pub fn heartbeat(
+    client: Arc<Client>,
+    assignment: &Assignment,
+    events: Sender<Event>,
+    beating: Arc<AtomicBool>,
+) {
+    let (id, lease) = (assignment.id, assignment.lease);
+    let lease_length = Duration::from_secs(assignment.lease_secs);
+    let period = lease_length / 3;
+    let hold = Duration::from_secs(assignment.lease_secs / 3);
+    thread::spawn(move || {
+        let mut lease_until = Instant::now() + lease_length;
+        while beating.load(Ordering::Acquire) {
+            let started = Instant::now();
+            let news = match client.heartbeat(id, lease, hold) {
+                Ok(reply) if reply.abort => Some(Event::Abort),
+                Ok(_) => {
+                    lease_until = started + lease_length;
+                    None
+                }
+                Err(e) if !e.is_retryable() => Some(Event::Fenced(e.to_string())),
+                Err(e) if Instant::now() >= lease_until => Some(Event::Fenced(format!(
+                    "the lease ran out while the API could not be reached: {e}"
+                ))),
+                Err(e) => {
+                    log::warn!("task {id}: heartbeat failed: {e}");
+                    None
+                }
+            };
+            if let Some(news) = news {
+                if beating.load(Ordering::Acquire) {
+                    let _ = events.send(news);
+                }
+                return;
+            }
+            thread::sleep((started + period).saturating_duration_since(Instant::now()));
+        }
+    });
+}
