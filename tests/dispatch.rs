@@ -141,3 +141,57 @@ async fn the_dispatcher_listens_again_after_its_connection_is_killed() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.json::<serde_json::Value>().await.unwrap()["id"], task["id"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reapers_racing_on_one_database_handle_each_expired_lease_once() {
+    let (_db, pool) = migrated().await;
+    for n in 0..200 {
+        store::insert(&pool, &format!("echo {n}"), 60).await.unwrap();
+    }
+    let agents: Vec<String> = (0..200).map(|n| format!("lost-{n}")).collect();
+    assert_eq!(store::claim(&pool, &agents, 30).await.unwrap().len(), 200);
+    sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let reapers: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn({
+                let pool = pool.clone();
+                async move { store::reap(&pool, 3, 40).await.unwrap() }
+            })
+        })
+        .collect();
+    let mut requeued = 0;
+    for reaper in reapers {
+        requeued += reaper.await.unwrap().requeued;
+    }
+
+    assert_eq!(requeued, 200, "each expiry handled exactly once across the reapers");
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'queued'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_lease_on_the_last_attempt_fails_the_task_as_agent_lost() {
+    let (_db, pool) = migrated().await;
+    let task = store::insert(&pool, "echo x", 60).await.unwrap();
+    for attempt in 1..=3 {
+        let claimed = store::claim(&pool, &["a".to_owned()], 30).await.unwrap();
+        assert_eq!(claimed[0].task.attempts, attempt);
+        sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let reaped = store::reap(&pool, 3, 40).await.unwrap();
+        assert_eq!((reaped.requeued, reaped.lost), if attempt < 3 { (1, 0) } else { (0, 1) });
+    }
+
+    let lost = store::get(&pool, task.id).await.unwrap().unwrap();
+    assert_eq!(lost.status, taskexec_api::tasks::model::TaskStatus::Failed);
+    assert_eq!(lost.error.as_deref(), Some("agent lost"));
+}

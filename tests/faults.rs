@@ -543,3 +543,27 @@ async fn an_api_restart_keeps_running_tasks_on_their_lease() {
     assert_eq!(done["stdout"], "survived\n");
     assert_eq!(done["attempts"], 1, "the lease held through the restart");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pick_whose_agent_never_reports_is_requeued_when_its_lease_expires() {
+    let app = TestApp::spawn_with(fast).await;
+    let task = app.create("echo orphan").await;
+    let lost = app.pick("vanished", 0).await.expect("picked, then the agent vanishes");
+
+    let requeued = app
+        .eventually(
+            |task: Value| task["status"] == "queued",
+            &format!("/tasks/{}", lost["id"].as_str().unwrap()),
+        )
+        .await;
+    let again = app.pick("rescuer", 0).await.expect("picked again");
+
+    assert_eq!(requeued["attempts"], 1);
+    assert_eq!(again["id"], task["id"]);
+    assert_eq!(again["attempts"], 2);
+    assert_ne!(again["lease"], lost["lease"]);
+    let stale = app
+        .finish(lost["id"].as_str().unwrap(), json!({"lease": lost["lease"], "exit_code": 0}))
+        .await;
+    assert_problem(stale, 409, "another attempt").await;
+}
