@@ -22,6 +22,11 @@ async fn the_worker_runs_commands_and_reports_output_and_exit_codes() {
     assert_eq!(echo["stderr"], "");
     assert_eq!(echo["agent"], "e2e-agent");
     assert_eq!(echo["attempts"], 1);
+    let moments = ["created_at", "started_at", "running_at", "finished_at"].map(|f| {
+        let text = echo[f].as_str().unwrap_or_else(|| panic!("{f} is set: {echo}"));
+        chrono::DateTime::parse_from_rfc3339(text).unwrap()
+    });
+    assert!(moments.windows(2).all(|w| w[0] <= w[1]), "in order: {moments:?}");
     assert_eq!(exit["status"], "finished");
     assert_eq!(exit["exit_code"], 3);
     assert_eq!(exit["stdout"], "partial\n");

@@ -70,8 +70,7 @@ impl Worker {
         // Heartbeats go on until the report is in: a finish retried through an API outage
         // must not lose its lease meanwhile.
         let beating = Arc::new(AtomicBool::new(true));
-        task::heartbeat(self.client.clone(), &assignment, events.clone(), beating.clone());
-        let ending = self.execute(&assignment, events, &inbox);
+        let ending = self.execute(&assignment, events, &inbox, &beating);
         let recorded = self.conclude(&assignment, ending, started.elapsed());
         beating.store(false, Ordering::Release);
         Step::Ran { id: assignment.id, recorded }
@@ -82,6 +81,7 @@ impl Worker {
         assignment: &Assignment,
         events: mpsc::Sender<task::Event>,
         inbox: &mpsc::Receiver<task::Event>,
+        beating: &Arc<AtomicBool>,
     ) -> Ending {
         let spec = exec::Spec {
             command: &assignment.command,
@@ -96,6 +96,9 @@ impl Worker {
                 return Ending::Ran(exec::Execution::not_started(why, spec.max_output_bytes));
             }
         };
+        // The first heartbeat goes out as soon as the command runs: the server records when
+        // it started, and an abort reaches the agent from then on.
+        task::heartbeat(self.client.clone(), assignment, events.clone(), beating.clone());
         running.on_exit(move |exit| {
             let _ = events.send(task::Event::Exited(exit));
         });
@@ -189,10 +192,17 @@ impl Worker {
         let urls = self.config.api_urls.join(", ");
         log::info!("agent {:?} taking tasks from {urls}", self.config.name);
         while !stop.requested() {
-            if let Step::Unavailable(e) = self.run_once(stop) {
-                let pause = jitter(self.config.poll_interval);
-                log::warn!("pick failed, next try in {:.1}s: {e}", pause.as_secs_f64());
-                thread::sleep(pause);
+            match self.run_once(stop) {
+                Step::Unavailable(e) => {
+                    let pause = jitter(self.config.poll_interval);
+                    log::warn!("pick failed, next try in {:.1}s: {e}", pause.as_secs_f64());
+                    thread::sleep(pause);
+                }
+                // Without a long poll, the pause between picks is the poll interval.
+                Step::Idle if self.config.pick_wait.is_zero() => {
+                    thread::sleep(self.config.poll_interval)
+                }
+                _ => {}
             }
         }
         log::info!("stopped");

@@ -65,6 +65,8 @@ pub struct Task {
     pub status: TaskStatus,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
+    /// When the agent reported the command running (its first heartbeat).
+    pub running_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub exit_code: Option<i32>,
     pub stdout: Option<String>,
@@ -94,6 +96,7 @@ macro_rules! task_columns {
     ($p:literal) => {
         concat!(
             $p, "id, ", $p, "command, ", $p, "status, ", $p, "created_at, ", $p, "started_at, ",
+            $p, "running_at, ",
             $p, "finished_at, ", $p, "exit_code, ", $p, "stdout, ", $p, "stderr, ",
             $p, "stdout_lossy, ", $p, "stderr_lossy, ", $p, "error, ", $p, "agent, ",
             $p, "attempts, ", $p, "timeout_secs, ", $p, "abort_requested_at, ", $p, "seq"
@@ -127,11 +130,12 @@ pub struct NewTask {
 const SETTABLE: [&str; 2] = ["command", "timeout_secs"];
 
 /// Fields of the task resource that the server owns.
-const SERVER_OWNED: [&str; 15] = [
+const SERVER_OWNED: [&str; 16] = [
     "id",
     "status",
     "created_at",
     "started_at",
+    "running_at",
     "finished_at",
     "exit_code",
     "stdout",

@@ -116,8 +116,8 @@ pub async fn claim(
 /// instead, since that is what its user asked for.
 pub async fn release(pool: &PgPool, id: Uuid, lease: Uuid) -> sqlx::Result<Option<Task>> {
     let requeue = concat!(
-        "UPDATE tasks SET status = 'queued', started_at = NULL, agent = NULL, lease = NULL,
-                lease_expires_at = NULL, attempts = attempts - 1
+        "UPDATE tasks SET status = 'queued', started_at = NULL, running_at = NULL, agent = NULL,
+                lease = NULL, lease_expires_at = NULL, attempts = attempts - 1
           WHERE id = $1 AND lease = $2 AND status = 'in_progress' AND abort_requested_at IS NULL
          RETURNING ",
         task_columns!()
@@ -145,7 +145,8 @@ pub async fn heartbeat(
     lease_secs: u32,
 ) -> sqlx::Result<Option<(bool, DateTime<Utc>)>> {
     sqlx::query_as(
-        "UPDATE tasks SET lease_expires_at = now() + $3 * interval '1 second'
+        "UPDATE tasks SET lease_expires_at = now() + $3 * interval '1 second',
+                running_at = coalesce(running_at, now())
           WHERE id = $1 AND lease = $2 AND status = 'in_progress'
          RETURNING abort_requested_at IS NOT NULL, lease_expires_at",
     )
@@ -284,8 +285,8 @@ pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> sqlx::
     .fetch_all(pool)
     .await?;
     let requeued = sqlx::query(
-        "UPDATE tasks SET status = 'queued', started_at = NULL, agent = NULL, lease = NULL,
-                lease_expires_at = NULL
+        "UPDATE tasks SET status = 'queued', started_at = NULL, running_at = NULL, agent = NULL,
+                lease = NULL, lease_expires_at = NULL
           WHERE id IN (SELECT id FROM tasks
                         WHERE status = 'in_progress' AND lease_expires_at < now()
                           AND attempts < $1 AND abort_requested_at IS NULL
