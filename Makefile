@@ -1,4 +1,4 @@
-.PHONY: run down down-prune-db logs scale-agents test dev build
+.PHONY: run down down-prune-db logs scale-agents test dev build bench
 
 # Docker Compose v2 (`docker compose`) when present, else the v1 `docker-compose` binary.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
@@ -36,3 +36,10 @@ test: build
 # port 3500 and two agents. Ctrl-C stops everything.
 dev: build
 	scripts/with-postgres scripts/dev
+
+# The benchmark (release build, a PostgreSQL cluster of its own, real workers, pgbench as the
+# reference); QUICK=1 for a shorter run. Report in target/bench/report.md and report.json.
+bench:
+	cargo build --release --workspace --bins
+	TASKEXEC_OWN_POSTGRES=1 TASKEXEC_PG_OPTIONS="-c shared_preload_libraries=pg_stat_statements" \
+		scripts/with-postgres target/release/taskexec-bench $(if $(QUICK),--quick)

@@ -9,7 +9,7 @@ use taskexec_api::tasks::store;
 use taskexec_tests::{TestApp, TestDb, TOKEN};
 use tokio::time::Instant;
 
-const TERMS: PickTerms = PickTerms { lease_secs: 30, kill_grace_secs: 10 };
+const TERMS: PickTerms = PickTerms { confirm_secs: 15, kill_grace_secs: 10 };
 
 async fn migrated() -> (TestDb, PgPool) {
     let db = TestDb::create().await;
@@ -183,10 +183,13 @@ async fn an_expired_lease_on_the_last_attempt_fails_the_task_as_agent_lost() {
     for attempt in 1..=3 {
         let claimed = store::claim(&pool, &["a".to_owned()], 30).await.unwrap();
         assert_eq!(claimed[0].task.attempts, attempt);
-        sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
-            .execute(&pool)
-            .await
-            .unwrap();
+        // The agent confirmed the pick with a heartbeat, then vanished.
+        sqlx::query(
+            "UPDATE tasks SET running_at = now(), lease_expires_at = now() - interval '1 second'",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
         let reaped = store::reap(&pool, 3, 40).await.unwrap();
         assert_eq!((reaped.requeued, reaped.lost), if attempt < 3 { (1, 0) } else { (0, 1) });
     }
@@ -194,4 +197,48 @@ async fn an_expired_lease_on_the_last_attempt_fails_the_task_as_agent_lost() {
     let lost = store::get(&pool, task.id).await.unwrap().unwrap();
     assert_eq!(lost.status, taskexec_api::tasks::model::TaskStatus::Failed);
     assert_eq!(lost.error.as_deref(), Some("agent lost"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn picks_never_confirmed_are_refunded_but_only_max_attempts_times() {
+    let (_db, pool) = migrated().await;
+    let task = store::insert(&pool, "echo x", 60).await.unwrap();
+    let mut fates = Vec::new();
+    for _ in 0..6 {
+        store::claim(&pool, &["gone".to_owned()], 30).await.unwrap();
+        sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let reaped = store::reap(&pool, 3, 40).await.unwrap();
+        fates.push((reaped.refunded, reaped.requeued, reaped.lost));
+    }
+
+    // Three refunds (a parked pick whose agent had gone), then three counted attempts.
+    assert_eq!(fates, [(1, 1, 0), (1, 1, 0), (1, 1, 0), (0, 1, 0), (0, 1, 0), (0, 0, 1)]);
+    let lost = store::get(&pool, task.id).await.unwrap().unwrap();
+    assert_eq!(lost.error.as_deref(), Some("agent lost"));
+    assert_eq!(lost.attempts, 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hand_backs_are_refunded_only_max_attempts_times_then_fail_the_task() {
+    let (_db, pool) = migrated().await;
+    let task = store::insert(&pool, "kill -TERM $agent", 60).await.unwrap();
+    let mut statuses = Vec::new();
+    loop {
+        let claimed = store::claim(&pool, &["draining".to_owned()], 30).await.unwrap();
+        let Some(claimed) = claimed.into_iter().next() else { break };
+        let released = store::release(&pool, task.id, claimed.lease, 3).await.unwrap().unwrap();
+        statuses.push((released.status, released.attempts));
+        assert!(statuses.len() <= 10, "released forever: {statuses:?}");
+    }
+
+    use taskexec_api::tasks::model::TaskStatus::{Failed, Queued};
+    assert_eq!(
+        statuses,
+        [(Queued, 0), (Queued, 0), (Queued, 0), (Queued, 1), (Queued, 2), (Failed, 3)]
+    );
+    let failed = store::get(&pool, task.id).await.unwrap().unwrap();
+    assert_eq!(failed.error.as_deref(), Some("handed back by its agents too often"));
 }

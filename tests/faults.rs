@@ -61,17 +61,24 @@ async fn an_agent_killed_mid_task_is_replaced_and_leaves_no_orphan() {
     let app = TestApp::spawn_with(fast).await;
     let dir = scratch();
     let mut doomed = WorkerProcess::start(&app, "doomed", &[]);
-    let sleep = format!("sleep 300 & echo $! > {}/sleep.pid; wait", dir.display());
+    let sleep = format!(
+        "sleep 300 & echo $! > {0}/sleep.pid; setsid sleep 302 & echo $! > {0}/escapee.pid; wait",
+        dir.display()
+    );
     let task = app.create(&first_then_second(&dir, &sleep)).await;
     let id = task["id"].as_str().unwrap().to_owned();
     let sleeper = read_pid(&dir.join("sleep.pid")).await;
+    let escapee = read_pid(&dir.join("escapee.pid")).await;
 
     doomed.signal(libc::SIGKILL);
     let killed = Instant::now();
     doomed.wait(Duration::from_secs(10)).await.expect("the agent died");
     let _rescuer = WorkerProcess::start(&app, "rescuer", &[]);
 
-    until(Duration::from_secs(10), "the command dies with its agent", || !is_alive(sleeper)).await;
+    until(Duration::from_secs(10), "the command dies with its agent", || {
+        !is_alive(sleeper) && !is_alive(escapee)
+    })
+    .await;
     let task = app.until_done(&id).await;
     eprintln!(
         "FIGURE kill -9 to finished elsewhere: {:.1} s (lease {LEASE_SECS} s)",
@@ -199,14 +206,16 @@ async fn a_task_that_kills_its_agent_fails_as_agent_lost_after_max_attempts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_timed_out_command_fails_and_none_of_its_descendants_survive() {
+async fn a_timed_out_command_gets_term_then_kill_and_none_of_its_descendants_survive() {
     let app = TestApp::spawn_with(fast).await;
     let dir = scratch();
     let _worker = WorkerProcess::start(&app, "timer", &[]);
-    let group = dir.join("pgid");
+    let d = dir.display();
+    // The shell notes SIGTERM and loops on, so only SIGKILL (after the grace) ends it; one
+    // descendant leaves the process group with setsid.
     let command = format!(
-        "awk '{{print $5}}' /proc/$$/stat > {}; sleep 100 & sleep 100; wait",
-        group.display()
+        "awk '{{print $5}}' /proc/$$/stat > {d}/pgid; setsid sleep 301 & echo $! > {d}/escapee; \
+         trap 'echo TERM >> {d}/signals' TERM; sleep 100 & while true; do sleep 0.2; done"
     );
     let response = app
         .request(Method::POST, "/tasks")
@@ -217,14 +226,17 @@ async fn a_timed_out_command_fails_and_none_of_its_descendants_survive() {
     assert_eq!(response.status(), 201);
     let task: Value = response.json().await.unwrap();
     assert_eq!(task["timeout_secs"], 1);
-    let group = read_pid(&group).await;
+    let group = read_pid(&dir.join("pgid")).await;
+    let escapee = read_pid(&dir.join("escapee")).await;
 
     let task = app.until_done(task["id"].as_str().unwrap()).await;
 
     assert_eq!(task["status"], "failed");
     assert_eq!(task["error"], "timed out after 1 s");
-    until(Duration::from_secs(5), "no process of the command's group survives", || {
-        group_members(group).is_empty()
+    let signals = std::fs::read_to_string(dir.join("signals")).unwrap_or_default();
+    assert!(signals.contains("TERM"), "SIGTERM came first: {signals:?}");
+    until(Duration::from_secs(5), "no process of the command survives", || {
+        group_members(group).is_empty() && !is_alive(escapee)
     })
     .await;
 }
@@ -278,6 +290,24 @@ async fn aborts_cancel_queued_tasks_stop_running_ones_and_refuse_finished_ones()
     assert_eq!(ended["status"], "cancelled");
     assert_eq!(ended["stdout"], "partial\n", "the output so far is kept");
 
+    assert!(requested.elapsed() < Duration::from_secs(3), "the agent learned of the abort at once");
+    for already in [cancelled.clone()] {
+        let again = app
+            .request(Method::POST, &format!("/tasks/{}/abort", already["id"].as_str().unwrap()))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(again, 409, "is cancelled").await;
+    }
+    let failing = app.create("kill -KILL $$").await;
+    let failing = app.until_done(failing["id"].as_str().unwrap()).await;
+    assert_eq!(failing["status"], "failed");
+    let refused = app
+        .request(Method::POST, &format!("/tasks/{}/abort", failing["id"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(refused, 409, "is failed").await;
     let done = app.create("echo done").await;
     let done = app.until_done(done["id"].as_str().unwrap()).await;
     let refused = app
@@ -511,7 +541,10 @@ async fn a_second_signal_hands_the_task_back_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_api_restart_keeps_running_tasks_on_their_lease() {
     let db = TestDb::create().await;
-    let api = ApiProcess::start(&db.url, &FAST_ENV).await;
+    // A lease long enough for a restart on a loaded machine.
+    let api =
+        ApiProcess::start(&db.url, &[("ROCKET_LEASE_SECS", "10"), ("ROCKET_KILL_GRACE_SECS", "1")])
+            .await;
     let dir = scratch();
     let _worker = WorkerProcess::start_with_url(&api.url, "steady", &[]);
     let http = reqwest::Client::new();
@@ -550,20 +583,41 @@ async fn a_pick_whose_agent_never_reports_is_requeued_when_its_lease_expires() {
     let task = app.create("echo orphan").await;
     let lost = app.pick("vanished", 0).await.expect("picked, then the agent vanishes");
 
-    let requeued = app
-        .eventually(
-            |task: Value| task["status"] == "queued",
-            &format!("/tasks/{}", lost["id"].as_str().unwrap()),
-        )
-        .await;
+    let id = lost["id"].as_str().unwrap();
+    let requeued =
+        app.eventually(|task: Value| task["status"] == "queued", &format!("/tasks/{id}")).await;
     let again = app.pick("rescuer", 0).await.expect("picked again");
 
-    assert_eq!(requeued["attempts"], 1);
+    // The lost pick was never confirmed by a heartbeat: its attempt is refunded.
+    assert_eq!(requeued["attempts"], 0);
     assert_eq!(again["id"], task["id"]);
-    assert_eq!(again["attempts"], 2);
+    assert_eq!(again["attempts"], 1);
     assert_ne!(again["lease"], lost["lease"]);
-    let stale = app
-        .finish(lost["id"].as_str().unwrap(), json!({"lease": lost["lease"], "exit_code": 0}))
-        .await;
-    assert_problem(stale, 409, "another attempt").await;
+    let stale_finish = app.finish(id, json!({"lease": lost["lease"], "exit_code": 0})).await;
+    assert_problem(stale_finish, 409, "another attempt").await;
+    let stale_heartbeat = app
+        .agent(Method::POST, &format!("/tasks/{id}/heartbeat"), "vanished")
+        .json(&json!({"lease": lost["lease"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(stale_heartbeat, 409, "another attempt").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_cannot_make_its_agent_hand_it_back() {
+    let app = TestApp::spawn_with(fast).await;
+    let mut worker = WorkerProcess::start(&app, "targeted", &[("DRAIN_TIMEOUT", "1s")]);
+    // Our parent is the guard; its parent is the agent.
+    let command = "agent=$(awk '{print $4}' /proc/$PPID/stat); kill -TERM $agent; \
+                   kill -TERM $agent; sleep 2; echo still here";
+
+    let task = app.create(command).await;
+
+    let task = app.until_done(task["id"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "finished", "{task}");
+    assert_eq!(task["stdout"], "still here\n");
+    assert_eq!(task["attempts"], 1);
+    assert!(worker.wait(Duration::from_millis(10)).await.is_none(), "the agent carries on");
+    assert!(worker.log().contains("from the running command"), "{}", worker.log());
 }

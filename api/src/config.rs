@@ -34,6 +34,8 @@ pub struct AppConfig {
     pub dispatch_rescan_secs: u64,
     /// Seconds a pick's lease lasts; heartbeats extend it by as much.
     pub lease_secs: u32,
+    /// The lease a pick grants until the agent's first heartbeat, in seconds.
+    pub pick_confirm_secs: u32,
     /// Seconds between reaper runs.
     pub reaper_interval_secs: u64,
     /// Picks a task may get before an expired lease fails it.
@@ -58,6 +60,7 @@ impl fmt::Debug for AppConfig {
             .field("pick_wait_max_secs", &self.pick_wait_max_secs)
             .field("dispatch_rescan_secs", &self.dispatch_rescan_secs)
             .field("lease_secs", &self.lease_secs)
+            .field("pick_confirm_secs", &self.pick_confirm_secs)
             .field("reaper_interval_secs", &self.reaper_interval_secs)
             .field("max_attempts", &self.max_attempts)
             .field("default_timeout_secs", &self.default_timeout_secs)
@@ -85,7 +88,12 @@ impl AppConfig {
         let rules = [
             (!self.agent_token().trim().is_empty(), "AGENT_TOKEN is not set: agents could not authenticate, so the server refuses to start. Set AGENT_TOKEN (or ROCKET_AGENT_TOKEN) to a long random secret."),
             (self.lease_secs >= 3, "lease_secs must be at least 3 (heartbeats come every third of it)"),
-            (self.kill_grace_secs < self.lease_secs, "kill_grace_secs must be less than lease_secs"),
+            (
+                self.kill_grace_secs + 2 <= self.lease_secs.min(self.pick_confirm_secs),
+                "kill_grace_secs must be at least 2 s below lease_secs and pick_confirm_secs: \
+                 an agent that cannot reach the API stops its command before its lease runs out",
+            ),
+            (self.pick_confirm_secs >= 1, "pick_confirm_secs must be at least 1"),
             (self.reaper_interval_secs >= 1, "reaper_interval_secs must be at least 1"),
             (self.max_attempts >= 1, "max_attempts must be at least 1"),
             (self.default_timeout_secs >= 1 && self.default_timeout_secs <= self.max_timeout_secs,

@@ -41,7 +41,8 @@ pub struct Dispatcher {
 /// What a pick grants besides the task: the lease's length and the kill grace the agent keeps.
 #[derive(Debug, Clone, Copy)]
 pub struct PickTerms {
-    pub lease_secs: u32,
+    /// The lease a pick grants until the agent's first heartbeat confirms it.
+    pub confirm_secs: u32,
     pub kill_grace_secs: u32,
 }
 
@@ -241,7 +242,7 @@ impl DispatchLoop {
             self.waiters.iter().take(batch).map(|w| w.agent.clone()).collect();
         self.last_claim = Instant::now();
         round.queried = true;
-        let claimed = match store::claim(&self.pool, &agents, self.terms.lease_secs).await {
+        let claimed = match store::claim(&self.pool, &agents, self.terms.confirm_secs).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 log::warn!("claim for {batch} parked picks failed: {e}");
@@ -255,7 +256,7 @@ impl DispatchLoop {
                 task: claimed.task,
                 lease: claimed.lease,
                 lease_expires_at: claimed.lease_expires_at,
-                lease_secs: self.terms.lease_secs,
+                lease_secs: self.terms.confirm_secs,
                 kill_grace_secs: self.terms.kill_grace_secs,
             };
             match waiter.reply.send(Some(picked)) {
@@ -274,7 +275,7 @@ impl DispatchLoop {
     /// than leave it to lease expiry, and say so to every dispatcher (this one included).
     async fn put_back(&mut self, picked: Picked) {
         let id = picked.task.id;
-        match store::release(&self.pool, id, picked.lease).await {
+        match store::unclaim(&self.pool, id, picked.lease).await {
             Ok(_) => {
                 self.hints.hint();
                 self.queued.notify_one();
@@ -321,7 +322,7 @@ async fn listen(url: String, hints: Arc<Hints>, listening: Arc<AtomicBool>, abor
             match listener.try_recv().await {
                 Ok(Some(n)) if n.channel() == store::ABORT_CHANNEL => {
                     if let Ok(id) = n.payload().parse() {
-                        aborts.wake(id);
+                        aborts.wake(id, Woken::Abort);
                     }
                 }
                 Ok(Some(_)) => hints.hint(),
@@ -359,15 +360,17 @@ async fn notify(pool: PgPool, queued: Arc<Notify>) {
 /// Runs the dispatcher, its listener and its notifier from liftoff until shutdown.
 pub fn stage() -> AdHoc {
     AdHoc::on_ignite("Dispatcher", |rocket| async {
-        let Some(pool) = Db::fetch(&rocket).map(|db| (**db).clone()) else {
+        let Some(pool) = Db::fetch(&rocket).map(|db| db.pool().clone()) else {
             return rocket;
         };
         let Some(config) = rocket.state::<AppConfig>() else {
             return rocket;
         };
         let rescan = Duration::from_secs(config.dispatch_rescan_secs.max(1));
-        let terms =
-            PickTerms { lease_secs: config.lease_secs, kill_grace_secs: config.kill_grace_secs };
+        let terms = PickTerms {
+            confirm_secs: config.pick_confirm_secs.min(config.lease_secs),
+            kill_grace_secs: config.kill_grace_secs,
+        };
         let url: String = rocket.figment().extract_inner(DATABASE_URL_KEY).unwrap_or_default();
         let (dispatcher, state) = DispatchLoop::new(pool.clone(), rescan, terms);
         let queued = state.queued.clone();
@@ -389,43 +392,68 @@ async fn until(shutdown: Shutdown, work: impl std::future::Future<Output = ()>) 
     }
 }
 
-/// Heartbeats parked on running tasks, each woken when its task's abort is requested.
+/// Heartbeats parked on running tasks, each woken when its task's abort is requested or when
+/// its attempt has ended (so that the heartbeat does not stay parked for nothing).
 #[derive(Clone, Default)]
 pub struct AbortWatch {
-    watches: Arc<Mutex<HashMap<Uuid, Vec<Arc<Notify>>>>>,
+    watches: Arc<Mutex<HashMap<Uuid, Vec<Arc<Wake>>>>>,
 }
 
-/// Interest in one task's abort, from before the caller looks at the database (so that a
-/// request landing in between is not missed) until it is dropped.
+/// Why a parked heartbeat was woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// A user asked to abort the task.
+    Abort,
+    /// The attempt was finished or handed back.
+    Ended,
+}
+
+#[derive(Default)]
+struct Wake {
+    notify: Notify,
+    abort: AtomicBool,
+}
+
+/// Interest in one task, from before the caller looks at the database (so that an abort
+/// landing in between is not missed) until it is dropped.
 pub struct Watch {
     registry: AbortWatch,
     id: Uuid,
-    notify: Arc<Notify>,
+    wake: Arc<Wake>,
 }
 
 impl AbortWatch {
     pub fn watch(&self, id: Uuid) -> Watch {
-        let notify = Arc::new(Notify::new());
-        self.lock().entry(id).or_default().push(notify.clone());
-        Watch { registry: self.clone(), id, notify }
+        let wake = Arc::new(Wake::default());
+        self.lock().entry(id).or_default().push(wake.clone());
+        Watch { registry: self.clone(), id, wake }
     }
 
-    fn wake(&self, id: Uuid) {
-        for notify in self.lock().get(&id).into_iter().flatten() {
+    /// Wakes the heartbeats of task `id` in this process.
+    pub fn wake(&self, id: Uuid, why: Woken) {
+        for wake in self.lock().get(&id).into_iter().flatten() {
+            if why == Woken::Abort {
+                wake.abort.store(true, Ordering::Release);
+            }
             // A stored permit: a watch that is not awaiting yet still sees it.
-            notify.notify_one();
+            wake.notify.notify_one();
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Vec<Arc<Notify>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Vec<Arc<Wake>>>> {
         self.watches.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 impl Watch {
-    /// Resolves when an abort of the task is announced.
-    pub async fn requested(&self) {
-        self.notify.notified().await;
+    /// Resolves when the task's abort is announced or its attempt has ended.
+    pub async fn woken(&self) -> Woken {
+        self.wake.notify.notified().await;
+        if self.wake.abort.load(Ordering::Acquire) {
+            Woken::Abort
+        } else {
+            Woken::Ended
+        }
     }
 }
 
@@ -433,7 +461,7 @@ impl Drop for Watch {
     fn drop(&mut self) {
         let mut watches = self.registry.lock();
         if let Some(list) = watches.get_mut(&self.id) {
-            list.retain(|n| !Arc::ptr_eq(n, &self.notify));
+            list.retain(|w| !Arc::ptr_eq(w, &self.wake));
             if list.is_empty() {
                 watches.remove(&self.id);
             }

@@ -24,7 +24,7 @@ fn index() -> Json<Value> {
 /// agents are parked on a pick right now.
 #[get("/health")]
 async fn health(db: &Db, dispatcher: &State<Dispatcher>) -> Result<Json<Value>, ApiError> {
-    let ping = sqlx::query("SELECT 1").execute(&**db);
+    let ping = sqlx::query("SELECT 1").execute(db.pool());
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => Ok(Json(json!({
             "status": "ok",

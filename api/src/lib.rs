@@ -9,6 +9,7 @@ use rocket_db_pools::Database;
 mod auth;
 mod body;
 pub mod config;
+mod db;
 pub mod dispatch;
 mod error;
 mod health;
@@ -16,13 +17,8 @@ mod logging;
 pub mod reaper;
 pub mod tasks;
 
+pub use db::Db;
 pub use error::ApiError;
-
-/// The PostgreSQL pool. Handlers take `&Db` and run each statement on the pool, so none of
-/// them pins a connection while it waits (a parked pick holds no connection at all).
-#[derive(Database)]
-#[database("taskexec")]
-pub struct Db(sqlx::PgPool);
 
 /// The server as configured by `Rocket.toml` and the environment.
 pub fn rocket() -> Rocket<Build> {
@@ -56,7 +52,7 @@ async fn migrate(rocket: Rocket<Build>) -> Result<Rocket<Build>, Rocket<Build>> 
     let Some(db) = Db::fetch(&rocket) else {
         return Err(rocket);
     };
-    match sqlx::migrate!("../migrations").run(&**db).await {
+    match sqlx::migrate!("../migrations").run(db.pool()).await {
         Ok(()) => Ok(rocket),
         Err(e) => {
             log::error!("database migration failed: {e}");

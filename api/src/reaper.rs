@@ -30,8 +30,9 @@ pub async fn run_once(
     }
     if reaped != Reaped::default() {
         log::info!(
-            "reaper: {} requeued, {} lost, {} cancelled, {} timed out",
+            "reaper: {} requeued ({} never confirmed), {} lost, {} cancelled, {} timed out",
             reaped.requeued,
+            reaped.refunded,
             reaped.lost,
             reaped.cancelled,
             reaped.timed_out
@@ -43,7 +44,7 @@ pub async fn run_once(
 pub fn stage() -> AdHoc {
     AdHoc::on_liftoff("Reaper", |rocket| {
         Box::pin(async move {
-            let pool = Db::fetch(rocket).map(|db| (**db).clone());
+            let pool = Db::fetch(rocket).map(|db| db.pool().clone());
             let config = rocket.state::<AppConfig>().cloned();
             let dispatcher = rocket.state::<Dispatcher>().cloned();
             let (Some(pool), Some(config), Some(dispatcher)) = (pool, config, dispatcher) else {

@@ -69,10 +69,10 @@ impl Assignment {
             Some("no command")
         } else if self.timeout_secs == 0 {
             Some("a zero timeout")
-        } else if !(3..=24 * 3600).contains(&self.lease_secs) {
-            Some("a lease outside 3 s to 24 h")
-        } else if self.kill_grace_secs >= self.lease_secs {
-            Some("a kill grace not shorter than the lease")
+        } else if !(1..=24 * 3600).contains(&self.lease_secs) {
+            Some("a lease outside 1 s to 24 h")
+        } else if self.kill_grace_secs > 3600 {
+            Some("a kill grace over an hour")
         } else {
             None
         };
@@ -90,6 +90,8 @@ impl Assignment {
 pub struct Heartbeat {
     /// A user asked to abort the task: stop the command and report.
     pub abort: bool,
+    /// The length of the lease this heartbeat granted.
+    pub lease_secs: u64,
 }
 
 /// What the agent reports when a command has ended.
@@ -202,15 +204,18 @@ impl Client {
     }
 
     /// Extends the lease; the server holds the call up to `hold` and answers at once when an
-    /// abort is requested.
+    /// abort is requested. The call gives up after `timeout`, or `hold` plus the usual margin
+    /// if that is sooner.
     pub fn heartbeat(
         &self,
         id: Uuid,
         lease: Uuid,
         hold: Duration,
+        timeout: Duration,
     ) -> Result<Heartbeat, ClientError> {
         let path = format!("/tasks/{id}/heartbeat?wait={}", hold.as_secs());
-        let mut response = self.post(&path, &LeaseBody { lease }, hold + CALL_TIMEOUT)?;
+        let timeout = timeout.min(hold + CALL_TIMEOUT);
+        let mut response = self.post(&path, &LeaseBody { lease }, timeout)?;
         response
             .body_mut()
             .with_config()

@@ -62,6 +62,8 @@ pub struct Spec<'a> {
 pub struct Running {
     handle: Arc<duct::Handle>,
     group: Option<u32>,
+    /// The group is led by the guard, which can also kill descendants that left the group.
+    guarded: bool,
     stdout: Capture,
     stderr: Capture,
 }
@@ -100,6 +102,7 @@ pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
     Ok(Running {
         handle: Arc::new(handle),
         group,
+        guarded: spec.guard.is_some(),
         stdout: capture(stdout_reader, spec.max_output_bytes),
         stderr: capture(stderr_reader, spec.max_output_bytes),
     })
@@ -112,17 +115,32 @@ impl Running {
         thread::spawn(move || exited(exit_of(handle.wait().map(|output| output.status))));
     }
 
-    /// Sends `signal` to the command's whole process group.
+    /// The command's process group (the id of its leader, the guard).
+    pub fn group(&self) -> Option<u32> {
+        self.group
+    }
+
+    /// Sends `signal` to the command's whole process group (the guard passes SIGTERM on to
+    /// descendants that left the group).
     pub fn signal(&self, signal: libc::c_int) {
         if let Some(group) = self.group {
             kill_group(group, signal);
         }
     }
 
-    /// After the command has exited: kills whatever it left running in its group, and
-    /// collects the output.
-    pub fn finish(self, exit: Exit) -> Execution {
+    /// Kills every process of the command at once: the guard kills all its descendants, and
+    /// the group is killed too in case the guard is already gone.
+    pub fn kill(&self) {
+        if let (true, Some(guard)) = (self.guarded, self.group) {
+            // SAFETY: kill only sends a signal; the guard leads the group named after it.
+            unsafe { libc::kill(guard as libc::pid_t, libc::SIGUSR1) };
+        }
         self.signal(libc::SIGKILL);
+    }
+
+    /// After the command has exited: kills whatever it left running, and collects the output.
+    pub fn finish(self, exit: Exit) -> Execution {
+        self.kill();
         let deadline = Instant::now() + DRAIN_GRACE;
         Execution {
             exit,

@@ -1,16 +1,25 @@
-//! The guard: the leader of a task's process group, between the agent and `sh -c`. When the
-//! agent dies, even by SIGKILL, the kernel sends the guard SIGHUP (a parent-death signal) and
-//! the guard kills the whole group, so no command outlives its agent and a requeued task never
-//! runs twice on one host. A per-process parent-death signal on `sh` alone would not do: it is
-//! not inherited by the command's own children.
+//! The guard: the leader of a task's process group, between the agent and `sh -c`. It makes
+//! sure that no process of the task outlives it:
+//!
+//! - When the agent dies, even by SIGKILL, the kernel sends the guard SIGHUP (a parent-death
+//!   signal) and the guard kills every descendant. A parent-death signal on `sh` alone would
+//!   not do: it is not inherited by the command's own children.
+//! - It is a child subreaper: descendants orphaned by their parent's exit (`cmd &`, or
+//!   `setsid cmd &`, which also leaves the process group) are re-parented to the guard rather
+//!   than to init, so it can find them all by walking /proc.
+//! - When `sh` exits, the guard kills what is left; SIGUSR1 from the agent kills everything
+//!   now; SIGTERM (which the agent sends to the group) is passed on to descendants that left
+//!   the group.
 //!
 //! The guard is this same binary, started as `taskexec-worker __guard <agent pid> <command>`.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 /// The first argument that turns the binary into a guard.
@@ -27,25 +36,30 @@ pub fn run_if_requested() -> Option<ExitCode> {
 
 fn run(agent: &OsString, command: &OsString) -> ExitCode {
     let agent: libc::pid_t = agent.to_str().and_then(|s| s.parse().ok()).unwrap_or(-1);
-    // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number has no memory effects.
+    // SAFETY: prctl with these options only changes attributes of this process.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, SIGHUP as libc::c_ulong, 0, 0, 0);
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
-    // The agent may have died before the request above took effect.
-    // SAFETY: getppid cannot fail.
-    if unsafe { libc::getppid() } != agent {
+    // The agent may have died before the parent-death signal was armed.
+    if !agent_alive(agent) {
         return ExitCode::from(125);
     }
-    // TERM, INT and QUIT sent to the group are meant for the command: the guard only notes
-    // them (handlers, unlike ignored signals, are reset for `sh` at exec). HUP means the agent
-    // is gone.
-    let Ok(mut signals) = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGQUIT]) else {
+    let Ok(mut signals) = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGUSR1]) else {
         return ExitCode::from(125);
     };
     std::thread::spawn(move || {
         for signal in signals.forever() {
-            if signal == SIGHUP {
-                kill_own_group();
+            match signal {
+                // HUP from anyone but the kernel's parent-death notice is the command's own
+                // business: only act when the agent is really gone.
+                SIGHUP if agent_alive(agent) => {}
+                SIGHUP | SIGUSR1 => {
+                    kill_descendants();
+                    std::process::exit(137);
+                }
+                // The group already got it; descendants that left the group did not.
+                _ => signal_strays(signal),
             }
         }
     });
@@ -56,10 +70,15 @@ fn run(agent: &OsString, command: &OsString) -> ExitCode {
             return ExitCode::from(127);
         }
     };
+    kill_descendants();
     match (status.code(), status.signal()) {
         (Some(code), _) => ExitCode::from(code as u8),
         (None, Some(signal)) => {
-            // End the way the command ended, so the agent reports the same signal.
+            // End the way the command ended, so the agent reports the same signal, without
+            // leaving a core dump of the guard behind.
+            let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: setrlimit with a valid pointer; affects only this process.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
             let _ = signal_hook::low_level::emulate_default_handler(signal);
             ExitCode::from(128 + signal as u8)
         }
@@ -67,9 +86,78 @@ fn run(agent: &OsString, command: &OsString) -> ExitCode {
     }
 }
 
-fn kill_own_group() {
-    // SAFETY: signals our own process group, this process included.
-    unsafe {
-        libc::kill(0, libc::SIGKILL);
+fn agent_alive(agent: libc::pid_t) -> bool {
+    // SAFETY: getppid cannot fail.
+    unsafe { libc::getppid() == agent }
+}
+
+/// SIGKILLs every descendant and reaps them, until none is left (a descendant may fork while
+/// it is being killed).
+fn kill_descendants() {
+    // SAFETY: getpid cannot fail.
+    let me = unsafe { libc::getpid() };
+    for _ in 0..20 {
+        let descendants = descendants_of(me);
+        if descendants.is_empty() {
+            return;
+        }
+        for (pid, _) in descendants {
+            // SAFETY: kill only sends a signal.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        reap();
+        std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Passes `signal` on to descendants outside the guard's process group.
+fn signal_strays(signal: libc::c_int) {
+    // SAFETY: getpid and getpgrp cannot fail.
+    let (me, group) = unsafe { (libc::getpid(), libc::getpgrp()) };
+    for (pid, pgid) in descendants_of(me) {
+        if pgid != group {
+            // SAFETY: kill only sends a signal.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+}
+
+/// Collects the exit status of any finished child (orphans re-parented to us included).
+fn reap() {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG and a valid pointer.
+    while unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } > 0 {}
+}
+
+/// Live descendants of `root`, with their process group, from /proc.
+fn descendants_of(root: libc::pid_t) -> Vec<(libc::pid_t, libc::pid_t)> {
+    let mut children: HashMap<libc::pid_t, Vec<(libc::pid_t, libc::pid_t)>> = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // After the command name: state, ppid, pgrp.
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let (Some(state), Some(ppid), Some(pgid)) = (fields.first(), fields.get(1), fields.get(2))
+        else {
+            continue;
+        };
+        if *state == "Z" {
+            continue;
+        }
+        if let (Ok(ppid), Ok(pgid)) = (ppid.parse(), pgid.parse()) {
+            children.entry(ppid).or_default().push((pid, pgid));
+        }
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for &(pid, pgid) in children.get(&parent).into_iter().flatten() {
+            found.push((pid, pgid));
+            frontier.push(pid);
+        }
+    }
+    found
 }

@@ -70,7 +70,7 @@ impl Worker {
         // Heartbeats go on until the report is in: a finish retried through an API outage
         // must not lose its lease meanwhile.
         let beating = Arc::new(AtomicBool::new(true));
-        let ending = self.execute(&assignment, events, &inbox, &beating);
+        let ending = self.execute(&assignment, events, &inbox, &beating, stop);
         let recorded = self.conclude(&assignment, ending, started.elapsed());
         beating.store(false, Ordering::Release);
         Step::Ran { id: assignment.id, recorded }
@@ -82,6 +82,7 @@ impl Worker {
         events: mpsc::Sender<task::Event>,
         inbox: &mpsc::Receiver<task::Event>,
         beating: &Arc<AtomicBool>,
+        stop: &Stop,
     ) -> Ending {
         let spec = exec::Spec {
             command: &assignment.command,
@@ -96,6 +97,7 @@ impl Worker {
                 return Ending::Ran(exec::Execution::not_started(why, spec.max_output_bytes));
             }
         };
+        stop.command_group(running.group());
         // The first heartbeat goes out as soon as the command runs: the server records when
         // it started, and an abort reaches the agent from then on.
         task::heartbeat(self.client.clone(), assignment, events.clone(), beating.clone());
@@ -198,10 +200,8 @@ impl Worker {
                     log::warn!("pick failed, next try in {:.1}s: {e}", pause.as_secs_f64());
                     thread::sleep(pause);
                 }
-                // Without a long poll, the pause between picks is the poll interval.
-                Step::Idle if self.config.pick_wait.is_zero() => {
-                    thread::sleep(self.config.poll_interval)
-                }
+                // Without a long poll (the original design), a pick every poll interval.
+                _ if self.config.pick_wait.is_zero() => thread::sleep(self.config.poll_interval),
                 _ => {}
             }
         }

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use signal_hook::iterator::SignalsInfo;
 
 use crate::task::Event;
 
@@ -21,6 +22,8 @@ struct State {
     signals: u32,
     /// The running task's inbox, while there is one.
     task: Option<Sender<Event>>,
+    /// The running command's process group: signals from it are the command's doing.
+    group: Option<u32>,
 }
 
 impl Stop {
@@ -35,11 +38,11 @@ impl Stop {
     /// When the signal handlers cannot be installed.
     pub fn on_signals() -> std::io::Result<Stop> {
         let stop = Stop::new();
-        let mut signals = Signals::new([SIGTERM, SIGINT])?;
+        let mut signals = SignalsInfo::<WithOrigin>::new([SIGTERM, SIGINT])?;
         let handle = stop.clone();
         thread::Builder::new().name("signals".into()).spawn(move || {
-            for signal in signals.forever() {
-                handle.request(signal);
+            for origin in signals.forever() {
+                handle.request(origin.signal, origin.process.map(|p| p.pid));
             }
         })?;
         Ok(stop)
@@ -48,8 +51,17 @@ impl Stop {
     /// Records a stop request. Idle (waiting on a pick or a retry pause), the agent has nothing
     /// to lose and exits now; a pick answered at this very moment is recovered by the server
     /// when its lease expires.
-    pub fn request(&self, signal: i32) {
+    /// A signal sent by the running command itself is ignored: otherwise a command could make
+    /// its agent hand it back again and again.
+    pub fn request(&self, signal: i32, sender: Option<libc::pid_t>) {
         let mut state = self.lock();
+        if let (Some(group), Some(sender)) = (state.group, sender) {
+            // SAFETY: getpgid has no memory effects; a gone sender yields -1.
+            if unsafe { libc::getpgid(sender) } == group as libc::pid_t {
+                log::warn!("signal {signal} from the running command (pid {sender}) ignored");
+                return;
+            }
+        }
         state.signals += 1;
         let Some(task) = &state.task else {
             log::info!("signal {signal}: stopping");
@@ -80,6 +92,11 @@ impl Stop {
         Busy(self)
     }
 
+    /// Records the running command's process group.
+    pub fn command_group(&self, group: Option<u32>) {
+        self.lock().group = group;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -89,6 +106,8 @@ pub struct Busy<'a>(&'a Stop);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.0.lock().task = None;
+        let mut state = self.0.lock();
+        state.task = None;
+        state.group = None;
     }
 }

@@ -108,7 +108,7 @@ fn stop_command(running: &Running, inbox: &Receiver<Event>, grace: Duration) -> 
             Err(_) => break,
         }
     }
-    running.signal(libc::SIGKILL);
+    running.kill();
     loop {
         match inbox.recv() {
             Ok(Event::Exited(exit)) => return exit,
@@ -118,9 +118,15 @@ fn stop_command(running: &Running, inbox: &Receiver<Event>, grace: Duration) -> 
     }
 }
 
-/// Keeps the lease alive while `beating` holds: a heartbeat at least every third of the lease,
-/// each held by the server until then unless an abort comes first. Reports an abort, a fence
-/// (409), or a lease that ran out while the API could not be reached.
+/// Time kept in hand at the end of a lease: the command must be dead this long before the
+/// lease runs out.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Keeps the lease alive while `beating` holds: at least three heartbeats per lease, each held
+/// by the server until the next is due unless an abort comes first. Reports an abort (and goes
+/// on beating until the report is in), a fence (409), or an API out of reach for so long that
+/// the command must be stopped now to be dead, after its kill grace, before the lease runs out
+/// and the task is handed to another agent.
 pub fn heartbeat(
     client: Arc<Client>,
     assignment: &Assignment,
@@ -128,32 +134,44 @@ pub fn heartbeat(
     beating: Arc<AtomicBool>,
 ) {
     let (id, lease) = (assignment.id, assignment.lease);
-    let lease_length = Duration::from_secs(assignment.lease_secs);
-    let period = lease_length / 3;
-    let hold = Duration::from_secs(assignment.lease_secs / 3);
+    let grace = Duration::from_secs(assignment.kill_grace_secs);
+    // The pick's lease: its confirmation window, until the first heartbeat grants the full one.
+    let mut granted = Duration::from_secs(assignment.lease_secs);
     thread::spawn(move || {
-        let mut lease_until = Instant::now() + lease_length;
+        let mut lease_start = Instant::now();
+        let mut aborted = false;
         while beating.load(Ordering::Acquire) {
             let started = Instant::now();
-            let news = match client.heartbeat(id, lease, hold) {
-                Ok(reply) if reply.abort => Some(Event::Abort),
-                Ok(_) => {
-                    lease_until = started + lease_length;
-                    None
+            let usable = granted.saturating_sub(grace + LEASE_MARGIN);
+            let give_up = lease_start + usable;
+            let period = (usable / 3).max(Duration::from_millis(100));
+            // Whole seconds, as the server takes them; no hold once the abort is known.
+            let hold = if aborted { Duration::ZERO } else { Duration::from_secs(period.as_secs()) };
+            let timeout =
+                give_up.saturating_duration_since(started).max(Duration::from_millis(100));
+            let news = match client.heartbeat(id, lease, hold, timeout) {
+                Ok(reply) => {
+                    lease_start = started;
+                    granted = Duration::from_secs(reply.lease_secs);
+                    (reply.abort && !std::mem::replace(&mut aborted, true)).then_some(Event::Abort)
                 }
                 Err(e) if !e.is_retryable() => Some(Event::Fenced(e.to_string())),
-                Err(e) if Instant::now() >= lease_until => Some(Event::Fenced(format!(
-                    "the lease ran out while the API could not be reached: {e}"
+                Err(e) if Instant::now() >= give_up => Some(Event::Fenced(format!(
+                    "the API has been out of reach for most of the lease; stopping the command \
+                     before the lease runs out: {e}"
                 ))),
                 Err(e) => {
                     log::warn!("task {id}: heartbeat failed: {e}");
                     None
                 }
             };
+            let fenced = matches!(news, Some(Event::Fenced(_)));
             if let Some(news) = news {
                 if beating.load(Ordering::Acquire) {
                     let _ = events.send(news);
                 }
+            }
+            if fenced {
                 return;
             }
             thread::sleep((started + period).saturating_duration_since(Instant::now()));

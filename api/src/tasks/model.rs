@@ -106,8 +106,9 @@ macro_rules! task_columns {
 pub(crate) use task_columns;
 
 /// A task handed to an agent, with the lease that fences its reports and the timings the
-/// agent must keep: heartbeat before `lease_expires_at` (the lease lasts `lease_secs`), stop
-/// the command after `timeout_secs`, and wait `kill_grace_secs` between SIGTERM and SIGKILL.
+/// agent must keep: heartbeat before `lease_expires_at` (this first lease lasts `lease_secs`,
+/// the confirmation window; heartbeats grant the full lease), stop the command after
+/// `timeout_secs`, and wait `kill_grace_secs` between SIGTERM and SIGKILL.
 #[derive(Debug, Serialize)]
 pub struct Picked {
     #[serde(flatten)]
@@ -345,6 +346,8 @@ pub struct HeartbeatReply {
     /// Stop the command: a user asked to abort the task.
     pub abort: bool,
     pub lease_expires_at: DateTime<Utc>,
+    /// The length of the lease this heartbeat granted.
+    pub lease_secs: u32,
 }
 
 impl Outcome {

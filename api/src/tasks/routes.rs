@@ -17,7 +17,7 @@ use super::store::{self, Aborted};
 use crate::auth::{AgentAuth, AgentName};
 use crate::body::JsonBody;
 use crate::config::AppConfig;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Woken};
 use crate::error::ApiError;
 use crate::Db;
 
@@ -201,11 +201,11 @@ async fn heartbeat(
     };
     let abort = abort
         || tokio::select! {
-            _ = watch.requested() => true,
+            woken = watch.woken() => woken == Woken::Abort,
             _ = tokio::time::sleep(hold) => false,
             _ = shutdown => false,
         };
-    Ok(Json(HeartbeatReply { abort, lease_expires_at }))
+    Ok(Json(HeartbeatReply { abort, lease_expires_at, lease_secs: config.lease_secs }))
 }
 
 /// Hands the task back to the queue without counting the attempt (an agent that is draining).
@@ -213,16 +213,18 @@ async fn heartbeat(
 async fn release(
     _auth: AgentAuth,
     db: &Db,
+    config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
     id: &str,
     body: JsonBody<LeaseBody>,
 ) -> Result<Json<Task>, ApiError> {
     let id = parse_id(id)?;
     let lease = body.0.lease;
-    let task = store::release(db, id, lease).await?;
+    let task = store::release(db, id, lease, config.max_attempts).await?;
     let Some(task) = task else {
         return Err(not_current(db, id, lease).await);
     };
+    dispatcher.aborts().wake(id, Woken::Ended);
     if task.status == TaskStatus::Queued {
         dispatcher.task_queued();
     }
@@ -235,12 +237,15 @@ async fn release(
 async fn finish(
     _auth: AgentAuth,
     db: &Db,
+    dispatcher: &State<Dispatcher>,
     id: &str,
     report: JsonBody<FinishReport>,
 ) -> Result<Json<Task>, ApiError> {
     let id = parse_id(id)?;
     let outcome = report.0.validate()?;
     if let Some(task) = store::finish(db, id, &outcome).await? {
+        // The attempt is over: its parked heartbeat need not wait out its hold.
+        dispatcher.aborts().wake(id, Woken::Ended);
         return Ok(Json(task));
     }
     // A repeat of the report that ended this very attempt is answered as it was; another

@@ -110,30 +110,61 @@ pub async fn claim(
     Ok(claimed)
 }
 
-/// Hands a task back to the queue as if this attempt had never happened (it does not count
-/// towards `max_attempts`): an agent that is draining, or a pick that left before its task
-/// could be delivered. Fenced by the lease. A task whose abort was requested is cancelled
-/// instead, since that is what its user asked for.
-pub async fn release(pool: &PgPool, id: Uuid, lease: Uuid) -> sqlx::Result<Option<Task>> {
-    let requeue = concat!(
-        "UPDATE tasks SET status = 'queued', started_at = NULL, running_at = NULL, agent = NULL,
-                lease = NULL, lease_expires_at = NULL, attempts = attempts - 1
-          WHERE id = $1 AND lease = $2 AND status = 'in_progress' AND abort_requested_at IS NULL
+/// Hands a task back to the queue: an agent that is draining. The attempt is refunded up to
+/// `max_attempts` times per task; past that it counts, and a task out of attempts fails, so a
+/// command that makes its agent hand it back cannot loop forever. A task whose abort was
+/// requested is cancelled instead, since that is what its user asked for. Fenced by the lease.
+pub async fn release(
+    pool: &PgPool,
+    id: Uuid,
+    lease: Uuid,
+    max_attempts: u32,
+) -> sqlx::Result<Option<Task>> {
+    let sql = concat!(
+        "WITH fate AS (
+             SELECT id,
+                    CASE WHEN abort_requested_at IS NOT NULL THEN 'cancelled'
+                         WHEN releases < $3 THEN 'refunded'
+                         WHEN attempts < $3 THEN 'requeued'
+                         ELSE 'exhausted' END AS fate
+               FROM tasks WHERE id = $1 AND lease = $2 AND status = 'in_progress'
+         )
+         UPDATE tasks t SET
+             status = CASE WHEN fate IN ('refunded', 'requeued') THEN 'queued'
+                           WHEN fate = 'cancelled' THEN 'cancelled'
+                           ELSE 'failed' END::task_status,
+             error = CASE fate WHEN 'cancelled' THEN 'aborted before it ran to the end'
+                               WHEN 'exhausted' THEN 'handed back by its agents too often'
+                               ELSE NULL END,
+             finished_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE now() END,
+             started_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.started_at END,
+             running_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.running_at END,
+             agent = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.agent END,
+             lease = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.lease END,
+             lease_expires_at = NULL,
+             attempts = CASE WHEN fate = 'refunded' THEN t.attempts - 1 ELSE t.attempts END,
+             releases = t.releases + 1
+           FROM fate WHERE t.id = fate.id
          RETURNING ",
-        task_columns!()
+        task_columns!("t.")
     );
-    if let Some(task) = sqlx::query_as(requeue).bind(id).bind(lease).fetch_optional(pool).await? {
-        return Ok(Some(task));
-    }
-    let cancel = concat!(
-        "UPDATE tasks SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL,
-                error = 'aborted before it ran to the end'
-          WHERE id = $1 AND lease = $2 AND status = 'in_progress'
-            AND abort_requested_at IS NOT NULL
-         RETURNING ",
-        task_columns!()
-    );
-    sqlx::query_as(cancel).bind(id).bind(lease).fetch_optional(pool).await
+    sqlx::query_as(sql).bind(id).bind(lease).bind(max_attempts as i32).fetch_optional(pool).await
+}
+
+/// Undoes a claim whose pick had gone before the task could be handed over: the task is
+/// queued again as if it had never been picked. Fenced by the lease.
+pub async fn unclaim(pool: &PgPool, id: Uuid, lease: Uuid) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE tasks SET status = 'queued', started_at = NULL, agent = NULL, lease = NULL,
+                lease_expires_at = NULL, attempts = attempts - 1
+          WHERE id = $1 AND lease = $2 AND status = 'in_progress' AND running_at IS NULL
+            AND abort_requested_at IS NULL",
+    )
+    .bind(id)
+    .bind(lease)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Extends the lease of the current attempt by `lease_secs` and says whether an abort is
@@ -166,30 +197,36 @@ pub enum Aborted {
 }
 
 /// Cancels a queued task, or marks a running one for abort and notifies every API process
-/// (the notification reaches them when the statement commits). `None` when the task is
-/// neither queued nor running.
+/// (the notification goes out when the statement commits). One statement, so that a task the
+/// reaper requeues meanwhile is handled as what it is now. `None` when the task is neither
+/// queued nor running.
 pub async fn abort(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Aborted>> {
-    let cancel = concat!(
-        "UPDATE tasks SET status = 'cancelled', finished_at = now()
-          WHERE id = $1 AND status = 'queued' RETURNING ",
-        task_columns!()
-    );
-    if let Some(task) = sqlx::query_as(cancel).bind(id).fetch_optional(pool).await? {
-        return Ok(Some(Aborted::Cancelled(task)));
-    }
-    let request = concat!(
-        "WITH requested AS (
-             UPDATE tasks SET abort_requested_at = coalesce(abort_requested_at, now())
-              WHERE id = $1 AND status = 'in_progress' RETURNING *
+    let sql = concat!(
+        "WITH aborted AS (
+             UPDATE tasks SET
+                 status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+                 finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+                 abort_requested_at = CASE WHEN status = 'in_progress'
+                                           THEN coalesce(abort_requested_at, now()) END
+              WHERE id = $1 AND status IN ('queued', 'in_progress')
+             RETURNING *
          )
          SELECT ",
         task_columns!(),
-        " FROM requested, pg_notify('",
+        ", CASE WHEN status = 'in_progress' THEN pg_notify('",
         abort_channel!(),
-        "', requested.id::text)"
+        "', id::text) END IS NOT NULL AS notified FROM aborted"
     );
-    let task = sqlx::query_as(request).bind(id).fetch_optional(pool).await?;
-    Ok(task.map(Aborted::Requested))
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        task: Task,
+    }
+    let row: Option<Row> = sqlx::query_as(sql).bind(id).fetch_optional(pool).await?;
+    Ok(row.map(|Row { task }| match task.status {
+        TaskStatus::Cancelled => Aborted::Cancelled(task),
+        _ => Aborted::Requested(task),
+    }))
 }
 
 /// Records the result of the attempt that `outcome.lease` identifies, if it is still the
@@ -244,6 +281,8 @@ pub async fn notify(pool: &PgPool) -> sqlx::Result<()> {
 pub struct Reaped {
     /// Expired leases whose task went back to the queue.
     pub requeued: u64,
+    /// Of those, picks never confirmed by their agent, whose attempt was refunded.
+    pub refunded: u64,
     /// Expired leases on the last allowed attempt: failed, "agent lost".
     pub lost: u64,
     /// Expired leases of tasks whose abort was requested: cancelled.
@@ -252,50 +291,63 @@ pub struct Reaped {
     pub timed_out: u64,
 }
 
-/// One pass of the reaper: three short statements, each over rows that no one else holds
-/// (SKIP LOCKED), so that reapers in several API processes handle each expiry once.
-/// `overrun_secs` is how far past its timeout a running task may go (grace + lease).
+/// One pass of the reaper, in one statement over running tasks that no one else holds (SKIP
+/// LOCKED), so that reapers in several API processes handle each expiry once. A task is
+/// failed when it overran its timeout by `overrun_secs` (grace plus lease), whatever its
+/// lease; otherwise, once its lease has expired, it is cancelled if its abort was requested,
+/// requeued with the attempt refunded if its agent never confirmed the pick (up to
+/// `max_attempts` times), failed as "agent lost" on its last attempt, or else requeued.
 pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> sqlx::Result<Reaped> {
-    let timed_out = sqlx::query(
-        "UPDATE tasks SET status = 'failed', finished_at = now(), lease_expires_at = NULL,
-                error = 'timed out after ' || timeout_secs || ' s; its agent did not stop it'
-          WHERE id IN (SELECT id FROM tasks
-                        WHERE status = 'in_progress'
-                          AND started_at + (timeout_secs + $1) * interval '1 second' < now()
-                        FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(overrun_secs as f64)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    let given_up: Vec<(TaskStatus,)> = sqlx::query_as(
-        "UPDATE tasks
-            SET status = CASE WHEN abort_requested_at IS NULL THEN 'failed'
-                              ELSE 'cancelled' END::task_status,
-                error = CASE WHEN abort_requested_at IS NULL THEN 'agent lost'
-                             ELSE 'aborted; its agent was lost' END,
-                finished_at = now(), lease_expires_at = NULL
-          WHERE id IN (SELECT id FROM tasks
-                        WHERE status = 'in_progress' AND lease_expires_at < now()
-                          AND (attempts >= $1 OR abort_requested_at IS NOT NULL)
-                        FOR UPDATE SKIP LOCKED)
-         RETURNING status",
+    let fates: Vec<(String,)> = sqlx::query_as(
+        "WITH due AS (
+             SELECT id, attempts, lost_picks, running_at, abort_requested_at,
+                    started_at + (timeout_secs + $2) * interval '1 second' < now() AS overran
+               FROM tasks
+              WHERE status = 'in_progress'
+                AND (lease_expires_at < now()
+                     OR started_at + (timeout_secs + $2) * interval '1 second' < now())
+              FOR UPDATE SKIP LOCKED
+         ),
+         fate AS (
+             SELECT id,
+                    CASE WHEN overran THEN 'timed_out'
+                         WHEN abort_requested_at IS NOT NULL THEN 'cancelled'
+                         WHEN running_at IS NULL AND lost_picks < $1 THEN 'refunded'
+                         WHEN attempts >= $1 THEN 'lost'
+                         ELSE 'requeued' END AS fate
+               FROM due
+         )
+         UPDATE tasks t SET
+             status = CASE WHEN fate IN ('refunded', 'requeued') THEN 'queued'
+                           WHEN fate = 'cancelled' THEN 'cancelled'
+                           ELSE 'failed' END::task_status,
+             error = CASE fate
+                         WHEN 'timed_out'
+                         THEN 'timed out after ' || t.timeout_secs || ' s; its agent did not stop it'
+                         WHEN 'cancelled' THEN 'aborted; its agent was lost'
+                         WHEN 'lost' THEN 'agent lost'
+                     END,
+             finished_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE now() END,
+             started_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.started_at END,
+             running_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.running_at END,
+             agent = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.agent END,
+             lease = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.lease END,
+             lease_expires_at = NULL,
+             attempts = CASE WHEN fate = 'refunded' THEN t.attempts - 1 ELSE t.attempts END,
+             lost_picks = CASE WHEN fate = 'refunded' THEN t.lost_picks + 1 ELSE t.lost_picks END
+           FROM fate WHERE t.id = fate.id
+         RETURNING fate",
     )
     .bind(max_attempts as i32)
+    .bind(overrun_secs as f64)
     .fetch_all(pool)
     .await?;
-    let requeued = sqlx::query(
-        "UPDATE tasks SET status = 'queued', started_at = NULL, running_at = NULL, agent = NULL,
-                lease = NULL, lease_expires_at = NULL
-          WHERE id IN (SELECT id FROM tasks
-                        WHERE status = 'in_progress' AND lease_expires_at < now()
-                          AND attempts < $1 AND abort_requested_at IS NULL
-                        FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(max_attempts as i32)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    let cancelled = given_up.iter().filter(|(s,)| *s == TaskStatus::Cancelled).count() as u64;
-    Ok(Reaped { requeued, lost: given_up.len() as u64 - cancelled, cancelled, timed_out })
+    let count = |name: &str| fates.iter().filter(|(fate,)| fate == name).count() as u64;
+    Ok(Reaped {
+        requeued: count("requeued") + count("refunded"),
+        refunded: count("refunded"),
+        lost: count("lost"),
+        cancelled: count("cancelled"),
+        timed_out: count("timed_out"),
+    })
 }

@@ -1,0 +1,76 @@
+//! The PostgreSQL pool, built for rocket_db_pools from the same `databases.taskexec` settings,
+//! with one change to sqlx's defaults: a connection is pinged before use only when it has
+//! been idle for a while. sqlx's default pings on every acquire, which doubles the round
+//! trips (and the transactions) of every statement this service runs.
+
+use std::ops::Deref;
+use std::time::Duration;
+
+use rocket::figment::Figment;
+use rocket_db_pools::Database;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
+
+/// The pool, as request guard (`&Db`) and managed state. Handlers run each statement on it, so
+/// none of them pins a connection while it waits (a parked pick holds no connection at all).
+#[derive(Database)]
+#[database("taskexec")]
+pub struct Db(TunedPool);
+
+impl Db {
+    pub fn pool(&self) -> &PgPool {
+        &self.0
+    }
+}
+
+/// A connection idle at least this long is pinged before use: one that died with a database
+/// restart is then replaced rather than failing a request.
+const PING_WHEN_IDLE: Duration = Duration::from_secs(10);
+
+pub struct TunedPool(PgPool);
+
+impl Deref for TunedPool {
+    type Target = PgPool;
+
+    fn deref(&self) -> &PgPool {
+        &self.0
+    }
+}
+
+#[rocket::async_trait]
+impl rocket_db_pools::Pool for TunedPool {
+    type Connection = PoolConnection<Postgres>;
+    type Error = sqlx::Error;
+
+    async fn init(figment: &Figment) -> Result<Self, sqlx::Error> {
+        let config: rocket_db_pools::Config =
+            figment.extract().map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
+        let options = config.url.parse::<PgConnectOptions>()?.disable_statement_logging();
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections as u32)
+            .min_connections(config.min_connections.unwrap_or_default())
+            .acquire_timeout(Duration::from_secs(config.connect_timeout))
+            .idle_timeout(config.idle_timeout.map(Duration::from_secs))
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE {
+                        connection.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
+            .connect_with(options)
+            .await?;
+        Ok(TunedPool(pool))
+    }
+
+    async fn get(&self) -> Result<Self::Connection, Self::Error> {
+        self.0.acquire().await
+    }
+
+    async fn close(&self) {
+        self.0.close().await;
+    }
+}

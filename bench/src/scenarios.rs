@@ -1,0 +1,429 @@
+//! The five scenarios. Each starts from a fresh database and a fresh API process, measures
+//! taskexec, measures its reference in the same run, and returns table rows.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::report::{percentile, Row};
+use crate::system::{Database, Env, Process, TOKEN};
+
+async fn create(env: &Env, api: &Process, command: &str) -> String {
+    let response = env
+        .http
+        .post(format!("{}/tasks", api.url))
+        .json(&json!({ "command": command }))
+        .send()
+        .await
+        .expect("POST /tasks");
+    assert_eq!(response.status(), 201);
+    response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `parked` picks are parked on the API.
+async fn until_parked(env: &Env, api: &Process, parked: usize) {
+    for _ in 0..3000 {
+        let health: Value =
+            env.http.get(format!("{}/health", api.url)).send().await.unwrap().json().await.unwrap();
+        if health["parked_picks"].as_u64() == Some(parked as u64) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{parked} picks never parked");
+}
+
+/// Waits until task `id` has ended (polling the database, which costs the API nothing).
+async fn until_done(db: &Database, id: &str) {
+    let id: uuid::Uuid = id.parse().unwrap();
+    loop {
+        let done: bool =
+            sqlx::query_scalar("SELECT finished_at IS NOT NULL FROM tasks WHERE id = $1")
+                .bind(id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        if done {
+            return;
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+/// created -> picked and created -> running, in milliseconds, of every finished task.
+async fn latencies(db: &Database) -> (Vec<f64>, Vec<f64>) {
+    let rows: Vec<(f64, f64)> = sqlx::query_as(
+        "SELECT (extract(epoch FROM started_at - created_at) * 1000)::float8,
+                (extract(epoch FROM running_at - created_at) * 1000)::float8
+           FROM tasks WHERE status = 'finished' AND running_at IS NOT NULL",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    rows.into_iter().unzip()
+}
+
+/// Runs `count` tasks `true` one after another with `workers` agents configured by `env_vars`.
+async fn sequential_tasks(
+    env: &Env,
+    name: &str,
+    count: usize,
+    env_vars: &[(&str, &str)],
+) -> (Vec<f64>, Vec<f64>) {
+    let db = env.database(name).await;
+    let api = env.api(&db, &[]).await;
+    let workers = env.workers(&api, 8, env_vars);
+    if env_vars.iter().all(|(k, v)| *k != "PICK_WAIT" || *v != "0") {
+        until_parked(env, &api, 8).await;
+    }
+    for _ in 0..count {
+        let id = create(env, &api, "true").await;
+        until_done(&db, &id).await;
+    }
+    workers.stop().await;
+    api.stop().await;
+    latencies(&db).await
+}
+
+/// 1. Pick latency: the long poll against the original design's 5 s polling.
+pub async fn pick_latency(env: &Env, quick: bool) -> Vec<Row> {
+    let (count, reference_count) = if quick { (100, 10) } else { (500, 40) };
+    println!("1. pick latency: {count} sequential tasks, 8 long-polling agents ...");
+    let (mut picked, mut running) = sequential_tasks(env, "bench_latency", count, &[]).await;
+    println!("   reference: {reference_count} tasks, 8 agents polling every 5 s ...");
+    let polling = [("PICK_WAIT", "0"), ("POLL_INTERVAL", "5s")];
+    let (mut ref_picked, mut ref_running) =
+        sequential_tasks(env, "bench_latency_ref", reference_count, &polling).await;
+    let mut rows = Vec::new();
+    for (what, ours, theirs) in [
+        ("created→picked", &mut picked, &mut ref_picked),
+        ("created→started", &mut running, &mut ref_running),
+    ] {
+        for p in [50.0, 90.0, 99.0] {
+            let (value, reference) = (percentile(ours, p), percentile(theirs, p));
+            let mut row =
+                Row::new("1 pick latency", format!("{what} p{p}"), format!("{value:.2} ms"))
+                    .reference(format!("{reference:.0} ms (5 s poll)"), reference / value);
+            if what == "created→started" && p == 50.0 {
+                row =
+                    row.target("≤ 5 ms, ≥ 500× faster", value <= 5.0 && reference / value >= 500.0);
+            }
+            if what == "created→started" && p == 99.0 {
+                row = row.target("≤ 25 ms", value <= 25.0);
+            }
+            rows.push(row);
+        }
+    }
+    rows
+}
+
+/// The lifecycle of a task in pgbench: the three statements taskexec runs per task.
+const LIFECYCLE: &str = "\
+INSERT INTO tasks (id, command, timeout_secs) VALUES (gen_random_uuid(), 'true', 3600);
+WITH locked AS (SELECT id FROM tasks WHERE status = 'queued' ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+UPDATE tasks t SET status = 'in_progress', started_at = now(), attempts = t.attempts + 1,
+       lease = gen_random_uuid(), agent = 'pgbench', lease_expires_at = now() + interval '30 s'
+  FROM locked WHERE t.id = locked.id RETURNING t.id AS claimed, t.lease AS lease \\gset
+UPDATE tasks SET status = 'finished', exit_code = 0, stdout = '', stderr = '', finished_at = now(),
+       lease_expires_at = NULL WHERE id = ':claimed' AND lease = ':lease' AND status = 'in_progress';
+";
+
+/// 2. End-to-end throughput: a queue drained by 2, 4, 8 and 16 agents, against pgbench
+/// running the same three statements per task.
+pub async fn throughput(env: &Env, quick: bool) -> Vec<Row> {
+    let (tasks, counts, secs): (usize, &[usize], u64) =
+        if quick { (1000, &[4, 8], 3) } else { (5000, &[2, 4, 8, 16], 8) };
+    let mut rows = Vec::new();
+    let mut best = (0.0, 0);
+    for &agents in counts {
+        println!("2. throughput: {tasks} tasks `true`, {agents} agents ...");
+        let db = env.database("bench_throughput").await;
+        let api = env.api(&db, &[]).await;
+        submit_concurrently(env, &api, tasks, 16).await;
+        let workers = env.workers(&api, agents, &[]);
+        loop {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM tasks WHERE finished_at IS NULL")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seconds: f64 = sqlx::query_scalar(
+            "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8 FROM tasks",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        workers.stop().await;
+        api.stop().await;
+        let ours = tasks as f64 / seconds;
+        println!("   reference: pgbench lifecycle, {agents} clients, {secs} s ...");
+        let reference = env.database("bench_pgbench").await;
+        prefill(&reference, tasks).await;
+        let lifecycle = env.pgbench(&reference, LIFECYCLE, agents, secs).await;
+        let ratio = ours / lifecycle;
+        if ratio > best.0 {
+            best = (ratio, agents);
+        }
+        rows.push(
+            Row::new("2 end-to-end", format!("{agents} agents: tasks/s"), format!("{ours:.0}"))
+                .reference(format!("{lifecycle:.0} lifecycles/s (pgbench)"), ratio),
+        );
+    }
+    rows.push(
+        Row::new("2 end-to-end", "best ratio", format!("{:.2} at {} agents", best.0, best.1))
+            .target("≥ 0.5 of pgbench", best.0 >= 0.5),
+    );
+    rows
+}
+
+/// Queued tasks for pgbench's claims to find, as deep as taskexec's queue.
+async fn prefill(db: &Database, tasks: usize) {
+    sqlx::query(
+        "INSERT INTO tasks (id, command, timeout_secs)
+         SELECT gen_random_uuid(), 'true', 3600 FROM generate_series(1, $1)",
+    )
+    .bind(tasks as i32)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+async fn submit_concurrently(env: &Env, api: &Process, tasks: usize, clients: usize) {
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let (http, url) = (env.http.clone(), api.url.clone());
+            let share = tasks / clients + usize::from(c < tasks % clients);
+            tokio::spawn(async move {
+                for _ in 0..share {
+                    let response = http
+                        .post(format!("{url}/tasks"))
+                        .json(&json!({"command": "true"}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 201);
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+}
+
+/// 3. Submit throughput: POST /tasks from 8 and 32 clients, against pgbench inserting into the
+/// same table.
+pub async fn submit(env: &Env, quick: bool) -> Vec<Row> {
+    let secs = if quick { 3 } else { 10 };
+    let mut rows = Vec::new();
+    for clients in [8usize, 32] {
+        println!("3. submit: {clients} clients for {secs} s ...");
+        let db = env.database("bench_submit").await;
+        let api = env.api(&db, &[]).await;
+        let running = Arc::new(AtomicBool::new(true));
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let (http, url, running) = (env.http.clone(), api.url.clone(), running.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while running.load(Ordering::Relaxed) {
+                        let sent = Instant::now();
+                        let response = http
+                            .post(format!("{url}/tasks"))
+                            .json(&json!({"command": "true"}))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(response.status(), 201);
+                        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        running.store(false, Ordering::Relaxed);
+        let mut latencies = Vec::new();
+        for handle in handles {
+            latencies.extend(handle.await.unwrap());
+        }
+        let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+        let p99 = percentile(&mut latencies, 99.0);
+        api.stop().await;
+        println!("   reference: pgbench inserts, {clients} clients ...");
+        let reference = env.database("bench_submit_ref").await;
+        let insert = "INSERT INTO tasks (id, command, timeout_secs) VALUES (gen_random_uuid(), 'true', 3600);\n";
+        let inserts = env.pgbench(&reference, insert, clients, secs).await;
+        let ratio = rate / inserts;
+        rows.push(
+            Row::new("3 submit", format!("{clients} clients: requests/s"), format!("{rate:.0}"))
+                .reference(format!("{inserts:.0} inserts/s (pgbench)"), ratio)
+                .target("≥ 0.6 of pgbench", ratio >= 0.6),
+        );
+        rows.push(Row::new(
+            "3 submit",
+            format!("{clients} clients: p99 latency"),
+            format!("{p99:.1} ms"),
+        ));
+    }
+    rows
+}
+
+/// 4. Idle cost: 1,000 parked long polls held for 30 s; then one task, and the claim
+/// statements it caused.
+pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
+    let (polls, hold) = (1000usize, if quick { 10 } else { 30 });
+    println!("4. idle cost: {polls} parked polls held {hold} s ...");
+    let db = env.database("bench_idle").await;
+    let api = env.api(&db, &[]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = api.rss_mib();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let handles: Vec<_> = (0..polls)
+        .map(|n| {
+            let (http, url) = (client.clone(), api.url.clone());
+            tokio::spawn(async move {
+                let response = http
+                    .get(format!("{url}/tasks/pick?wait=60"))
+                    .bearer_auth(TOKEN)
+                    .header("X-Agent-Name", format!("idle-{n}"))
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status() == 200 => {
+                        Some(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned())
+                    }
+                    _ => None,
+                }
+            })
+        })
+        .collect();
+    until_parked(env, &api, polls).await;
+    let (cpu_before, xacts_before) = (api.cpu_seconds(), db.transactions().await);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(hold)).await;
+    let seconds = started.elapsed().as_secs_f64();
+    // Our own two readings of pg_stat_database are transactions too.
+    let xacts = (db.transactions().await - xacts_before - 1).max(0) as f64 / seconds;
+    let cpu = api.cpu_seconds() - cpu_before;
+    let rss = api.rss_mib() - rss_before;
+    let connections = db.connections().await;
+    let statements_ready = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&db.pool)
+        .await
+        .and(sqlx::query("SELECT pg_stat_statements_reset()").execute(&db.pool).await)
+        .is_ok();
+    create(env, &api, "true").await;
+    let mut delivered = 0;
+    let waited = Instant::now();
+    while delivered == 0 && waited.elapsed() < Duration::from_secs(10) {
+        delivered =
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tasks WHERE status = 'in_progress'")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let any echo of the notification arrive before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let claims: Option<i64> = if statements_ready {
+        sqlx::query_scalar("SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query LIKE 'WITH locked AS%'")
+            .fetch_one(&db.pool)
+            .await
+            .ok()
+    } else {
+        None
+    };
+    api.stop().await;
+    for handle in handles {
+        handle.abort();
+    }
+    let mut rows = vec![
+        Row::new("4 idle", format!("API CPU, {polls} polls for {hold} s"), format!("{cpu:.2} s")),
+        Row::new("4 idle", "API RSS growth", format!("{rss:.1} MiB"))
+            .target("≤ 64 MiB", rss <= 64.0),
+        Row::new("4 idle", "database transactions/s", format!("{xacts:.2}"))
+            .target("≤ 1", xacts <= 1.0),
+        Row::new("4 idle", "database connections", format!("{connections}")),
+    ];
+    rows.push(match claims {
+        Some(claims) => Row::new("4 idle", "claim statements for 1 task", format!("{claims}"))
+            .target("≤ 2", claims <= 2),
+        None => Row::new("4 idle", "claim statements for 1 task", "pg_stat_statements unavailable"),
+    });
+    rows
+}
+
+/// 5. Wake fairness: 100 parked polls and 100 tasks created at once.
+pub async fn wake_fairness(env: &Env, _quick: bool) -> Vec<Row> {
+    println!("5. wake fairness: 100 parked polls, 100 tasks at once ...");
+    let db = env.database("bench_fairness").await;
+    let api = env.api(&db, &[]).await;
+    let polls: Vec<_> = (0..100)
+        .map(|n| {
+            let (http, url) = (env.http.clone(), api.url.clone());
+            tokio::spawn(async move {
+                let response = http
+                    .get(format!("{url}/tasks/pick?wait=30"))
+                    .bearer_auth(TOKEN)
+                    .header("X-Agent-Name", format!("fair-{n}"))
+                    .send()
+                    .await
+                    .unwrap();
+                if response.status() == 200 {
+                    let task: Value = response.json().await.unwrap();
+                    Some((task["id"].as_str().unwrap().to_owned(), Instant::now()))
+                } else {
+                    None
+                }
+            })
+        })
+        .collect();
+    until_parked(env, &api, 100).await;
+    let created = Instant::now();
+    let creates: Vec<_> = (0..100)
+        .map(|_| {
+            let (http, url) = (env.http.clone(), api.url.clone());
+            tokio::spawn(async move {
+                http.post(format!("{url}/tasks"))
+                    .json(&json!({"command": "true"}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for create in creates {
+        assert_eq!(create.await.unwrap(), 201);
+    }
+    let mut delivered = Vec::new();
+    for poll in polls {
+        if let Some(got) = poll.await.unwrap() {
+            delivered.push(got);
+        }
+    }
+    let distinct: HashSet<&String> = delivered.iter().map(|(id, _)| id).collect();
+    let last = delivered
+        .iter()
+        .map(|(_, at)| *at)
+        .max()
+        .map_or(0.0, |at| (at - created).as_secs_f64() * 1000.0);
+    api.stop().await;
+    drop(db);
+    vec![Row::new(
+        "5 fairness",
+        "polls served / distinct tasks",
+        format!("{} / {} (last after {last:.0} ms)", delivered.len(), distinct.len()),
+    )
+    .target("100 / 100", delivered.len() == 100 && distinct.len() == 100)]
+}

@@ -1,0 +1,239 @@
+//! What the benchmark runs against: the PostgreSQL cluster that `with-postgres` started, the
+//! release binaries, pgbench, and readings of a process's CPU and memory.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+
+/// The agent token of every benchmark server.
+pub const TOKEN: &str = "bench-token-0123456789abcdef";
+
+pub struct Env {
+    pub admin_url: String,
+    host: String,
+    port: u16,
+    pg_bindir: PathBuf,
+    /// target/release, where the API and worker binaries are.
+    bin: PathBuf,
+    pub http: reqwest::Client,
+}
+
+impl Env {
+    pub async fn from_environment() -> Env {
+        let admin_url = std::env::var("DATABASE_URL")
+            .expect("DATABASE_URL is not set: run the benchmark with `make bench`");
+        let url = reqwest::Url::parse(&admin_url).expect("DATABASE_URL is a URL");
+        let pg_bindir = std::env::var("TASKEXEC_PG_BINDIR")
+            .map(PathBuf::from)
+            .expect("TASKEXEC_PG_BINDIR is not set: run the benchmark with `make bench`");
+        let bin = std::env::current_exe().unwrap().parent().unwrap().to_owned();
+        Env {
+            host: url.host_str().unwrap_or("127.0.0.1").to_owned(),
+            port: url.port().unwrap_or(5432),
+            admin_url,
+            pg_bindir,
+            bin,
+            http: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+        }
+    }
+
+    /// A fresh, migrated database, so that no scenario inherits another's rows.
+    pub async fn database(&self, name: &str) -> Database {
+        let mut admin = PgConnection::connect(&self.admin_url).await.unwrap();
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
+        let url = format!("postgres://postgres@{}:{}/{name}", self.host, self.port);
+        let options = url.parse::<PgConnectOptions>().unwrap().application_name("bench");
+        let pool = PgPoolOptions::new().max_connections(4).connect_with(options).await.unwrap();
+        sqlx::migrate!("../migrations").run(&pool).await.expect("migrations apply");
+        Database { name: name.to_owned(), url, pool }
+    }
+
+    /// The release API on a free port, healthy.
+    pub async fn api(&self, db: &Database, extra_env: &[(&str, &str)]) -> Process {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut command = tokio::process::Command::new(self.bin.join("taskexec-api"));
+        command
+            .env_clear()
+            .env("DATABASE_URL", &db.url)
+            .env("AGENT_TOKEN", TOKEN)
+            .env("SERVER_PORT", port.to_string())
+            .env("ROCKET_ADDRESS", "127.0.0.1")
+            .env("LOG_LEVEL", "error")
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::null())
+            .kill_on_drop(true);
+        let child = command.spawn().expect("start the API");
+        let url = format!("http://127.0.0.1:{port}");
+        let api = Process { url, children: vec![child] };
+        for _ in 0..600 {
+            if let Ok(r) = self.http.get(format!("{}/health", api.url)).send().await {
+                if r.status() == 200 {
+                    return api;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the API never became healthy");
+    }
+
+    /// `count` release workers for `api`.
+    pub fn workers(&self, api: &Process, count: usize, extra_env: &[(&str, &str)]) -> Process {
+        let children = (0..count)
+            .map(|n| {
+                tokio::process::Command::new(self.bin.join("taskexec-worker"))
+                    .env_clear()
+                    .env("PATH", std::env::var("PATH").unwrap_or_default())
+                    .env("BACKEND_API_URL", &api.url)
+                    .env("AGENT_TOKEN", TOKEN)
+                    .env("AGENT_NAME", format!("bench-{n}"))
+                    .env("POLL_INTERVAL", "1s")
+                    .env("LOG_LEVEL", "error")
+                    .envs(extra_env.iter().copied())
+                    .stdin(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("start a worker")
+            })
+            .collect();
+        Process { url: api.url.clone(), children }
+    }
+
+    /// Runs pgbench with `script` on `db`: `clients` connections for `secs` seconds. Returns
+    /// transactions per second.
+    pub async fn pgbench(&self, db: &Database, script: &str, clients: usize, secs: u64) -> f64 {
+        let path =
+            std::env::temp_dir().join(format!("taskexec-bench-{}.sql", uuid::Uuid::new_v4()));
+        std::fs::write(&path, script).unwrap();
+        let output = tokio::process::Command::new(self.pg_bindir.join("pgbench"))
+            .args(["-n", "-c", &clients.to_string(), "-j", &clients.min(2).to_string()])
+            .args(["-T", &secs.to_string(), "-f", path.to_str().unwrap()])
+            .args(["-h", &self.host, "-p", &self.port.to_string(), "-U", "postgres", &db.name])
+            .output()
+            .await
+            .expect("run pgbench");
+        let _ = std::fs::remove_file(&path);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "pgbench failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("tps = ")?.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no tps in pgbench output: {stdout}"))
+    }
+}
+
+pub struct Database {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl Database {
+    /// Transactions committed or rolled back in this database so far.
+    pub async fn transactions(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
+        )
+        .bind(&self.name)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Server connections to this database, the benchmark's own pool excluded.
+    pub async fn connections(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name <> 'bench'",
+        )
+        .bind(&self.name)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+}
+
+/// Child processes (the API, or a set of workers), killed when dropped.
+pub struct Process {
+    pub url: String,
+    children: Vec<tokio::process::Child>,
+}
+
+impl Process {
+    fn pid(&self) -> u32 {
+        self.children[0].id().expect("running")
+    }
+
+    /// CPU time used so far (user + system), in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    /// Resident memory, in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        kib / 1024.0
+    }
+
+    /// Asks every process to stop (SIGTERM) and waits up to 10 s each.
+    pub async fn stop(mut self) {
+        for child in &self.children {
+            if let Some(pid) = child.id() {
+                // SAFETY: signals our own child.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+        }
+        for child in &mut self.children {
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        }
+    }
+}
+
+/// 1,000 parked polls need more than the usual 1,024 open files.
+pub fn raise_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// The machine, for the report: CPU model and count, memory, PostgreSQL version.
+pub async fn describe_machine(env: &Env) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(str::trim))
+        .unwrap_or("unknown CPU")
+        .to_owned();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let mut admin = PgConnection::connect(&env.admin_url).await.unwrap();
+    let version: String =
+        sqlx::query_scalar("SHOW server_version").fetch_one(&mut admin).await.unwrap();
+    format!("{cores} × {model}, {mem_gib:.0} GiB, PostgreSQL {version} (fsync off)")
+}
