@@ -38,8 +38,9 @@ dev: build
 	scripts/with-postgres scripts/dev
 
 # The benchmark (release build, a PostgreSQL cluster of its own, real workers, pgbench as the
-# reference); QUICK=1 for a shorter run. Report in target/bench/report.md and report.json.
+# reference); QUICK=1 for a shorter run, ONLY=2,4 for some scenarios. Report in
+# target/bench/report.md and report.json.
 bench:
 	cargo build --release --workspace --bins
 	TASKEXEC_OWN_POSTGRES=1 TASKEXEC_PG_OPTIONS="-c shared_preload_libraries=pg_stat_statements" \
-		scripts/with-postgres target/release/taskexec-bench $(if $(QUICK),--quick)
+		scripts/with-postgres target/release/taskexec-bench $(if $(QUICK),--quick) $(if $(ONLY),--only $(ONLY))

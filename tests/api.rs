@@ -623,3 +623,36 @@ async fn sigterm_to_the_server_ends_parked_picks_with_204_and_exits_0() {
         .expect("the server exits");
     assert!(exit.unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_submissions_are_each_stored_once_with_their_own_command() {
+    let app = TestApp::spawn().await;
+
+    let creates: Vec<_> = (0..200)
+        .map(|n| {
+            let (url, http) = (app.url.clone(), app.http.clone());
+            tokio::spawn(async move {
+                let response = http
+                    .post(format!("{url}/tasks"))
+                    .json(&json!({"command": format!("echo {n}"), "timeout_secs": n + 1}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 201);
+                (n, response.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for create in creates {
+        let (n, task) = create.await.unwrap();
+        assert_eq!(task["command"], format!("echo {n}"));
+        assert_eq!(task["timeout_secs"], n + 1);
+        assert!(ids.insert(task["id"].as_str().unwrap().to_owned()));
+        assert_eq!(app.task(task["id"].as_str().unwrap()).await, task, "stored as answered");
+    }
+
+    let page: Value =
+        app.request(Method::GET, "/tasks?limit=1000").send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 200);
+}

@@ -33,6 +33,7 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         .attach(config::stage())
         .attach(Db::init())
         .attach(AdHoc::try_on_ignite("Migrations", migrate))
+        .attach(tasks::intake::stage())
         .attach(dispatch::stage())
         .attach(reaper::stage())
         .attach(logging::RequestLog)

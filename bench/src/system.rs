@@ -105,6 +105,37 @@ impl Env {
         Process { url: api.url.clone(), children }
     }
 
+    /// How many times per second the machine can run a task's processes alone (the guard and
+    /// `sh -c true`), with one spawner per core.
+    pub async fn spawn_rate(&self, span: Duration) -> f64 {
+        let worker = self.bin.join("taskexec-worker");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let until = std::time::Instant::now() + span;
+        let spawners: Vec<_> = (0..cores)
+            .map(|_| {
+                let worker = worker.clone();
+                tokio::task::spawn_blocking(move || {
+                    let me = std::process::id().to_string();
+                    let mut spawned = 0u64;
+                    while std::time::Instant::now() < until {
+                        let status = std::process::Command::new(&worker)
+                            .args(["__guard", &me, "true"])
+                            .status()
+                            .expect("run the guard");
+                        assert!(status.success());
+                        spawned += 1;
+                    }
+                    spawned
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for spawner in spawners {
+            total += spawner.await.unwrap();
+        }
+        total as f64 / span.as_secs_f64()
+    }
+
     /// Runs pgbench with `script` on `db`: `clients` connections for `secs` seconds. Returns
     /// transactions per second.
     pub async fn pgbench(&self, db: &Database, script: &str, clients: usize, secs: u64) -> f64 {
@@ -139,10 +170,22 @@ pub struct Database {
 }
 
 impl Database {
-    /// Transactions committed or rolled back in this database so far.
-    pub async fn transactions(&self) -> i64 {
+    /// Starts counting statements afresh (pg_stat_statements, which the benchmark's cluster
+    /// loads).
+    pub async fn reset_statements(&self) {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&self.pool)
+            .await
+            .expect("pg_stat_statements is loaded (make bench starts PostgreSQL with it)");
+        sqlx::query("SELECT pg_stat_statements_reset()").execute(&self.pool).await.unwrap();
+    }
+
+    /// Statements run in this database since the last reset by anyone but the benchmark.
+    pub async fn api_statements(&self) -> i64 {
         sqlx::query_scalar(
-            "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements s
+               JOIN pg_database d ON d.oid = s.dbid
+              WHERE d.datname = $1 AND s.query NOT LIKE '%pg_stat%'",
         )
         .bind(&self.name)
         .fetch_one(&self.pool)

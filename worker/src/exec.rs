@@ -128,19 +128,18 @@ impl Running {
         }
     }
 
-    /// Kills every process of the command at once: the guard kills all its descendants, and
-    /// the group is killed too in case the guard is already gone.
-    pub fn kill(&self) {
-        if let (true, Some(guard)) = (self.guarded, self.group) {
-            // SAFETY: kill only sends a signal; the guard leads the group named after it.
-            unsafe { libc::kill(guard as libc::pid_t, libc::SIGUSR1) };
-        }
-        self.signal(libc::SIGKILL);
+    /// Whether the command runs under the guard, which kills all its descendants on SIGUSR1
+    /// (then exits) and whatever is left when `sh` exits.
+    pub fn is_guarded(&self) -> bool {
+        self.guarded
     }
 
-    /// After the command has exited: kills whatever it left running, and collects the output.
+    /// After the command has exited: kills whatever it left running (the guard has already
+    /// done so), and collects the output.
     pub fn finish(self, exit: Exit) -> Execution {
-        self.kill();
+        if !self.guarded {
+            self.signal(libc::SIGKILL);
+        }
         let deadline = Instant::now() + DRAIN_GRACE;
         Execution {
             exit,

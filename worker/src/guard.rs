@@ -7,9 +7,9 @@
 //! - It is a child subreaper: descendants orphaned by their parent's exit (`cmd &`, or
 //!   `setsid cmd &`, which also leaves the process group) are re-parented to the guard rather
 //!   than to init, so it can find them all by walking /proc.
-//! - When `sh` exits, the guard kills what is left; SIGUSR1 from the agent kills everything
-//!   now; SIGTERM (which the agent sends to the group) is passed on to descendants that left
-//!   the group.
+//! - When `sh` exits, the guard kills what is left; SIGUSR1 (which the agent sends to the
+//!   group after the kill grace) kills everything now; SIGTERM (which the agent sends to the
+//!   group first) is passed on to descendants that left the group.
 //!
 //! The guard is this same binary, started as `taskexec-worker __guard <agent pid> <command>`.
 
@@ -97,6 +97,12 @@ fn kill_descendants() {
     // SAFETY: getpid cannot fail.
     let me = unsafe { libc::getpid() };
     for _ in 0..20 {
+        reap();
+        // Every live descendant has a live ancestor among our children (orphans are re-parented
+        // to us), so no child at all means nothing to kill, and no walk through /proc.
+        if !has_children() {
+            return;
+        }
         let descendants = descendants_of(me);
         if descendants.is_empty() {
             return;
@@ -120,6 +126,12 @@ fn signal_strays(signal: libc::c_int) {
             unsafe { libc::kill(pid, signal) };
         }
     }
+}
+
+fn has_children() -> bool {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG and a valid pointer; -1 with ECHILD means no children.
+    unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) != -1 }
 }
 
 /// Collects the exit status of any finished child (orphans re-parented to us included).

@@ -95,20 +95,25 @@ pub fn supervise(
     }
 }
 
-/// SIGTERM to the process group, up to `grace` for it to exit, then SIGKILL. A second stop
-/// request skips the rest of the grace.
+/// How long the guard gets to kill every descendant on SIGUSR1 before the group is killed.
+const GUARD_CLEANUP: Duration = Duration::from_secs(2);
+
+/// SIGTERM to the process group, up to `grace` for it to exit, then the kill: SIGUSR1 to the
+/// group, on which the guard kills every descendant (even those that left the group) and exits,
+/// then SIGKILL to the group if that did not end it. Signals go to the group, never to a pid
+/// that may have been reaped and reused. A second stop request skips the rest of the grace.
 fn stop_command(running: &Running, inbox: &Receiver<Event>, grace: Duration) -> Exit {
     running.signal(libc::SIGTERM);
-    let until = Instant::now() + grace;
-    loop {
-        match inbox.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok(Event::Exited(exit)) => return exit,
-            Ok(Event::StopNow) => break,
-            Ok(_) => {}
-            Err(_) => break,
+    if let Some(exit) = wait_exit(inbox, grace, true) {
+        return exit;
+    }
+    if running.is_guarded() {
+        running.signal(libc::SIGUSR1);
+        if let Some(exit) = wait_exit(inbox, GUARD_CLEANUP, false) {
+            return exit;
         }
     }
-    running.kill();
+    running.signal(libc::SIGKILL);
     loop {
         match inbox.recv() {
             Ok(Event::Exited(exit)) => return exit,
@@ -118,9 +123,26 @@ fn stop_command(running: &Running, inbox: &Receiver<Event>, grace: Duration) -> 
     }
 }
 
+/// The command's exit if it comes within `wait`; `None` at the end of it, or at a second stop
+/// request when `hurry` allows.
+fn wait_exit(inbox: &Receiver<Event>, wait: Duration, hurry: bool) -> Option<Exit> {
+    let until = Instant::now() + wait;
+    loop {
+        match inbox.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(Event::Exited(exit)) => return Some(exit),
+            Ok(Event::StopNow) if hurry => return None,
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
 /// Time kept in hand at the end of a lease: the command must be dead this long before the
 /// lease runs out.
 const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// The shortest heartbeat call, even when the lease is nearly out: less than `LEASE_MARGIN`.
+const LAST_CALL: Duration = Duration::from_millis(500);
 
 /// Keeps the lease alive while `beating` holds: at least three heartbeats per lease, each held
 /// by the server until the next is due unless an abort comes first. Reports an abort (and goes
@@ -147,8 +169,10 @@ pub fn heartbeat(
             let period = (usable / 3).max(Duration::from_millis(100));
             // Whole seconds, as the server takes them; no hold once the abort is known.
             let hold = if aborted { Duration::ZERO } else { Duration::from_secs(period.as_secs()) };
-            let timeout =
-                give_up.saturating_duration_since(started).max(Duration::from_millis(100));
+            // Past the point of giving up (after a freeze, say), still ask once: the answer
+            // (409, most likely) is worth more than a guess, and half a second is within the
+            // margin.
+            let timeout = give_up.saturating_duration_since(started).max(LAST_CALL);
             let news = match client.heartbeat(id, lease, hold, timeout) {
                 Ok(reply) => {
                     lease_start = started;

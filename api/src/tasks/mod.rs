@@ -1,6 +1,7 @@
-//! Everything about tasks: the resource (`model`), its SQL (`store`) and its endpoints
-//! (`routes`).
+//! Everything about tasks: the resource (`model`), its SQL (`store`), the coalesced inserts
+//! of submissions (`intake`) and its endpoints (`routes`).
 
+pub mod intake;
 pub mod model;
 pub mod routes;
 pub mod store;

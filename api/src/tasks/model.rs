@@ -86,6 +86,38 @@ pub struct Task {
     pub seq: i64,
 }
 
+impl Task {
+    /// A task as inserted: queued, with the defaults of the table.
+    pub fn queued(
+        id: Uuid,
+        command: String,
+        timeout_secs: u32,
+        created_at: DateTime<Utc>,
+        seq: i64,
+    ) -> Task {
+        Task {
+            id,
+            command,
+            status: TaskStatus::Queued,
+            created_at,
+            started_at: None,
+            running_at: None,
+            finished_at: None,
+            exit_code: None,
+            stdout: None,
+            stderr: None,
+            stdout_lossy: false,
+            stderr_lossy: false,
+            error: None,
+            agent: None,
+            attempts: 0,
+            timeout_secs: timeout_secs as i32,
+            abort_requested_at: None,
+            seq,
+        }
+    }
+}
+
 /// The columns of `Task`, for every query that returns one, optionally qualified with a table
 /// alias (`task_columns!("t.")`). A macro so that each query stays one `&'static str`.
 #[rustfmt::skip]

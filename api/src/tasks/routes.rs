@@ -9,6 +9,7 @@ use rocket::{get, post, routes, Responder, Route, Shutdown, State};
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::intake::Intake;
 use super::model::{
     FinishReport, HeartbeatReply, LeaseBody, NewTask, NewTaskBody, NewTaskLimits, Picked, Task,
     TaskStatus,
@@ -27,7 +28,7 @@ pub fn routes() -> Vec<Route> {
 
 #[post("/tasks", data = "<body>")]
 async fn create(
-    db: &Db,
+    intake: &State<Intake>,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
     body: JsonBody<NewTaskBody>,
@@ -38,7 +39,7 @@ async fn create(
     };
     let new = NewTask::from_json(body.0 .0, &limits)?;
     let timeout_secs = new.timeout_secs.unwrap_or(config.default_timeout_secs);
-    let task = store::insert(db, &new.command, timeout_secs).await?;
+    let task = intake.submit(new.command, timeout_secs).await?;
     dispatcher.task_queued();
     let location = format!("/tasks/{}", task.id);
     Ok(Created::new(location).body(Json(task)))

@@ -1,6 +1,8 @@
 //! All SQL about tasks. Each function is one short statement: no transaction is ever held
 //! open while a command runs, and every agent write is fenced by the lease in its WHERE clause.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, QueryBuilder};
 use uuid::Uuid;
@@ -24,17 +26,45 @@ macro_rules! abort_channel {
 }
 pub const ABORT_CHANNEL: &str = abort_channel!();
 
+/// Inserts a queued task.
 pub async fn insert(pool: &PgPool, command: &str, timeout_secs: u32) -> sqlx::Result<Task> {
-    let sql = concat!(
-        "INSERT INTO tasks (id, command, timeout_secs) VALUES ($1, $2, $3) RETURNING ",
-        task_columns!()
-    );
-    sqlx::query_as(sql)
-        .bind(Uuid::new_v4())
-        .bind(command)
-        .bind(timeout_secs as i32)
-        .fetch_one(pool)
-        .await
+    let new = NewRow { id: Uuid::new_v4(), command, timeout_secs };
+    let mut made = insert_many(pool, &[new]).await?;
+    made.pop().ok_or(sqlx::Error::RowNotFound)
+}
+
+/// A task to insert.
+pub struct NewRow<'a> {
+    pub id: Uuid,
+    pub command: &'a str,
+    pub timeout_secs: u32,
+}
+
+/// Inserts queued tasks in one statement, and returns them in the order given. Only what the
+/// database generates comes back (the time and the creation order): echoing the rest, the
+/// command above all, would only cost.
+pub async fn insert_many(pool: &PgPool, rows: &[NewRow<'_>]) -> sqlx::Result<Vec<Task>> {
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let commands: Vec<&str> = rows.iter().map(|r| r.command).collect();
+    let timeouts: Vec<i32> = rows.iter().map(|r| r.timeout_secs as i32).collect();
+    let generated: Vec<(Uuid, DateTime<Utc>, i64)> = sqlx::query_as(
+        "INSERT INTO tasks (id, command, timeout_secs)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[])
+         RETURNING id, created_at, seq",
+    )
+    .bind(&ids)
+    .bind(&commands)
+    .bind(&timeouts)
+    .fetch_all(pool)
+    .await?;
+    let generated: HashMap<Uuid, (DateTime<Utc>, i64)> =
+        generated.into_iter().map(|(id, at, seq)| (id, (at, seq))).collect();
+    rows.iter()
+        .map(|row| {
+            let &(created_at, seq) = generated.get(&row.id).ok_or(sqlx::Error::RowNotFound)?;
+            Ok(Task::queued(row.id, row.command.to_owned(), row.timeout_secs, created_at, seq))
+        })
+        .collect()
 }
 
 pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Task>> {
