@@ -9,7 +9,8 @@ use taskexec_api::tasks::store;
 use taskexec_tests::{TestApp, TestDb, TOKEN};
 use tokio::time::Instant;
 
-const TERMS: PickTerms = PickTerms { confirm_secs: 15, kill_grace_secs: 10 };
+const TERMS: PickTerms =
+    PickTerms { confirm_secs: 15, kill_grace_secs: 10, max_output_bytes: 1 << 20 };
 
 async fn migrated() -> (TestDb, PgPool) {
     let db = TestDb::create().await;

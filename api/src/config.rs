@@ -45,6 +45,8 @@ pub struct AppConfig {
     pub max_timeout_secs: u32,
     /// Seconds between SIGTERM and SIGKILL when an agent stops a command.
     pub kill_grace_secs: u32,
+    /// The most output kept per stream, in bytes (first and last halves).
+    pub max_output_bytes: u32,
 }
 
 /// Never print the token, even in a debug dump of the configuration.
@@ -66,6 +68,7 @@ impl fmt::Debug for AppConfig {
             .field("default_timeout_secs", &self.default_timeout_secs)
             .field("max_timeout_secs", &self.max_timeout_secs)
             .field("kill_grace_secs", &self.kill_grace_secs)
+            .field("max_output_bytes", &self.max_output_bytes)
             .finish()
     }
 }
@@ -94,6 +97,7 @@ impl AppConfig {
                  an agent that cannot reach the API stops its command before its lease runs out",
             ),
             (self.pick_confirm_secs >= 1, "pick_confirm_secs must be at least 1"),
+            (self.max_output_bytes >= 1024, "max_output_bytes must be at least 1024"),
             (self.reaper_interval_secs >= 1, "reaper_interval_secs must be at least 1"),
             (self.max_attempts >= 1, "max_attempts must be at least 1"),
             (self.default_timeout_secs >= 1 && self.default_timeout_secs <= self.max_timeout_secs,

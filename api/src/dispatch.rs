@@ -35,7 +35,7 @@ pub struct Dispatcher {
     queued: Arc<Notify>,
     parked: Arc<AtomicUsize>,
     listening: Arc<AtomicBool>,
-    aborts: AbortWatch,
+    events: TaskEvents,
 }
 
 /// What a pick grants besides the task: the lease's length and the kill grace the agent keeps.
@@ -44,6 +44,7 @@ pub struct PickTerms {
     /// The lease a pick grants until the agent's first heartbeat confirms it.
     pub confirm_secs: u32,
     pub kill_grace_secs: u32,
+    pub max_output_bytes: u32,
 }
 
 /// What a parked pick receives: a task, or `None` at its deadline or on shutdown.
@@ -78,9 +79,9 @@ impl Dispatcher {
         self.listening.load(Ordering::Acquire)
     }
 
-    /// The registry of heartbeats waiting for an abort.
-    pub fn aborts(&self) -> &AbortWatch {
-        &self.aborts
+    /// The registry of requests waiting for something to happen to a task.
+    pub fn events(&self) -> &TaskEvents {
+        &self.events
     }
 
     /// Announces a committed insert (or requeue): to this process's dispatcher at once (so a
@@ -132,7 +133,7 @@ pub struct DispatchLoop {
     queued: Arc<Notify>,
     listening: Arc<AtomicBool>,
     parked: Arc<AtomicUsize>,
-    aborts: AbortWatch,
+    events: TaskEvents,
     terms: PickTerms,
     waiters: VecDeque<Waiter>,
     /// The last claim found fewer tasks than waiters, and no hint has come since.
@@ -148,7 +149,7 @@ impl DispatchLoop {
         let queued = Arc::new(Notify::new());
         let parked = Arc::new(AtomicUsize::new(0));
         let listening = Arc::new(AtomicBool::new(false));
-        let aborts = AbortWatch::default();
+        let events = TaskEvents::default();
         let hints = Arc::new(Hints::default());
         let dispatcher = Dispatcher {
             parks,
@@ -156,7 +157,7 @@ impl DispatchLoop {
             queued: queued.clone(),
             parked: parked.clone(),
             listening: listening.clone(),
-            aborts: aborts.clone(),
+            events: events.clone(),
         };
         let state = DispatchLoop {
             pool,
@@ -165,7 +166,7 @@ impl DispatchLoop {
             queued,
             listening,
             parked,
-            aborts,
+            events,
             terms,
             waiters: VecDeque::new(),
             queue_empty: false,
@@ -258,6 +259,7 @@ impl DispatchLoop {
                 lease_expires_at: claimed.lease_expires_at,
                 lease_secs: self.terms.confirm_secs,
                 kill_grace_secs: self.terms.kill_grace_secs,
+                max_output_bytes: self.terms.max_output_bytes,
             };
             match waiter.reply.send(Some(picked)) {
                 Ok(()) => round.delivered += 1,
@@ -291,7 +293,7 @@ impl DispatchLoop {
     /// The task that keeps this dispatcher's LISTEN connection, on its own connection to
     /// `url` (not one from the request pool). Spawn it beside `run`.
     pub fn listener(&self, url: String) -> impl std::future::Future<Output = ()> + Send + 'static {
-        listen(url, self.hints.clone(), self.listening.clone(), self.aborts.clone())
+        listen(url, self.hints.clone(), self.listening.clone(), self.events.clone())
     }
 
     /// Whether the LISTEN connection is up, so that notifications can arrive.
@@ -303,7 +305,7 @@ impl DispatchLoop {
 /// Follows the LISTEN connection: a task notification is a hint for the dispatcher, an abort
 /// notification wakes the heartbeats of that task; a lost connection is reported by
 /// `listening` and followed by a rescan once it is back.
-async fn listen(url: String, hints: Arc<Hints>, listening: Arc<AtomicBool>, aborts: AbortWatch) {
+async fn listen(url: String, hints: Arc<Hints>, listening: Arc<AtomicBool>, events: TaskEvents) {
     let mut delay = Duration::from_millis(100);
     loop {
         let mut listener = match connect_listener(&url).await {
@@ -322,7 +324,7 @@ async fn listen(url: String, hints: Arc<Hints>, listening: Arc<AtomicBool>, abor
             match listener.try_recv().await {
                 Ok(Some(n)) if n.channel() == store::ABORT_CHANNEL => {
                     if let Ok(id) = n.payload().parse() {
-                        aborts.wake(id, Woken::Abort);
+                        events.wake(id, Woken::Abort);
                     }
                 }
                 Ok(Some(_)) => hints.hint(),
@@ -370,6 +372,7 @@ pub fn stage() -> AdHoc {
         let terms = PickTerms {
             confirm_secs: config.pick_confirm_secs.min(config.lease_secs),
             kill_grace_secs: config.kill_grace_secs,
+            max_output_bytes: config.max_output_bytes,
         };
         let url: String = rocket.figment().extract_inner(DATABASE_URL_KEY).unwrap_or_default();
         let (dispatcher, state) = DispatchLoop::new(pool.clone(), rescan, terms);
@@ -392,49 +395,50 @@ async fn until(shutdown: Shutdown, work: impl std::future::Future<Output = ()>) 
     }
 }
 
-/// Heartbeats parked on running tasks, each woken when its task's abort is requested or when
-/// its attempt has ended (so that the heartbeat does not stay parked for nothing).
+/// Requests parked on a task in this process (heartbeats, output and status long polls), woken
+/// when something happens to it: an abort is requested, output arrives, or the attempt ends.
 #[derive(Clone, Default)]
-pub struct AbortWatch {
+pub struct TaskEvents {
     watches: Arc<Mutex<HashMap<Uuid, Vec<Arc<Wake>>>>>,
 }
 
-/// Why a parked heartbeat was woken.
+/// What happened to a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Woken {
     /// A user asked to abort the task.
-    Abort,
-    /// The attempt was finished or handed back.
-    Ended,
+    Abort = 1,
+    /// The attempt was finished, handed back or cancelled.
+    Ended = 2,
+    /// The agent uploaded output.
+    Output = 4,
 }
 
 #[derive(Default)]
 struct Wake {
     notify: Notify,
-    abort: AtomicBool,
+    /// The `Woken` bits seen since the watch began.
+    seen: AtomicUsize,
 }
 
-/// Interest in one task, from before the caller looks at the database (so that an abort
+/// Interest in one task, from before the caller looks at the database (so that an event
 /// landing in between is not missed) until it is dropped.
 pub struct Watch {
-    registry: AbortWatch,
+    registry: TaskEvents,
     id: Uuid,
     wake: Arc<Wake>,
 }
 
-impl AbortWatch {
+impl TaskEvents {
     pub fn watch(&self, id: Uuid) -> Watch {
         let wake = Arc::new(Wake::default());
         self.lock().entry(id).or_default().push(wake.clone());
         Watch { registry: self.clone(), id, wake }
     }
 
-    /// Wakes the heartbeats of task `id` in this process.
-    pub fn wake(&self, id: Uuid, why: Woken) {
+    /// Wakes the requests parked on task `id` in this process.
+    pub fn wake(&self, id: Uuid, what: Woken) {
         for wake in self.lock().get(&id).into_iter().flatten() {
-            if why == Woken::Abort {
-                wake.abort.store(true, Ordering::Release);
-            }
+            wake.seen.fetch_or(what as usize, Ordering::AcqRel);
             // A stored permit: a watch that is not awaiting yet still sees it.
             wake.notify.notify_one();
         }
@@ -446,14 +450,15 @@ impl AbortWatch {
 }
 
 impl Watch {
-    /// Resolves when the task's abort is announced or its attempt has ended.
-    pub async fn woken(&self) -> Woken {
+    /// Resolves at the next event, and tells whether `what` has happened since the watch began.
+    pub async fn next(&self, what: Woken) -> bool {
         self.wake.notify.notified().await;
-        if self.wake.abort.load(Ordering::Acquire) {
-            Woken::Abort
-        } else {
-            Woken::Ended
-        }
+        self.seen(what)
+    }
+
+    /// Whether `what` has happened since the watch began.
+    pub fn seen(&self, what: Woken) -> bool {
+        self.wake.seen.load(Ordering::Acquire) & what as usize != 0
     }
 }
 

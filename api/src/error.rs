@@ -28,6 +28,12 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A chunk of output starts past the end of its stream: resend from `expected_offset`.
+    #[error("the chunk starts past the end of the stream; resend from offset {expected_offset}")]
+    OffsetGap { expected_offset: i64 },
+    /// A finish states stream lengths that the uploaded output does not reach yet.
+    #[error("the output uploaded so far is stdout {stdout_bytes} and stderr {stderr_bytes} bytes; upload the rest first")]
+    OutputIncomplete { stdout_bytes: i64, stderr_bytes: i64 },
     /// The database cannot be reached or is shutting down; retrying later may work.
     #[error("the database is unavailable; retry later")]
     Unavailable,
@@ -44,6 +50,7 @@ impl ApiError {
             ApiError::Unauthorized => Status::Unauthorized,
             ApiError::NotFound(_) => Status::NotFound,
             ApiError::Conflict(_) => Status::Conflict,
+            ApiError::OffsetGap { .. } | ApiError::OutputIncomplete { .. } => Status::Conflict,
             ApiError::PayloadTooLarge(_) => Status::PayloadTooLarge,
             ApiError::UnsupportedMediaType(_) => Status::UnsupportedMediaType,
             ApiError::Unavailable => Status::ServiceUnavailable,
@@ -59,6 +66,8 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound(_) => "not-found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::OffsetGap { .. } => "offset-gap",
+            ApiError::OutputIncomplete { .. } => "output-incomplete",
             ApiError::PayloadTooLarge(_) => "payload-too-large",
             ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
             ApiError::Unavailable => "database-unavailable",
@@ -103,23 +112,35 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
-/// The body of every error response.
-#[derive(Serialize)]
+/// The body of every error response, with the extension members (RFC 9457, section 3.2) that
+/// tell an agent where its output stands.
+#[derive(Serialize, Default)]
 struct Problem {
     #[serde(rename = "type")]
     kind: String,
     title: &'static str,
     status: u16,
     detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expected_offset: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdout_bytes: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stderr_bytes: Option<i64>,
 }
 
 fn problem_response<'o>(status: Status, kind: &str, detail: String) -> Response<'o> {
-    let problem = Problem {
+    problem_with(Problem {
         kind: format!("/problems/{kind}"),
         title: status.reason_lossy(),
         status: status.code,
         detail,
-    };
+        ..Problem::default()
+    })
+}
+
+fn problem_with<'o>(problem: Problem) -> Response<'o> {
+    let status = Status::from_code(problem.status).unwrap_or(Status::InternalServerError);
     let body = serde_json::to_vec(&problem).unwrap_or_default();
     let mut response = Response::build();
     response
@@ -134,7 +155,25 @@ fn problem_response<'o>(status: Status, kind: &str, detail: String) -> Response<
 
 impl<'r> Responder<'r, 'static> for ApiError {
     fn respond_to(self, _: &'r Request<'_>) -> response::Result<'static> {
-        Ok(problem_response(self.status(), self.kind(), self.to_string()))
+        let status = self.status();
+        let mut problem = Problem {
+            kind: format!("/problems/{}", self.kind()),
+            title: status.reason_lossy(),
+            status: status.code,
+            detail: self.to_string(),
+            ..Problem::default()
+        };
+        match self {
+            ApiError::OffsetGap { expected_offset } => {
+                problem.expected_offset = Some(expected_offset)
+            }
+            ApiError::OutputIncomplete { stdout_bytes, stderr_bytes } => {
+                problem.stdout_bytes = Some(stdout_bytes);
+                problem.stderr_bytes = Some(stderr_bytes);
+            }
+            _ => {}
+        }
+        Ok(problem_with(problem))
     }
 }
 

@@ -14,6 +14,7 @@ pub mod dispatch;
 mod error;
 mod health;
 mod logging;
+pub mod output;
 pub mod reaper;
 pub mod tasks;
 
@@ -45,6 +46,7 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         }))
         .mount("/", health::routes())
         .mount("/", tasks::routes::routes())
+        .mount("/", output::routes::routes())
         .register("/", catchers![error::catch_all])
 }
 

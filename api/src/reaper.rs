@@ -9,7 +9,7 @@ use rocket::fairing::AdHoc;
 use sqlx::PgPool;
 
 use crate::config::AppConfig;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Woken};
 use crate::tasks::store::{self, Reaped};
 use crate::Db;
 use rocket_db_pools::Database;
@@ -27,6 +27,9 @@ pub async fn run_once(
     let reaped = store::reap(pool, config.max_attempts, overrun).await?;
     if reaped.requeued > 0 {
         dispatcher.task_queued();
+    }
+    for id in &reaped.ended {
+        dispatcher.events().wake(*id, Woken::Ended);
     }
     if reaped != Reaped::default() {
         log::info!(

@@ -26,6 +26,12 @@ pub enum ClientError {
     /// 409: the lease is no longer current. Another attempt owns the task: drop this one.
     #[error("the API fenced this attempt off: {0}")]
     Fenced(String),
+    /// 409 for a chunk that starts past the end of its stream: resend from `expected`.
+    #[error("the API has the stream up to offset {expected}")]
+    OffsetGap { expected: u64 },
+    /// 409 for a finish whose stream lengths the uploads do not reach yet.
+    #[error("the API has {stdout} bytes of stdout and {stderr} of stderr so far")]
+    OutputIncomplete { stdout: u64, stderr: u64 },
     /// Another 4xx: the request itself is wrong; retrying the same request cannot help.
     #[error("the API refused the request ({status}): {detail}")]
     Refused { status: u16, detail: String },
@@ -60,6 +66,8 @@ pub struct Assignment {
     pub lease_secs: u64,
     /// Between SIGTERM and SIGKILL when the command must stop.
     pub kill_grace_secs: u64,
+    /// The output the server keeps per stream (older servers do not say).
+    pub max_output_bytes: Option<usize>,
 }
 
 impl Assignment {
@@ -106,6 +114,12 @@ pub struct Report {
     pub stderr_lossy: bool,
     /// The command was stopped because an abort was requested.
     pub aborted: bool,
+    /// The length of each stream as uploaded (the server checks its uploads add up to them).
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    /// The stream was longer than the cap: its middle was dropped.
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
 }
 
 impl Report {
@@ -224,6 +238,47 @@ impl Client {
             .map_err(|e| ClientError::Unexpected(format!("unreadable heartbeat answer: {e}")))
     }
 
+    /// Uploads a chunk of `stream` that starts at `offset` (`skip`: the bytes before it that the
+    /// server lacks are dropped). Returns where the server's copy of the stream now ends.
+    pub fn upload(
+        &self,
+        id: Uuid,
+        lease: Uuid,
+        stream: &str,
+        offset: u64,
+        skip: bool,
+        data: &[u8],
+    ) -> Result<u64, ClientError> {
+        let response = self
+            .http
+            .post(self.url(&format!("/tasks/{id}/output")))
+            .query("stream", stream)
+            .query("offset", offset.to_string())
+            .query("skip", skip.to_string())
+            .header("Authorization", &self.authorization)
+            .header("X-Agent-Name", &self.name)
+            .header("X-Lease", lease.to_string())
+            .content_type("application/octet-stream")
+            .config()
+            .timeout_global(Some(CALL_TIMEOUT))
+            .build()
+            .send(data)
+            .map_err(|e| self.fail_over(transport(e)))?;
+        let mut response = match response.status().as_u16() {
+            200 => response,
+            _ => return Err(self.fail_over(status_error(response))),
+        };
+        let answer: serde_json::Value = response
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024)
+            .read_json()
+            .map_err(|e| ClientError::Unexpected(format!("unreadable upload answer: {e}")))?;
+        answer["next_offset"].as_u64().ok_or_else(|| {
+            ClientError::Unexpected(format!("upload answer without next_offset: {answer}"))
+        })
+    }
+
     /// Hands the task back to the queue (the agent is draining).
     pub fn release(&self, id: Uuid, lease: Uuid) -> Result<(), ClientError> {
         self.post(&format!("/tasks/{id}/release"), &LeaseBody { lease }, CALL_TIMEOUT).map(|_| ())
@@ -261,14 +316,34 @@ fn transport(error: ureq::Error) -> ClientError {
 /// `detail` when the server gave one.
 fn status_error(mut response: ureq::http::Response<ureq::Body>) -> ClientError {
     let status = response.status().as_u16();
-    let detail = response
+    let problem = response
         .body_mut()
         .with_config()
         .limit(64 * 1024)
         .read_json::<serde_json::Value>()
-        .ok()
-        .and_then(|problem| problem.get("detail").and_then(|d| d.as_str()).map(str::to_owned))
-        .unwrap_or_else(|| format!("HTTP {status}"));
+        .unwrap_or_default();
+    let detail = problem["detail"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_owned);
+    match (status, problem["type"].as_str()) {
+        (409, Some("/problems/offset-gap")) => match problem["expected_offset"].as_u64() {
+            Some(expected) => return ClientError::OffsetGap { expected },
+            None => {
+                return ClientError::Unexpected(format!("offset gap without offset: {problem}"))
+            }
+        },
+        (409, Some("/problems/output-incomplete")) => {
+            match (problem["stdout_bytes"].as_u64(), problem["stderr_bytes"].as_u64()) {
+                (Some(stdout), Some(stderr)) => {
+                    return ClientError::OutputIncomplete { stdout, stderr }
+                }
+                _ => {
+                    return ClientError::Unexpected(format!(
+                        "incomplete without lengths: {problem}"
+                    ))
+                }
+            }
+        }
+        _ => {}
+    }
     match status {
         409 => ClientError::Fenced(detail),
         400..=499 => ClientError::Refused { status, detail },

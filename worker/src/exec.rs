@@ -115,6 +115,11 @@ impl Running {
         thread::spawn(move || exited(exit_of(handle.wait().map(|output| output.status))));
     }
 
+    /// The live buffers of stdout and stderr, for the uploader.
+    pub fn buffers(&self) -> [Arc<Mutex<Captured>>; 2] {
+        [self.stdout.buffer(), self.stderr.buffer()]
+    }
+
     /// The command's process group (the id of its leader, the guard).
     pub fn group(&self) -> Option<u32> {
         self.group
@@ -225,6 +230,11 @@ struct Capture {
 }
 
 impl Capture {
+    /// The live buffer, for the uploader.
+    fn buffer(&self) -> Arc<Mutex<Captured>> {
+        self.buffer.clone()
+    }
+
     /// The output once the pipe has closed, or as it stands at `deadline` if a descendant
     /// that left the process group still holds the pipe open.
     fn collect(self, deadline: Instant) -> Captured {
@@ -239,7 +249,8 @@ fn lock(buffer: &Mutex<Captured>) -> std::sync::MutexGuard<'_, Captured> {
     buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A stream's output, bounded: the first half of the limit, and a ring of the last half.
+/// A stream's output, bounded as the server keeps it: the first half of the limit, and a ring
+/// of the latest bytes (the other half).
 #[derive(Debug, Clone)]
 pub struct Captured {
     limit: usize,
@@ -248,19 +259,29 @@ pub struct Captured {
     dropped: u64,
     /// The pipe was still open when the output was collected: later output is not here.
     open: bool,
+    /// When the oldest byte not yet uploaded arrived (the uploader clears it when it catches up).
+    pub pending_since: Option<Instant>,
 }
 
 impl Captured {
     pub fn new(limit: usize) -> Captured {
-        Captured { limit, head: Vec::new(), tail: Default::default(), dropped: 0, open: false }
+        Captured {
+            limit,
+            head: Vec::new(),
+            tail: Default::default(),
+            dropped: 0,
+            open: false,
+            pending_since: None,
+        }
     }
 
     pub fn push(&mut self, mut bytes: &[u8]) {
-        let head_room = (self.limit - self.limit / 2).saturating_sub(self.head.len());
+        self.pending_since.get_or_insert_with(Instant::now);
+        let head_room = (self.limit / 2).saturating_sub(self.head.len());
         let into_head = head_room.min(bytes.len());
         self.head.extend_from_slice(&bytes[..into_head]);
         bytes = &bytes[into_head..];
-        let tail_limit = self.limit / 2;
+        let tail_limit = self.limit - self.limit / 2;
         if bytes.len() >= tail_limit {
             let skip = bytes.len() - tail_limit;
             self.dropped += (self.tail.len() + skip) as u64;
@@ -276,6 +297,35 @@ impl Captured {
     /// Bytes the command wrote that are not kept.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    /// Bytes the command wrote, kept or not.
+    pub fn total(&self) -> u64 {
+        (self.head.len() + self.tail.len()) as u64 + self.dropped
+    }
+
+    /// The bytes from `offset` on, at most `max`, as far as they are still held: `(start,
+    /// bytes)`, where a `start` past `offset` means the bytes between were dropped. `None`
+    /// when there is nothing from `offset` on.
+    pub fn from_offset(&self, offset: u64, max: usize) -> Option<(u64, Vec<u8>)> {
+        if offset >= self.total() {
+            return None;
+        }
+        let head_len = self.head.len() as u64;
+        if offset < head_len {
+            let end = (offset + max as u64).min(head_len);
+            return Some((offset, self.head[offset as usize..end as usize].to_vec()));
+        }
+        let tail_start = self.total() - self.tail.len() as u64;
+        let start = offset.max(tail_start);
+        let from = (start - tail_start) as usize;
+        let len = (self.tail.len() - from).min(max);
+        Some((start, self.tail.range(from..from + len).copied().collect()))
+    }
+
+    /// Whether `offset` lies in the first half (which is uploaded without pacing).
+    pub fn in_head(&self, offset: u64) -> bool {
+        offset < (self.limit / 2) as u64
     }
 
     /// The output as text for the report, and whether it had to be converted lossily (it was
@@ -414,9 +464,16 @@ mod tests {
             captured.push(chunk);
         }
         assert_eq!(captured.dropped(), 10);
+        assert_eq!(captured.total(), 20);
         let (text, lossy) = captured.to_text();
         assert_eq!(text, "01234\n[taskexec: 10 bytes of output dropped here]\nfghij");
         assert!(!lossy);
+        // The uploader reads by offset: the head, then past the drop, the window.
+        assert_eq!(captured.from_offset(0, 3), Some((0, b"012".to_vec())));
+        assert_eq!(captured.from_offset(3, 99), Some((3, b"34".to_vec())));
+        assert_eq!(captured.from_offset(5, 99), Some((15, b"fghij".to_vec())));
+        assert_eq!(captured.from_offset(17, 99), Some((17, b"hij".to_vec())));
+        assert_eq!(captured.from_offset(20, 99), None);
     }
 
     #[test]

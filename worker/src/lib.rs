@@ -16,11 +16,13 @@ pub mod config;
 pub mod exec;
 mod guard;
 mod stop;
+mod stream;
 mod task;
 
 pub use client::{Assignment, Client, ClientError, Report};
 pub use config::Config;
 pub use stop::Stop;
+use stream::Streamer;
 use task::{Ending, Supervision};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +72,8 @@ impl Worker {
         // Heartbeats go on until the report is in: a finish retried through an API outage
         // must not lose its lease meanwhile.
         let beating = Arc::new(AtomicBool::new(true));
-        let ending = self.execute(&assignment, events, &inbox, &beating, stop);
-        let recorded = self.conclude(&assignment, ending, started.elapsed());
+        let (ending, streamer) = self.execute(&assignment, events, &inbox, &beating, stop);
+        let recorded = self.conclude(&assignment, ending, streamer, started.elapsed());
         beating.store(false, Ordering::Release);
         Step::Ran { id: assignment.id, recorded }
     }
@@ -83,20 +85,25 @@ impl Worker {
         inbox: &mpsc::Receiver<task::Event>,
         beating: &Arc<AtomicBool>,
         stop: &Stop,
-    ) -> Ending {
+    ) -> (Ending, Option<Streamer>) {
         let spec = exec::Spec {
             command: &assignment.command,
             env: &self.env,
-            max_output_bytes: self.config.max_output_bytes,
+            // Capped as the server keeps it, so that both agree on what is dropped.
+            max_output_bytes: assignment.max_output_bytes.unwrap_or(self.config.max_output_bytes),
             guard: self.guard.as_deref(),
         };
         let running = match exec::start(&spec) {
             Ok(running) => running,
             Err(e) => {
                 let why = format!("could not start the command: {e}");
-                return Ending::Ran(exec::Execution::not_started(why, spec.max_output_bytes));
+                let execution = exec::Execution::not_started(why, spec.max_output_bytes);
+                return (Ending::Ran(execution), None);
             }
         };
+        let uploading = Arc::new(AtomicBool::new(true));
+        let uploader = Streamer::new(self.client.clone(), assignment, running.buffers())
+            .spawn(uploading.clone());
         stop.command_group(running.group());
         // The first heartbeat goes out as soon as the command runs: the server records when
         // it started, and an abort reaches the agent from then on.
@@ -105,11 +112,19 @@ impl Worker {
             let _ = events.send(task::Event::Exited(exit));
         });
         let settings = Supervision { drain_timeout: self.config.drain_timeout };
-        task::supervise(running, assignment, inbox, &settings)
+        let ending = task::supervise(running, assignment, inbox, &settings);
+        uploading.store(false, Ordering::Release);
+        (ending, uploader.join().ok())
     }
 
     /// Tells the API how the attempt ended. Returns whether it took note.
-    fn conclude(&self, assignment: &Assignment, ending: Ending, took: Duration) -> bool {
+    fn conclude(
+        &self,
+        assignment: &Assignment,
+        ending: Ending,
+        streamer: Option<Streamer>,
+        took: Duration,
+    ) -> bool {
         let id = assignment.id;
         let (execution, error, aborted) = match ending {
             Ending::Ran(execution) => {
@@ -138,6 +153,9 @@ impl Worker {
         };
         let (stdout, stdout_lossy) = execution.stdout.to_text();
         let (stderr, stderr_lossy) = execution.stderr.to_text();
+        let (stdout_bytes, stderr_bytes) = (execution.stdout.total(), execution.stderr.total());
+        let stdout_truncated = execution.stdout.dropped() > 0;
+        let stderr_truncated = execution.stderr.dropped() > 0;
         log::info!(
             "task {id}: {} after {:.3}s",
             error.clone().unwrap_or_else(|| format!("exit code {}", exit_code.unwrap_or_default())),
@@ -152,12 +170,29 @@ impl Worker {
             stdout_lossy,
             stderr_lossy,
             aborted,
+            stdout_bytes,
+            stderr_bytes,
+            stdout_truncated,
+            stderr_truncated,
         };
+        let mut streamer = streamer;
         self.retry(id, "finish", || {
+            // The rest of the output first: the finish states its length.
+            if let Some(streamer) = &mut streamer {
+                streamer.send_due(true)?;
+            }
             let sent = self.client.finish(id, &report);
-            if let Err(ClientError::Refused { status: 413, .. }) = sent {
-                // The API takes less output than this agent keeps: send less.
-                report.shrink_output();
+            match &sent {
+                Err(ClientError::Refused { status: 413, .. }) => {
+                    // The API takes less output than this agent keeps: send less.
+                    report.shrink_output();
+                }
+                Err(ClientError::OutputIncomplete { stdout, stderr }) => {
+                    if let Some(streamer) = &mut streamer {
+                        streamer.rewind(*stdout, *stderr);
+                    }
+                }
+                _ => {}
             }
             sent
         })

@@ -74,6 +74,12 @@ pub struct Task {
     /// The output was not valid UTF-8 (or held NUL bytes) and was converted lossily.
     pub stdout_lossy: bool,
     pub stderr_lossy: bool,
+    /// The stream was longer than `max_output_bytes`: its middle was dropped, with a marker.
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    /// Bytes the stream has produced so far (dropped ones included), as streamed by the agent.
+    pub stdout_bytes: i64,
+    pub stderr_bytes: i64,
     pub error: Option<String>,
     pub agent: Option<String>,
     pub attempts: i32,
@@ -108,6 +114,10 @@ impl Task {
             stderr: None,
             stdout_lossy: false,
             stderr_lossy: false,
+            stdout_truncated: false,
+            stderr_truncated: false,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
             error: None,
             agent: None,
             attempts: 0,
@@ -123,14 +133,23 @@ impl Task {
 #[rustfmt::skip]
 macro_rules! task_columns {
     () => {
-        task_columns!("")
+        task_columns!("", "stdout, stderr, ")
+    };
+    // For lists: the output is left out (as NULL), it can weigh megabytes per task.
+    (summary) => {
+        task_columns!("", "NULL::text AS stdout, NULL::text AS stderr, ")
     };
     ($p:literal) => {
+        task_columns!($p, concat!($p, "stdout, ", $p, "stderr, "))
+    };
+    ($p:literal, $output:expr) => {
         concat!(
             $p, "id, ", $p, "command, ", $p, "status, ", $p, "created_at, ", $p, "started_at, ",
             $p, "running_at, ",
-            $p, "finished_at, ", $p, "exit_code, ", $p, "stdout, ", $p, "stderr, ",
-            $p, "stdout_lossy, ", $p, "stderr_lossy, ", $p, "error, ", $p, "agent, ",
+            $p, "finished_at, ", $p, "exit_code, ", $output,
+            $p, "stdout_lossy, ", $p, "stderr_lossy, ", $p, "stdout_truncated, ",
+            $p, "stderr_truncated, ", $p, "stdout_bytes, ", $p, "stderr_bytes, ",
+            $p, "error, ", $p, "agent, ",
             $p, "attempts, ", $p, "timeout_secs, ", $p, "abort_requested_at, ", $p, "seq"
         )
     };
@@ -149,6 +168,8 @@ pub struct Picked {
     pub lease_expires_at: DateTime<Utc>,
     pub lease_secs: u32,
     pub kill_grace_secs: u32,
+    /// The output the server keeps per stream: the agent streams and caps by the same rule.
+    pub max_output_bytes: u32,
 }
 
 /// The body of `POST /tasks`, checked field by field so that each mistake gets its own
@@ -163,7 +184,7 @@ pub struct NewTask {
 const SETTABLE: [&str; 2] = ["command", "timeout_secs"];
 
 /// Fields of the task resource that the server owns.
-const SERVER_OWNED: [&str; 16] = [
+const SERVER_OWNED: [&str; 20] = [
     "id",
     "status",
     "created_at",
@@ -175,6 +196,10 @@ const SERVER_OWNED: [&str; 16] = [
     "stderr",
     "stdout_lossy",
     "stderr_lossy",
+    "stdout_truncated",
+    "stderr_truncated",
+    "stdout_bytes",
+    "stderr_bytes",
     "error",
     "agent",
     "attempts",
@@ -293,6 +318,15 @@ pub struct FinishReport {
     /// The agent stopped the command because an abort was requested.
     #[serde(default)]
     pub aborted: bool,
+    /// An agent that streamed the output states each stream's length; the finish is refused
+    /// (409, with the lengths the server has) until its uploads add up to them.
+    pub stdout_bytes: Option<i64>,
+    pub stderr_bytes: Option<i64>,
+    /// The agent dropped the middle of the stream (it is longer than it keeps).
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    #[serde(default)]
+    pub stderr_truncated: bool,
 }
 
 impl Limited for FinishReport {
@@ -316,11 +350,16 @@ pub struct Outcome {
     pub stderr_lossy: bool,
     /// Record the task as `cancelled`, if an abort was indeed requested.
     pub aborted: bool,
+    pub stdout_bytes: Option<i64>,
+    pub stderr_bytes: Option<i64>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
 }
 
 impl FinishReport {
-    /// Checks the report: the server does not take an agent's word for its shape.
-    pub fn validate(self) -> Result<Outcome, ApiError> {
+    /// Checks the report: the server does not take an agent's word for its shape. Output
+    /// beyond `max_output_bytes` per stream is cut to its first and last halves.
+    pub fn validate(self, max_output_bytes: usize) -> Result<Outcome, ApiError> {
         let (status, exit_code, error) = match (self.exit_code, self.error) {
             (Some(code), None) => {
                 let code = i32::try_from(code)
@@ -347,16 +386,25 @@ impl FinishReport {
         if error.as_deref().is_some_and(|e| e.contains('\0')) {
             return Err(invalid("`error` must not contain NUL characters"));
         }
+        if [self.stdout_bytes, self.stderr_bytes].iter().flatten().any(|n| *n < 0) {
+            return Err(invalid("`stdout_bytes` and `stderr_bytes` must not be negative"));
+        }
+        let (stdout, stdout_cut) = cap(self.stdout, max_output_bytes);
+        let (stderr, stderr_cut) = cap(self.stderr, max_output_bytes);
         Ok(Outcome {
             lease: self.lease,
             status,
             exit_code,
             error,
-            stdout: self.stdout,
-            stderr: self.stderr,
+            stdout,
+            stderr,
             stdout_lossy: self.stdout_lossy,
             stderr_lossy: self.stderr_lossy,
             aborted: self.aborted,
+            stdout_bytes: self.stdout_bytes,
+            stderr_bytes: self.stderr_bytes,
+            stdout_truncated: self.stdout_truncated || stdout_cut,
+            stderr_truncated: self.stderr_truncated || stderr_cut,
         })
     }
 }
@@ -392,6 +440,28 @@ impl Outcome {
             && task.stdout_lossy == self.stdout_lossy
             && task.stderr_lossy == self.stderr_lossy
     }
+}
+
+/// Room for the agent's marker line beyond `max_output_bytes`.
+const MARKER_ROOM: usize = 256;
+
+/// Output cut to about `max_bytes`: its first and last halves, on character boundaries, with a
+/// marker stating how many bytes were dropped. The second value says whether it was cut.
+fn cap(text: String, max_bytes: usize) -> (String, bool) {
+    if text.len() <= max_bytes + MARKER_ROOM {
+        return (text, false);
+    }
+    let mut head_end = max_bytes / 2;
+    while !text.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    let mut tail_start = text.len() - max_bytes / 2;
+    while !text.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    let dropped = tail_start - head_end;
+    let marker = format!("\n[taskexec: {dropped} bytes of output dropped here]\n");
+    (format!("{}{marker}{}", &text[..head_end], &text[tail_start..]), true)
 }
 
 fn truncate(mut text: String, max_bytes: usize) -> String {
@@ -449,35 +519,54 @@ mod tests {
             stderr_lossy: false,
             error: error.map(str::to_owned),
             aborted: false,
+            stdout_bytes: None,
+            stderr_bytes: None,
+            stdout_truncated: false,
+            stderr_truncated: false,
         }
     }
 
     #[test]
     fn an_exit_code_finishes_and_an_error_fails() {
-        assert_eq!(report(Some(3), None).validate().unwrap().status, TaskStatus::Finished);
+        assert_eq!(report(Some(3), None).validate(1 << 20).unwrap().status, TaskStatus::Finished);
         assert_eq!(
-            report(None, Some("killed by signal 9")).validate().unwrap().status,
+            report(None, Some("killed by signal 9")).validate(1 << 20).unwrap().status,
             TaskStatus::Failed
         );
     }
 
     #[test]
     fn impossible_reports_are_refused() {
-        assert!(report(Some(256), None).validate().is_err());
-        assert!(report(Some(-1), None).validate().is_err());
-        assert!(report(Some(0), Some("both")).validate().is_err());
-        assert!(report(None, None).validate().is_err());
-        assert!(report(None, Some("  ")).validate().is_err());
+        assert!(report(Some(256), None).validate(1 << 20).is_err());
+        assert!(report(Some(-1), None).validate(1 << 20).is_err());
+        assert!(report(Some(0), Some("both")).validate(1 << 20).is_err());
+        assert!(report(None, None).validate(1 << 20).is_err());
+        assert!(report(None, Some("  ")).validate(1 << 20).is_err());
         let mut nul = report(Some(0), None);
         nul.stdout = "a\0b".into();
-        assert!(nul.validate().is_err());
-        assert!(report(None, Some("bad\0error")).validate().is_err());
+        assert!(nul.validate(1 << 20).is_err());
+        assert!(report(None, Some("bad\0error")).validate(1 << 20).is_err());
+    }
+
+    #[test]
+    fn output_over_the_limit_keeps_both_ends_and_says_so() {
+        let mut long = report(Some(0), None);
+        long.stdout = format!("{}{}", "a".repeat(600), "z".repeat(600));
+        let outcome = long.validate(512).unwrap();
+        assert!(outcome.stdout_truncated);
+        assert!(
+            outcome.stdout.starts_with(&"a".repeat(256))
+                && outcome.stdout.ends_with(&"z".repeat(256))
+        );
+        assert!(outcome.stdout.contains("[taskexec: 688 bytes of output dropped here]"));
+        let short = report(Some(0), None).validate(512).unwrap();
+        assert!(!short.stdout_truncated);
     }
 
     #[test]
     fn a_long_error_is_cut_on_a_char_boundary() {
         let long = "é".repeat(MAX_ERROR_BYTES);
-        let kept = report(None, Some(&long)).validate().unwrap().error.unwrap();
+        let kept = report(None, Some(&long)).validate(1 << 20).unwrap().error.unwrap();
         assert!(kept.len() <= MAX_ERROR_BYTES && kept.chars().all(|c| c == 'é'));
     }
 }

@@ -7,6 +7,7 @@ use rocket::response::status::Created;
 use rocket::serde::json::Json;
 use rocket::{get, post, routes, Responder, Route, Shutdown, State};
 use serde::Serialize;
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::intake::Intake;
@@ -47,7 +48,8 @@ async fn create(
 
 #[derive(Serialize)]
 struct Page {
-    tasks: Vec<Task>,
+    /// Tasks without `stdout` and `stderr` (fetch a task for those).
+    tasks: Vec<Value>,
     /// Pass as `cursor` to get the next (older) page; null on the last page.
     next: Option<String>,
 }
@@ -83,13 +85,40 @@ async fn list(
     } else {
         None
     };
+    let tasks = tasks.iter().map(summary).collect();
     Ok(Json(Page { tasks, next }))
 }
 
-#[get("/tasks/<id>")]
-async fn show(db: &Db, id: &str) -> Result<Json<Task>, ApiError> {
+/// The task. With `wait`, holds the request up to that many seconds until the task has ended,
+/// so that a user can submit and then wait in two calls.
+#[get("/tasks/<id>?<wait>")]
+async fn show(
+    db: &Db,
+    config: &State<AppConfig>,
+    dispatcher: &State<Dispatcher>,
+    id: &str,
+    wait: Option<&str>,
+    mut shutdown: Shutdown,
+) -> Result<Json<Task>, ApiError> {
     let id = parse_id(id)?;
-    store::get(db, id).await?.map(Json).ok_or_else(|| not_found(id))
+    let wait = parse_wait(wait, 0, config.pick_wait_max_secs)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        let watch = dispatcher.events().watch(id);
+        let task = store::get(db, id).await?.ok_or_else(|| not_found(id))?;
+        let ended = !matches!(task.status, TaskStatus::Queued | TaskStatus::InProgress);
+        let now = tokio::time::Instant::now();
+        if ended || now >= deadline {
+            return Ok(Json(task));
+        }
+        // Events are local to this process; the recheck covers tasks finished through another.
+        let pause = Duration::from_secs(1).min(deadline - now);
+        tokio::select! {
+            _ = watch.next(Woken::Ended) => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = &mut shutdown => return Ok(Json(task)),
+        }
+    }
 }
 
 #[derive(Responder)]
@@ -103,10 +132,17 @@ enum AbortResponse {
 
 /// Cancels a queued task at once, or asks the agent of a running one to stop it.
 #[post("/tasks/<id>/abort")]
-async fn abort(db: &Db, id: &str) -> Result<AbortResponse, ApiError> {
+async fn abort(
+    db: &Db,
+    dispatcher: &State<Dispatcher>,
+    id: &str,
+) -> Result<AbortResponse, ApiError> {
     let id = parse_id(id)?;
     match store::abort(db, id).await? {
-        Some(Aborted::Cancelled(task)) => Ok(AbortResponse::Cancelled(Json(task))),
+        Some(Aborted::Cancelled(task)) => {
+            dispatcher.events().wake(id, Woken::Ended);
+            Ok(AbortResponse::Cancelled(Json(task)))
+        }
         Some(Aborted::Requested(task)) => Ok(AbortResponse::Requested(Json(task))),
         None => {
             let task = store::get(db, id).await?.ok_or_else(|| not_found(id))?;
@@ -193,16 +229,25 @@ async fn heartbeat(
         hold = hold.min(Duration::from_secs(1));
     }
     // Watch before reading, so that an abort requested in between is not missed.
-    let watch = dispatcher.aborts().watch(id);
+    let watch = dispatcher.events().watch(id);
     let lease = body.0.lease;
     let Some((abort, lease_expires_at)) =
         store::heartbeat(db, id, lease, config.lease_secs).await?
     else {
         return Err(not_current(db, id, lease).await);
     };
+    // Output events come and go; an abort answers at once, the attempt's end ends the hold.
+    let abort_or_end = async {
+        loop {
+            watch.next(Woken::Abort).await;
+            if watch.seen(Woken::Abort) || watch.seen(Woken::Ended) {
+                return watch.seen(Woken::Abort);
+            }
+        }
+    };
     let abort = abort
         || tokio::select! {
-            woken = watch.woken() => woken == Woken::Abort,
+            abort = abort_or_end => abort,
             _ = tokio::time::sleep(hold) => false,
             _ = shutdown => false,
         };
@@ -225,7 +270,7 @@ async fn release(
     let Some(task) = task else {
         return Err(not_current(db, id, lease).await);
     };
-    dispatcher.aborts().wake(id, Woken::Ended);
+    dispatcher.events().wake(id, Woken::Ended);
     if task.status == TaskStatus::Queued {
         dispatcher.task_queued();
     }
@@ -238,20 +283,28 @@ async fn release(
 async fn finish(
     _auth: AgentAuth,
     db: &Db,
+    config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
     id: &str,
     report: JsonBody<FinishReport>,
 ) -> Result<Json<Task>, ApiError> {
     let id = parse_id(id)?;
-    let outcome = report.0.validate()?;
+    let outcome = report.0.validate(config.max_output_bytes as usize)?;
     if let Some(task) = store::finish(db, id, &outcome).await? {
         // The attempt is over: its parked heartbeat need not wait out its hold.
-        dispatcher.aborts().wake(id, Woken::Ended);
+        dispatcher.events().wake(id, Woken::Ended);
         return Ok(Json(task));
     }
     // A repeat of the report that ended this very attempt is answered as it was; another
-    // report for the same attempt is a conflict.
+    // report for the same attempt is a conflict; a report whose stream lengths the uploads do
+    // not add up to yet says where they stand.
     if let Some((task, Some(lease))) = store::get_with_lease(db, id).await? {
+        if lease == outcome.lease && task.status == TaskStatus::InProgress {
+            return Err(ApiError::OutputIncomplete {
+                stdout_bytes: task.stdout_bytes,
+                stderr_bytes: task.stderr_bytes,
+            });
+        }
         if lease == outcome.lease && task.status != TaskStatus::InProgress {
             if outcome.is_recorded_in(&task) {
                 return Ok(Json(task));
@@ -287,7 +340,17 @@ fn parse_wait(wait: Option<&str>, default: u64, max: u64) -> Result<u64, ApiErro
     })
 }
 
-fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+/// A task as lists show it: without its output.
+fn summary(task: &Task) -> Value {
+    let mut value = serde_json::to_value(task).unwrap_or_default();
+    if let Value::Object(fields) = &mut value {
+        fields.remove("stdout");
+        fields.remove("stderr");
+    }
+    value
+}
+
+pub(crate) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id)
         .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a task id (a UUID)")))
 }

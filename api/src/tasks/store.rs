@@ -72,7 +72,8 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Task>> {
     sqlx::query_as(sql).bind(id).fetch_optional(pool).await
 }
 
-/// Newest first: tasks with `seq` below `before`, optionally of one status.
+/// Newest first: tasks with `seq` below `before`, optionally of one status; without their
+/// output (`stdout` and `stderr` are `None`).
 pub async fn list(
     pool: &PgPool,
     status: Option<TaskStatus>,
@@ -82,7 +83,7 @@ pub async fn list(
     // Built per shape rather than with `$1 IS NULL OR ...`, so every shape gets a plan that
     // uses its index.
     let mut query =
-        QueryBuilder::new(concat!("SELECT ", task_columns!(), " FROM tasks WHERE true"));
+        QueryBuilder::new(concat!("SELECT ", task_columns!(summary), " FROM tasks WHERE true"));
     if let Some(status) = status {
         query.push(" AND status = ").push_bind(status);
     }
@@ -158,6 +159,10 @@ pub async fn release(
                          WHEN attempts < $3 THEN 'requeued'
                          ELSE 'exhausted' END AS fate
                FROM tasks WHERE id = $1 AND lease = $2 AND status = 'in_progress'
+         ),
+         cleared AS (
+             DELETE FROM task_output o USING fate
+              WHERE o.task_id = fate.id AND fate.fate IN ('refunded', 'requeued')
          )
          UPDATE tasks t SET
              status = CASE WHEN fate IN ('refunded', 'requeued') THEN 'queued'
@@ -173,7 +178,9 @@ pub async fn release(
              lease = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.lease END,
              lease_expires_at = NULL,
              attempts = CASE WHEN fate = 'refunded' THEN t.attempts - 1 ELSE t.attempts END,
-             releases = t.releases + 1
+             releases = t.releases + 1,
+             stdout_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stdout_bytes END,
+             stderr_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stderr_bytes END
            FROM fate WHERE t.id = fate.id
          RETURNING ",
         task_columns!("t.")
@@ -268,8 +275,11 @@ pub async fn finish(pool: &PgPool, id: Uuid, outcome: &Outcome) -> sqlx::Result<
                               THEN 'cancelled'::task_status ELSE $3 END,
                 exit_code = $4, error = $5, stdout = $6, stderr = $7,
                 stdout_lossy = $8, stderr_lossy = $9, finished_at = now(),
+                stdout_truncated = $13, stderr_truncated = $14,
                 lease_expires_at = NULL
           WHERE id = $1 AND lease = $2 AND status = 'in_progress'
+            AND ($11::bigint IS NULL OR stdout_bytes >= $11)
+            AND ($12::bigint IS NULL OR stderr_bytes >= $12)
          RETURNING ",
         task_columns!()
     );
@@ -284,6 +294,10 @@ pub async fn finish(pool: &PgPool, id: Uuid, outcome: &Outcome) -> sqlx::Result<
         .bind(outcome.stdout_lossy)
         .bind(outcome.stderr_lossy)
         .bind(outcome.aborted)
+        .bind(outcome.stdout_bytes)
+        .bind(outcome.stderr_bytes)
+        .bind(outcome.stdout_truncated)
+        .bind(outcome.stderr_truncated)
         .fetch_optional(pool)
         .await
 }
@@ -307,7 +321,7 @@ pub async fn notify(pool: &PgPool) -> sqlx::Result<()> {
 }
 
 /// What one reaper pass did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reaped {
     /// Expired leases whose task went back to the queue.
     pub requeued: u64,
@@ -319,6 +333,8 @@ pub struct Reaped {
     pub cancelled: u64,
     /// Tasks still running past timeout + grace + lease: failed, "timed out".
     pub timed_out: u64,
+    /// Every task whose attempt the pass ended.
+    pub ended: Vec<Uuid>,
 }
 
 /// One pass of the reaper, in one statement over running tasks that no one else holds (SKIP
@@ -328,7 +344,7 @@ pub struct Reaped {
 /// requeued with the attempt refunded if its agent never confirmed the pick (up to
 /// `max_attempts` times), failed as "agent lost" on its last attempt, or else requeued.
 pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> sqlx::Result<Reaped> {
-    let fates: Vec<(String,)> = sqlx::query_as(
+    let fates: Vec<(Uuid, String)> = sqlx::query_as(
         "WITH due AS (
              SELECT id, attempts, lost_picks, running_at, abort_requested_at,
                     started_at + (timeout_secs + $2) * interval '1 second' < now() AS overran
@@ -346,6 +362,10 @@ pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> sqlx::
                          WHEN attempts >= $1 THEN 'lost'
                          ELSE 'requeued' END AS fate
                FROM due
+         ),
+         cleared AS (
+             DELETE FROM task_output o USING fate
+              WHERE o.task_id = fate.id AND fate.fate IN ('refunded', 'requeued')
          )
          UPDATE tasks t SET
              status = CASE WHEN fate IN ('refunded', 'requeued') THEN 'queued'
@@ -364,16 +384,19 @@ pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> sqlx::
              lease = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.lease END,
              lease_expires_at = NULL,
              attempts = CASE WHEN fate = 'refunded' THEN t.attempts - 1 ELSE t.attempts END,
-             lost_picks = CASE WHEN fate = 'refunded' THEN t.lost_picks + 1 ELSE t.lost_picks END
+             lost_picks = CASE WHEN fate = 'refunded' THEN t.lost_picks + 1 ELSE t.lost_picks END,
+             stdout_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stdout_bytes END,
+             stderr_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stderr_bytes END
            FROM fate WHERE t.id = fate.id
-         RETURNING fate",
+         RETURNING t.id, fate",
     )
     .bind(max_attempts as i32)
     .bind(overrun_secs as f64)
     .fetch_all(pool)
     .await?;
-    let count = |name: &str| fates.iter().filter(|(fate,)| fate == name).count() as u64;
+    let count = |name: &str| fates.iter().filter(|(_, fate)| fate == name).count() as u64;
     Ok(Reaped {
+        ended: fates.iter().map(|(id, _)| *id).collect(),
         requeued: count("requeued") + count("refunded"),
         refunded: count("refunded"),
         lost: count("lost"),

@@ -1,0 +1,226 @@
+//! The output endpoints: the agent's uploads, reads by offset, the combined log, followed.
+
+use std::io::Cursor;
+use std::time::Duration;
+
+use rocket::data::{Data, Limits, ToByteUnit};
+use rocket::http::{ContentType, Header, Status};
+use rocket::outcome::Outcome;
+use rocket::request::{self, FromRequest};
+use rocket::response::stream::ByteStream;
+use rocket::response::{self, Responder};
+use rocket::serde::json::Json;
+use rocket::{get, post, routes, Request, Response, Route, Shutdown, State};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::store::{self, Appended, Chunk, Stream};
+use crate::auth::AgentAuth;
+use crate::config::AppConfig;
+use crate::dispatch::{Dispatcher, Woken};
+use crate::error::ApiError;
+use crate::tasks::routes::parse_id;
+use crate::Db;
+
+pub fn routes() -> Vec<Route> {
+    routes![upload, read, log]
+}
+
+/// The largest answer to one read, in bytes.
+const MAX_READ: usize = 256 * 1024;
+
+/// How often a long poll looks at the database without an event: events are local to one API
+/// process, and an agent may upload to another.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// The lease, from `X-Lease`, on uploads (whose body is the raw bytes).
+pub struct LeaseHeader(Uuid);
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for LeaseHeader {
+    type Error = ApiError;
+
+    async fn from_request(request: &'r Request<'_>) -> request::Outcome<Self, ApiError> {
+        match request.headers().get_one("X-Lease").map(Uuid::parse_str) {
+            Some(Ok(lease)) => Outcome::Success(LeaseHeader(lease)),
+            _ => Outcome::Error(
+                ApiError::BadRequest("send the lease in an X-Lease header".into())
+                    .remember(request),
+            ),
+        }
+    }
+}
+
+/// A chunk of live output, the raw bytes as the body: `offset` is where they start in the
+/// stream; `skip=true` allows starting past the end of the stream (the bytes between are
+/// dropped), once its first half is complete. Answers the stream's new length.
+#[post("/tasks/<id>/output?<stream>&<offset>&<skip>", data = "<data>")]
+#[allow(clippy::too_many_arguments)]
+async fn upload(
+    _auth: AgentAuth,
+    lease: LeaseHeader,
+    db: &Db,
+    config: &State<AppConfig>,
+    dispatcher: &State<Dispatcher>,
+    id: &str,
+    stream: &str,
+    offset: &str,
+    skip: Option<bool>,
+    limits: &Limits,
+    data: Data<'_>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(id)?;
+    let stream: Stream = stream.parse()?;
+    let offset: i64 =
+        offset.parse().ok().filter(|o| *o >= 0).ok_or_else(|| {
+            ApiError::BadRequest("`offset` must be a byte offset, 0 or more".into())
+        })?;
+    let limit = limits.get("output").unwrap_or(64.kibibytes());
+    let bytes = data
+        .open(limit)
+        .into_bytes()
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("the body could not be read: {e}")))?;
+    if !bytes.is_complete() {
+        return Err(ApiError::PayloadTooLarge(format!("a chunk holds at most {limit} bytes")));
+    }
+    if bytes.is_empty() {
+        return Err(ApiError::Invalid("a chunk must hold at least one byte".into()));
+    }
+    let chunk = Chunk { stream, offset, data: &bytes, skip: skip.unwrap_or(false) };
+    match store::append(db, id, lease.0, chunk, i64::from(config.max_output_bytes)).await? {
+        Appended::Stored { next } => {
+            dispatcher.events().wake(id, Woken::Output);
+            Ok(Json(json!({ "next_offset": next })))
+        }
+        Appended::Gap { expected } => Err(ApiError::OffsetGap { expected_offset: expected }),
+        Appended::NotCurrent => Err(ApiError::Conflict(format!(
+            "task {id} is not running under this lease: another attempt owns it, or it ended"
+        ))),
+    }
+}
+
+/// Bytes of one stream from an offset, raw.
+pub struct OutputRead(store::Read);
+
+impl<'r> Responder<'r, 'static> for OutputRead {
+    fn respond_to(self, _: &'r Request<'_>) -> response::Result<'static> {
+        let read = self.0;
+        Response::build()
+            .status(Status::Ok)
+            .header(ContentType::Binary)
+            .header(Header::new("Taskexec-Next-Offset", read.next.to_string()))
+            .header(Header::new("Taskexec-Dropped", read.dropped.to_string()))
+            .header(Header::new("Taskexec-Total", read.total.to_string()))
+            .header(Header::new("Taskexec-Ended", read.ended.to_string()))
+            .sized_body(read.data.len(), Cursor::new(read.data))
+            .ok()
+    }
+}
+
+/// The bytes of `stream` from `offset` (default 0), with where to read next and whether the
+/// task has ended. When there is nothing new yet and the task is still running, waits up to
+/// `wait` seconds for more.
+#[get("/tasks/<id>/output?<stream>&<offset>&<wait>")]
+async fn read(
+    db: &Db,
+    config: &State<AppConfig>,
+    dispatcher: &State<Dispatcher>,
+    id: &str,
+    stream: Option<&str>,
+    offset: Option<&str>,
+    wait: Option<&str>,
+    mut shutdown: Shutdown,
+) -> Result<OutputRead, ApiError> {
+    let id = parse_id(id)?;
+    let stream: Stream = stream.unwrap_or("stdout").parse()?;
+    let offset: i64 = match offset {
+        None => 0,
+        Some(text) => text.parse().ok().filter(|o| *o >= 0).ok_or_else(|| {
+            ApiError::BadRequest("`offset` must be a byte offset, 0 or more".into())
+        })?,
+    };
+    let deadline = Instant::now() + wait_secs(wait, config)?;
+    loop {
+        let watch = dispatcher.events().watch(id);
+        let read = store::read(db, id, stream, offset, MAX_READ)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no task with id {id}")))?;
+        if !read.data.is_empty() || read.dropped > 0 || read.ended || Instant::now() >= deadline {
+            return Ok(OutputRead(read));
+        }
+        let pause = RECHECK.min(deadline - Instant::now());
+        tokio::select! {
+            _ = watch.next(Woken::Output) => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = &mut shutdown => return Ok(OutputRead(read)),
+        }
+    }
+}
+
+/// `wait` seconds, up to the pick's maximum hold.
+fn wait_secs(wait: Option<&str>, config: &AppConfig) -> Result<Duration, ApiError> {
+    let Some(text) = wait else { return Ok(Duration::ZERO) };
+    let max = config.pick_wait_max_secs;
+    text.parse::<u64>().ok().filter(|w| *w <= max).map(Duration::from_secs).ok_or_else(|| {
+        ApiError::BadRequest(format!("`wait` must be a whole number of seconds from 0 to {max}"))
+    })
+}
+
+/// stdout and stderr combined, in the order the agent sent them, as `text/plain`. With
+/// `follow=true` the response goes on (chunked) until the task ends, like `tail -f`. Bytes
+/// that were dropped (a flood) are replaced by a line that says how many.
+#[get("/tasks/<id>/log?<follow>")]
+async fn log(
+    db: &Db,
+    dispatcher: &State<Dispatcher>,
+    id: &str,
+    follow: Option<bool>,
+    shutdown: Shutdown,
+) -> Result<(ContentType, ByteStream![Vec<u8>]), ApiError> {
+    let id = parse_id(id)?;
+    store::log(db, id, i64::MAX)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no task with id {id}")))?;
+    let (pool, events) = (db.pool().clone(), dispatcher.events().clone());
+    let follow = follow.unwrap_or(false);
+    let stream = ByteStream! {
+        let mut shutdown = shutdown;
+        let (mut after, mut next_stdout, mut next_stderr) = (0i64, 0i64, 0i64);
+        loop {
+            let watch = events.watch(id);
+            let Ok(Some((chunks, ended))) = store::log(&pool, id, after).await else { break };
+            if chunks.is_empty() {
+                if ended || !follow {
+                    break;
+                }
+                tokio::select! {
+                    _ = watch.next(Woken::Output) => {}
+                    _ = tokio::time::sleep(RECHECK) => {}
+                    _ = &mut shutdown => break,
+                }
+                continue;
+            }
+            for chunk in chunks {
+                after = chunk.seq;
+                let next = match chunk.stream {
+                    Stream::Stdout => &mut next_stdout,
+                    Stream::Stderr => &mut next_stderr,
+                };
+                if chunk.start > *next {
+                    let marker = format!(
+                        "\n[taskexec: {} bytes of {} dropped here]\n",
+                        chunk.start - *next,
+                        chunk.stream.as_str()
+                    );
+                    yield marker.into_bytes();
+                }
+                *next = chunk.start + chunk.data.len() as i64;
+                yield chunk.data;
+            }
+        }
+    };
+    // Plain text, but no charset: the bytes are the command's, UTF-8 or not.
+    Ok((ContentType::new("text", "plain"), stream))
+}
