@@ -145,7 +145,7 @@ async fn a_retried_chunk_is_stored_once_and_a_gap_says_where_to_resend_from() {
         .unwrap();
     assert_problem(no_lease, 400, "X-Lease").await;
     let too_big = upload(&app, id, lease, "stdout", 12, &vec![b'x'; 64 * 1024 + 1]).await;
-    assert_problem(too_big, 413, "at most").await;
+    assert_problem(too_big, 413, "larger than").await;
     let bad_stream = upload(&app, id, lease, "stdlog", 0, b"x").await;
     assert_problem(bad_stream, 400, "stdout or stderr").await;
 

@@ -38,6 +38,15 @@ async fn read<T: Limited>(request: &Request<'_>, data: Data<'_>) -> Result<T, Ap
         ));
     }
     let limit = request.limits().get(T::LIMIT).unwrap_or(T::DEFAULT_LIMIT);
+    let bytes = read_within(data, limit).await?;
+    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),
+        _ => ApiError::BadRequest(format!("the body is not valid JSON: {e}")),
+    })
+}
+
+/// The whole body, or 413 when it is larger than `limit`.
+pub async fn read_within(data: Data<'_>, limit: ByteUnit) -> Result<Vec<u8>, ApiError> {
     let bytes = data
         .open(limit)
         .into_bytes()
@@ -46,8 +55,5 @@ async fn read<T: Limited>(request: &Request<'_>, data: Data<'_>) -> Result<T, Ap
     if !bytes.is_complete() {
         return Err(ApiError::PayloadTooLarge(format!("the body is larger than {limit}")));
     }
-    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),
-        _ => ApiError::BadRequest(format!("the body is not valid JSON: {e}")),
-    })
+    Ok(bytes.into_inner())
 }

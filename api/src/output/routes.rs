@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::store::{self, Appended, Chunk, Stream};
 use crate::auth::AgentAuth;
+use crate::body::read_within;
 use crate::config::AppConfig;
 use crate::dispatch::{Dispatcher, Woken};
 use crate::error::ApiError;
@@ -76,15 +77,7 @@ async fn upload(
         offset.parse().ok().filter(|o| *o >= 0).ok_or_else(|| {
             ApiError::BadRequest("`offset` must be a byte offset, 0 or more".into())
         })?;
-    let limit = limits.get("output").unwrap_or(64.kibibytes());
-    let bytes = data
-        .open(limit)
-        .into_bytes()
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("the body could not be read: {e}")))?;
-    if !bytes.is_complete() {
-        return Err(ApiError::PayloadTooLarge(format!("a chunk holds at most {limit} bytes")));
-    }
+    let bytes = read_within(data, limits.get("output").unwrap_or(64.kibibytes())).await?;
     if bytes.is_empty() {
         return Err(ApiError::Invalid("a chunk must hold at least one byte".into()));
     }

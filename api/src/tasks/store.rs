@@ -141,6 +141,33 @@ pub async fn claim(
     Ok(claimed)
 }
 
+/// Ends the current attempt of the tasks in a `fate` CTE (columns `id`, `fate`): `refunded`
+/// and `requeued` go back to the queue as if never picked (`refunded` also gives the attempt
+/// back) with their output cleared; `cancelled` is cancelled; any other fate fails the task.
+/// Each caller adds its `error` and its counters. Shared by the reaper and the release so that
+/// both leave a task in the same state for the same fate.
+macro_rules! end_attempt {
+    () => {
+        "cleared AS (
+             DELETE FROM task_output o USING fate
+              WHERE o.task_id = fate.id AND fate.fate IN ('refunded', 'requeued')
+         )
+         UPDATE tasks t SET
+             status = CASE WHEN fate IN ('refunded', 'requeued') THEN 'queued'
+                           WHEN fate = 'cancelled' THEN 'cancelled'
+                           ELSE 'failed' END::task_status,
+             finished_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE now() END,
+             started_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.started_at END,
+             running_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.running_at END,
+             agent = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.agent END,
+             lease = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.lease END,
+             lease_expires_at = NULL,
+             attempts = CASE WHEN fate = 'refunded' THEN t.attempts - 1 ELSE t.attempts END,
+             stdout_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stdout_bytes END,
+             stderr_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stderr_bytes END"
+    };
+}
+
 /// Hands a task back to the queue: an agent that is draining. The attempt is refunded up to
 /// `max_attempts` times per task; past that it counts, and a task out of attempts fails, so a
 /// command that makes its agent hand it back cannot loop forever. A task whose abort was
@@ -159,28 +186,13 @@ pub async fn release(
                          WHEN attempts < $3 THEN 'requeued'
                          ELSE 'exhausted' END AS fate
                FROM tasks WHERE id = $1 AND lease = $2 AND status = 'in_progress'
-         ),
-         cleared AS (
-             DELETE FROM task_output o USING fate
-              WHERE o.task_id = fate.id AND fate.fate IN ('refunded', 'requeued')
-         )
-         UPDATE tasks t SET
-             status = CASE WHEN fate IN ('refunded', 'requeued') THEN 'queued'
-                           WHEN fate = 'cancelled' THEN 'cancelled'
-                           ELSE 'failed' END::task_status,
+         ), ",
+        end_attempt!(),
+        ",
              error = CASE fate WHEN 'cancelled' THEN 'aborted before it ran to the end'
                                WHEN 'exhausted' THEN 'handed back by its agents too often'
                                ELSE NULL END,
-             finished_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE now() END,
-             started_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.started_at END,
-             running_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.running_at END,
-             agent = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.agent END,
-             lease = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.lease END,
-             lease_expires_at = NULL,
-             attempts = CASE WHEN fate = 'refunded' THEN t.attempts - 1 ELSE t.attempts END,
-             releases = t.releases + 1,
-             stdout_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stdout_bytes END,
-             stderr_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stderr_bytes END
+             releases = t.releases + 1
            FROM fate WHERE t.id = fate.id
          RETURNING ",
         task_columns!("t.")
@@ -344,7 +356,7 @@ pub struct Reaped {
 /// requeued with the attempt refunded if its agent never confirmed the pick (up to
 /// `max_attempts` times), failed as "agent lost" on its last attempt, or else requeued.
 pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> sqlx::Result<Reaped> {
-    let fates: Vec<(Uuid, String)> = sqlx::query_as(
+    let fates: Vec<(Uuid, String)> = sqlx::query_as(concat!(
         "WITH due AS (
              SELECT id, attempts, lost_picks, running_at, abort_requested_at,
                     started_at + (timeout_secs + $2) * interval '1 second' < now() AS overran
@@ -362,34 +374,19 @@ pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> sqlx::
                          WHEN attempts >= $1 THEN 'lost'
                          ELSE 'requeued' END AS fate
                FROM due
-         ),
-         cleared AS (
-             DELETE FROM task_output o USING fate
-              WHERE o.task_id = fate.id AND fate.fate IN ('refunded', 'requeued')
-         )
-         UPDATE tasks t SET
-             status = CASE WHEN fate IN ('refunded', 'requeued') THEN 'queued'
-                           WHEN fate = 'cancelled' THEN 'cancelled'
-                           ELSE 'failed' END::task_status,
+         ), ",
+        end_attempt!(),
+        ",
              error = CASE fate
                          WHEN 'timed_out'
                          THEN 'timed out after ' || t.timeout_secs || ' s; its agent did not stop it'
                          WHEN 'cancelled' THEN 'aborted; its agent was lost'
                          WHEN 'lost' THEN 'agent lost'
                      END,
-             finished_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE now() END,
-             started_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.started_at END,
-             running_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.running_at END,
-             agent = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.agent END,
-             lease = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.lease END,
-             lease_expires_at = NULL,
-             attempts = CASE WHEN fate = 'refunded' THEN t.attempts - 1 ELSE t.attempts END,
-             lost_picks = CASE WHEN fate = 'refunded' THEN t.lost_picks + 1 ELSE t.lost_picks END,
-             stdout_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stdout_bytes END,
-             stderr_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stderr_bytes END
+             lost_picks = CASE WHEN fate = 'refunded' THEN t.lost_picks + 1 ELSE t.lost_picks END
            FROM fate WHERE t.id = fate.id
-         RETURNING t.id, fate",
-    )
+         RETURNING t.id, fate"
+    ))
     .bind(max_attempts as i32)
     .bind(overrun_secs as f64)
     .fetch_all(pool)
