@@ -41,8 +41,11 @@ async fn output_is_readable_while_the_task_runs() {
 async fn following_the_log_returns_both_streams_in_order_and_ends_with_the_task() {
     let app = TestApp::spawn().await;
     let _worker = WorkerProcess::start(&app, "follower", &[]);
-    let task =
-        app.create("echo a; sleep 0.4; echo b >&2; sleep 0.4; echo c; sleep 0.4; echo d >&2").await;
+    // Well within one upload tick (250 ms): the order must come from the agent's reads, not
+    // from when it uploads.
+    let task = app
+        .create("echo a; sleep 0.05; echo b >&2; sleep 0.05; echo c; sleep 0.05; echo d >&2; sleep 0.05; echo e")
+        .await;
     let id = task["id"].as_str().unwrap();
 
     let response =
@@ -52,7 +55,7 @@ async fn following_the_log_returns_both_streams_in_order_and_ends_with_the_task(
     assert_eq!(header(&response, "content-type"), "text/plain");
     let log =
         tokio::time::timeout(Duration::from_secs(30), response.text()).await.expect("the log ends");
-    assert_eq!(log.unwrap(), "a\nb\nc\nd\n");
+    assert_eq!(log.unwrap(), "a\nb\nc\nd\ne\n");
     assert_eq!(app.task(id).await["status"], "finished", "it ended with the task");
 }
 
@@ -67,6 +70,8 @@ async fn a_log_without_follow_is_what_there_is_so_far() {
     let log = app.request(Method::GET, &format!("/tasks/{id}/log")).send().await.unwrap();
 
     let log = log.text().await.unwrap();
+    // Written a microsecond apart to two pipes, read by two threads: either order is honest
+    // (the follow test checks the order of writes that are apart).
     assert!(log == "out\nerr\n" || log == "err\nout\n", "{log:?}");
     let unknown = app
         .request(Method::GET, &format!("/tasks/{}/log", uuid::Uuid::new_v4()))
@@ -148,6 +153,23 @@ async fn a_retried_chunk_is_stored_once_and_a_gap_says_where_to_resend_from() {
     assert_problem(too_big, 413, "larger than").await;
     let bad_stream = upload(&app, id, lease, "stdlog", 0, b"x").await;
     assert_problem(bad_stream, 400, "stdout or stderr").await;
+    for offset in ["-1", "9223372036854775807", "lots"] {
+        let path = format!("/tasks/{id}/output?stream=stdout&offset={offset}&skip=true");
+        let response = app
+            .agent(Method::POST, &path, "manual")
+            .header("X-Lease", lease.as_str().unwrap())
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, 400, "`offset` must be").await;
+        let read = app
+            .request(Method::GET, &format!("/tasks/{id}/output?offset={offset}"))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(read, 400, "`offset` must be").await;
+    }
 
     // The finish states the lengths; it is refused until the uploads reach them.
     let short = app
@@ -168,7 +190,8 @@ async fn a_retried_chunk_is_stored_once_and_a_gap_says_where_to_resend_from() {
 async fn a_flood_is_capped_with_head_marker_and_tail_intact() {
     let app = TestApp::spawn_with(|f| f.merge(("max_output_bytes", 65536))).await;
     let _worker = WorkerProcess::start(&app, "flooded", &[]);
-    let task = app.create("yes | head -c 3000000; echo the end").await;
+    let task =
+        app.create("yes | head -c 3000000; echo the end; yes no | head -c 1000000 >&2").await;
     let id = task["id"].as_str().unwrap();
 
     let task = app.until_done(id).await;
@@ -205,6 +228,28 @@ async fn a_flood_is_capped_with_head_marker_and_tail_intact() {
         log.contains("\n[taskexec: 2934472 bytes of stdout dropped here]\n"),
         "the log marks the drop"
     );
+    assert_eq!(task["stderr_truncated"], true);
+    assert_eq!(task["stderr_bytes"], 1000000);
+    let stderr = task["stderr"].as_str().unwrap();
+    assert!(stderr.starts_with("no\nno\n"));
+    assert!(stderr.contains("\n[taskexec: 934464 bytes of output dropped here]\n"), "stderr too");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_binary_flood_fits_the_cap_as_text_and_counts_the_drop_in_bytes() {
+    let app = TestApp::spawn_with(|f| f.merge(("max_output_bytes", 65536))).await;
+    let _worker = WorkerProcess::start(&app, "random", &[]);
+    let task = app.create("head -c 3000000 /dev/urandom").await;
+
+    let task = app.until_done(task["id"].as_str().unwrap()).await;
+
+    let stdout = task["stdout"].as_str().unwrap();
+    assert!(stdout.len() <= 65536 + 100, "{} bytes of text", stdout.len());
+    assert_eq!(task["stdout_lossy"], true);
+    assert_eq!(task["stdout_truncated"], true);
+    let marker = stdout.split("[taskexec: ").nth(1).expect("a marker");
+    let dropped: u64 = marker.split(' ').next().unwrap().parse().unwrap();
+    assert!(dropped > 2_900_000 && dropped < 3_000_000, "the drop counts raw bytes: {dropped}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -259,7 +304,7 @@ async fn lists_leave_the_output_out() {
 async fn a_command_printing_forever_keeps_the_agent_small_and_the_server_unharmed() {
     let app = TestApp::spawn().await;
     let worker = WorkerProcess::start(&app, "yes", &[]);
-    let task = app.create("timeout 5 yes; echo stopped").await;
+    let task = app.create("timeout 30 yes; echo stopped").await;
     let id = task["id"].as_str().unwrap().to_owned();
 
     let mut largest_rss_kib = 0;
@@ -291,7 +336,7 @@ async fn a_command_printing_forever_keeps_the_agent_small_and_the_server_unharme
     .await
     .unwrap();
     eprintln!(
-        "FIGURE yes for 5 s: agent RSS peak {} KiB, {stored} bytes of output stored, {} produced",
+        "FIGURE yes for 30 s: agent RSS peak {} KiB, {stored} bytes of output stored, {} produced",
         largest_rss_kib, task["stdout_bytes"]
     );
     assert!(stored <= (1 << 20) + 64 * 1024, "the database keeps the cap: {stored} bytes");

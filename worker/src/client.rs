@@ -114,9 +114,12 @@ pub struct Report {
     pub stderr_lossy: bool,
     /// The command was stopped because an abort was requested.
     pub aborted: bool,
-    /// The length of each stream as uploaded (the server checks its uploads add up to them).
-    pub stdout_bytes: u64,
-    pub stderr_bytes: u64,
+    /// The length of each stream as uploaded (the server checks its uploads add up to them);
+    /// left out when the uploads were given up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdout_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stderr_bytes: Option<u64>,
     /// The stream was longer than the cap: its middle was dropped.
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,

@@ -66,6 +66,7 @@ pub struct Running {
     guarded: bool,
     stdout: Capture,
     stderr: Capture,
+    runs: Arc<Mutex<Runs>>,
 }
 
 /// Starts the command in a process group of its own, stdin closed, stdout and stderr read
@@ -99,12 +100,14 @@ pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
     drop(expression);
     let handle = handle?;
     let group = handle.pids().first().copied();
+    let runs = Arc::new(Mutex::new(Runs::default()));
     Ok(Running {
         handle: Arc::new(handle),
         group,
         guarded: spec.guard.is_some(),
-        stdout: capture(stdout_reader, spec.max_output_bytes),
-        stderr: capture(stderr_reader, spec.max_output_bytes),
+        stdout: capture(stdout_reader, spec.max_output_bytes, 0, runs.clone()),
+        stderr: capture(stderr_reader, spec.max_output_bytes, 1, runs.clone()),
+        runs,
     })
 }
 
@@ -115,9 +118,10 @@ impl Running {
         thread::spawn(move || exited(exit_of(handle.wait().map(|output| output.status))));
     }
 
-    /// The live buffers of stdout and stderr, for the uploader.
-    pub fn buffers(&self) -> [Arc<Mutex<Captured>>; 2] {
-        [self.stdout.buffer(), self.stderr.buffer()]
+    /// The live buffers of stdout and stderr, and the order they were written in, for the
+    /// uploader.
+    pub fn buffers(&self) -> ([Arc<Mutex<Captured>>; 2], Arc<Mutex<Runs>>) {
+        ([self.stdout.buffer(), self.stderr.buffer()], self.runs.clone())
     }
 
     /// The command's process group (the id of its leader, the guard).
@@ -204,7 +208,14 @@ pub fn kill_group(leader: u32, signal: libc::c_int) {
 }
 
 /// Reads a pipe to its end on a thread, keeping at most `limit` bytes.
-fn capture(mut pipe: os_pipe::PipeReader, limit: usize) -> Capture {
+/// Reads stream number `stream` (0 stdout, 1 stderr) of a command on a thread, noting in
+/// `runs` where it takes over from the other stream.
+fn capture(
+    mut pipe: os_pipe::PipeReader,
+    limit: usize,
+    stream: usize,
+    runs: Arc<Mutex<Runs>>,
+) -> Capture {
     let buffer = Arc::new(Mutex::new(Captured::new(limit)));
     let (closed, done) = mpsc::channel();
     let sink = buffer.clone();
@@ -213,7 +224,13 @@ fn capture(mut pipe: os_pipe::PipeReader, limit: usize) -> Capture {
         loop {
             match pipe.read(&mut chunk) {
                 Ok(0) => break,
-                Ok(n) => lock(&sink).push(&chunk[..n]),
+                Ok(n) => {
+                    let mut buffer = lock(&sink);
+                    // The run is noted before its bytes are visible, so that an uploader that
+                    // sees the bytes also sees where they start.
+                    lock_runs(&runs).note(stream, buffer.total());
+                    buffer.push(&chunk[..n]);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             }
@@ -221,6 +238,52 @@ fn capture(mut pipe: os_pipe::PipeReader, limit: usize) -> Capture {
         let _ = closed.send(());
     });
     Capture { buffer, done }
+}
+
+/// The order in which the two streams were read: a run begins wherever one stream follows
+/// the other, at that stream's offset. The combined log is uploaded run by run.
+#[derive(Debug, Default)]
+pub struct Runs {
+    last: Option<usize>,
+    runs: std::collections::VecDeque<(usize, u64)>,
+}
+
+/// Runs kept at most: a command that alternates its streams faster than they are uploaded loses
+/// only the order of its oldest runs.
+const MAX_RUNS: usize = 4096;
+
+impl Runs {
+    fn note(&mut self, stream: usize, offset: u64) {
+        if self.last != Some(stream) {
+            self.last = Some(stream);
+            if self.runs.len() == MAX_RUNS {
+                self.runs.pop_front();
+            }
+            self.runs.push_back((stream, offset));
+        }
+    }
+
+    /// The oldest run not yet uploaded: its stream, and where the same stream's next run
+    /// starts (its end), if it has one yet.
+    pub fn front(&self) -> Option<(usize, Option<u64>)> {
+        let &(stream, _) = self.runs.front()?;
+        let end = self.runs.iter().skip(1).find(|(s, _)| *s == stream).map(|&(_, at)| at);
+        Some((stream, end))
+    }
+
+    /// Done with the oldest run, if another follows it.
+    pub fn advance(&mut self) -> bool {
+        if self.runs.len() > 1 {
+            self.runs.pop_front();
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub fn lock_runs(runs: &Mutex<Runs>) -> std::sync::MutexGuard<'_, Runs> {
+    runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A stream being read: what has been read so far, and a signal when the pipe has closed.
@@ -333,20 +396,35 @@ impl Captured {
     /// dropped, a marker line between head and tail says how many.
     pub fn to_text(&self) -> (String, bool) {
         let tail: Vec<u8> = self.tail.iter().copied().collect();
-        let (mut text, lossy) = if self.dropped == 0 {
-            let mut all = self.head.clone();
+        let contiguous = self.dropped == 0;
+        let mut all = Vec::new();
+        if contiguous {
+            all = self.head.clone();
             all.extend_from_slice(&tail);
-            lossy(&all)
-        } else {
-            let (head, head_lossy) = lossy(trim_incomplete_end(&self.head));
-            let (tail, tail_lossy) = lossy(trim_partial_start(&tail));
-            let marker = format!("\n[taskexec: {} bytes of output dropped here]\n", self.dropped);
-            (format!("{head}{marker}{tail}"), head_lossy || tail_lossy)
-        };
+            let (text, lossy) = lossy(&all);
+            if text.len() <= self.limit {
+                return (self.note_open(text), lossy);
+            }
+        }
+        // Too long, or too long once converted (each invalid byte becomes three): keep as many
+        // raw bytes of each end as fit half the limit as text, and count the rest exactly.
+        let (head_source, tail_source) =
+            if contiguous { (&all, &all) } else { (&self.head, &tail) };
+        let head_len = longest_prefix(head_source, self.limit / 2);
+        let tail_len = longest_suffix(tail_source, self.limit - self.limit / 2);
+        let (head, head_lossy) = lossy(trim_incomplete_end(&head_source[..head_len]));
+        let (tail, tail_lossy) =
+            lossy(trim_partial_start(&tail_source[tail_source.len() - tail_len..]));
+        let dropped = self.total() - head_len as u64 - tail_len as u64;
+        let marker = format!("\n[taskexec: {dropped} bytes of output dropped here]\n");
+        (self.note_open(format!("{head}{marker}{tail}")), head_lossy || tail_lossy)
+    }
+
+    fn note_open(&self, mut text: String) -> String {
         if self.open {
             text.push_str("\n[taskexec: a process outside the task still held this stream open; later output is not captured]\n");
         }
-        (text, lossy)
+        text
     }
 }
 
@@ -370,6 +448,32 @@ pub fn shrink(text: &str, max_bytes: usize) -> String {
         &text[..head_end],
         &text[tail_start..]
     )
+}
+
+/// The most bytes from the start of `bytes` whose text (converted lossily) fits `budget`.
+fn longest_prefix(bytes: &[u8], budget: usize) -> usize {
+    let fits = |n: usize| lossy(trim_incomplete_end(&bytes[..n])).0.len() <= budget;
+    largest(bytes.len(), fits)
+}
+
+/// The most bytes from the end of `bytes` whose text (converted lossily) fits `budget`.
+fn longest_suffix(bytes: &[u8], budget: usize) -> usize {
+    let fits = |n: usize| lossy(trim_partial_start(&bytes[bytes.len() - n..])).0.len() <= budget;
+    largest(bytes.len(), fits)
+}
+
+/// The largest `n` in `0..=max` for which `fits` holds, `fits` being monotonic.
+fn largest(max: usize, fits: impl Fn(usize) -> bool) -> usize {
+    let (mut low, mut high) = (0, max);
+    while low < high {
+        let mid = low + (high - low + 1) / 2;
+        if fits(mid) {
+            low = mid;
+        } else {
+            high = mid - 1;
+        }
+    }
+    low
 }
 
 fn lossy(bytes: &[u8]) -> (String, bool) {
@@ -474,6 +578,21 @@ mod tests {
         assert_eq!(captured.from_offset(5, 99), Some((15, b"fghij".to_vec())));
         assert_eq!(captured.from_offset(17, 99), Some((17, b"hij".to_vec())));
         assert_eq!(captured.from_offset(20, 99), None);
+    }
+
+    #[test]
+    fn binary_floods_fit_the_limit_as_text_and_count_the_drop_in_bytes() {
+        let mut captured = Captured::new(100);
+        captured.push(&[0xff; 1000]);
+        let (text, lossy) = captured.to_text();
+        assert!(lossy);
+        // 50 bytes of text each side: 16 replacement characters of 3 bytes.
+        assert!(text.starts_with(&"\u{FFFD}".repeat(16)) && text.ends_with(&"\u{FFFD}".repeat(16)));
+        assert!(text.contains("[taskexec: 968 bytes of output dropped here]"), "{text}");
+        // No drop in the raw bytes, but too long once converted: cut all the same.
+        let mut small = Captured::new(100);
+        small.push(&[0xff; 90]);
+        assert!(small.to_text().0.contains("[taskexec: 58 bytes of output dropped here]"));
     }
 
     #[test]

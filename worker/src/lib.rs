@@ -170,16 +170,22 @@ impl Worker {
             stdout_lossy,
             stderr_lossy,
             aborted,
-            stdout_bytes,
-            stderr_bytes,
+            stdout_bytes: Some(stdout_bytes),
+            stderr_bytes: Some(stderr_bytes),
             stdout_truncated,
             stderr_truncated,
         };
         let mut streamer = streamer;
+        let lengths = [stdout_bytes, stderr_bytes];
         self.retry(id, "finish", || {
-            // The rest of the output first: the finish states its length.
+            // The rest of the output first, up to what the report states.
             if let Some(streamer) = &mut streamer {
-                streamer.send_due(true)?;
+                streamer.send_due(Some(lengths))?;
+                if !streamer.uploaded() {
+                    // The API would not take the output: the finish then states no lengths.
+                    report.stdout_bytes = None;
+                    report.stderr_bytes = None;
+                }
             }
             let sent = self.client.finish(id, &report);
             match &sent {

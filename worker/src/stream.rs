@@ -1,8 +1,9 @@
 //! Live output: what the command prints is uploaded while it runs, in chunks of at most 64 KiB
-//! at absolute offsets, at least every `TICK` when there is something new. The first half of
-//! each stream goes up as fast as it comes; past it (a flood), each stream sends one chunk per
-//! `PACE`, skipping what the ring has already dropped, and the rest at the end. The server
-//! keeps each stream by the same rule as the agent's buffers, so they agree on offsets.
+//! at absolute offsets, at least every `TICK` when there is something new. Chunks follow the
+//! order in which the two streams were read (their runs), so the combined log keeps it. The
+//! first half of each stream goes up as fast as it comes; past it (a flood), one chunk per
+//! `PACE`, skipping what the agent's ring has already dropped, and the rest at the end. The
+//! server keeps each stream by the same rule as the agent's buffers, so they agree on offsets.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,98 +13,140 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::client::{Assignment, Client, ClientError};
-use crate::exec::Captured;
+use crate::exec::{lock_runs, Captured, Runs};
 
-/// The largest chunk (the server's `output` limit).
+/// The largest chunk (the server's `output` limit, by default): halved on a 413.
 const CHUNK: usize = 64 * 1024;
 /// How often the uploader looks for new output.
 pub const TICK: Duration = Duration::from_millis(250);
 /// Past a stream's first half, at most one chunk of it per this long while the command runs.
 const PACE: Duration = Duration::from_millis(500);
+/// Answers that move nothing forward, in a row, before the uploads are given up.
+const MAX_STALLS: u32 = 3;
+
+const NAMES: [&str; 2] = ["stdout", "stderr"];
 
 pub struct Streamer {
     client: Arc<Client>,
     id: Uuid,
     lease: Uuid,
-    uploads: [Upload; 2],
-    /// The server refused an upload for good (another attempt owns the task): stop trying.
+    buffers: [Arc<Mutex<Captured>>; 2],
+    runs: Arc<Mutex<Runs>>,
+    /// Where the server's copy of each stream ends.
+    sent: [u64; 2],
+    last_paced: [Option<Instant>; 2],
+    chunk: usize,
+    stalls: u32,
+    /// The server refused the uploads for good: the finish then states no lengths.
     gone: bool,
-}
-
-struct Upload {
-    name: &'static str,
-    buffer: Arc<Mutex<Captured>>,
-    /// Where the server's copy of the stream ends.
-    sent: u64,
-    last_paced: Option<Instant>,
 }
 
 impl Streamer {
     pub fn new(
         client: Arc<Client>,
         assignment: &Assignment,
-        buffers: [Arc<Mutex<Captured>>; 2],
+        (buffers, runs): ([Arc<Mutex<Captured>>; 2], Arc<Mutex<Runs>>),
     ) -> Streamer {
-        let [stdout, stderr] = buffers;
-        let upload = |name, buffer| Upload { name, buffer, sent: 0, last_paced: None };
         Streamer {
             client,
             id: assignment.id,
             lease: assignment.lease,
-            uploads: [upload("stdout", stdout), upload("stderr", stderr)],
+            buffers,
+            runs,
+            sent: [0, 0],
+            last_paced: [None, None],
+            chunk: CHUNK,
+            stalls: 0,
             gone: false,
         }
     }
 
-    /// Uploads what is due: everything with `flush`, else all of the first halves and one
-    /// chunk per stream per `PACE` beyond them. The stream whose oldest unsent byte is older
-    /// goes first, so that the combined log keeps the order of the output.
+    /// Uploads what is due, run by run: with `until` (the final flush), everything up to those
+    /// lengths; else all of the first halves and one chunk per `PACE` beyond them.
     ///
     /// # Errors
     /// A retryable error (the API is unreachable); what was sent stays sent.
-    pub fn send_due(&mut self, flush: bool) -> Result<(), ClientError> {
-        let mut order = [0, 1];
-        order.sort_by_key(|&i| lock(&self.uploads[i].buffer).pending_since);
-        for i in order {
-            while !self.gone {
-                let upload = &mut self.uploads[i];
-                let next = {
-                    let mut buffer = lock(&upload.buffer);
-                    let next = buffer.from_offset(upload.sent, CHUNK);
-                    if next.is_none() {
-                        buffer.pending_since = None;
-                    }
-                    next.map(|(start, bytes)| (start, bytes, buffer.in_head(start)))
-                };
-                let Some((start, bytes, in_head)) = next else { break };
-                if !flush && !in_head {
-                    if upload.last_paced.is_some_and(|at| at.elapsed() < PACE) {
-                        break;
-                    }
-                    upload.last_paced = Some(Instant::now());
+    pub fn send_due(&mut self, until: Option<[u64; 2]>) -> Result<(), ClientError> {
+        while !self.gone {
+            let Some((stream, run_end)) = lock_runs(&self.runs).front() else { return Ok(()) };
+            // Read the buffer before the runs again: a run is noted before its bytes show.
+            let (total, in_head) = {
+                let buffer = lock(&self.buffers[stream]);
+                (buffer.total(), buffer.in_head(self.sent[stream]))
+            };
+            let run_end = run_end.or_else(|| lock_runs(&self.runs).front().and_then(|f| f.1));
+            let mut end = run_end.unwrap_or(total).min(total);
+            if let Some(until) = until {
+                end = end.min(until[stream]);
+            }
+            if self.sent[stream] >= end {
+                // Done with this run. If another follows, this stream's next bytes come with a
+                // run of their own, so moving on loses nothing.
+                if lock_runs(&self.runs).advance() {
+                    continue;
                 }
-                let skip = start > upload.sent;
-                match self.client.upload(self.id, self.lease, upload.name, start, skip, &bytes) {
-                    Ok(end) => upload.sent = end,
-                    Err(ClientError::OffsetGap { expected }) => upload.sent = expected,
-                    Err(e) if e.is_retryable() => return Err(e),
-                    Err(e) => {
-                        log::warn!("task {}: output no longer uploaded: {e}", self.id);
-                        self.gone = true;
-                    }
+                return Ok(());
+            }
+            if until.is_none() && !in_head {
+                if self.last_paced[stream].is_some_and(|at| at.elapsed() < PACE) {
+                    return Ok(());
                 }
-                if !flush && !in_head {
-                    break;
+                self.last_paced[stream] = Some(Instant::now());
+            }
+            let Some((start, mut bytes)) =
+                lock(&self.buffers[stream]).from_offset(self.sent[stream], self.chunk)
+            else {
+                return Ok(());
+            };
+            if start >= end {
+                // The rest of this run was dropped (a flood): the next run says so by skipping.
+                if lock_runs(&self.runs).advance() {
+                    continue;
                 }
+                return Ok(());
+            }
+            bytes.truncate((end - start) as usize);
+            self.upload(stream, start, &bytes)?;
+            if until.is_none() && !in_head {
+                return Ok(());
             }
         }
         Ok(())
     }
 
+    fn upload(&mut self, stream: usize, start: u64, bytes: &[u8]) -> Result<(), ClientError> {
+        let skip = start > self.sent[stream];
+        let before = self.sent[stream];
+        match self.client.upload(self.id, self.lease, NAMES[stream], start, skip, bytes) {
+            Ok(end) => self.sent[stream] = end,
+            Err(ClientError::OffsetGap { expected }) => self.sent[stream] = expected,
+            Err(ClientError::Refused { status: 413, .. }) if self.chunk > 1024 => self.chunk /= 2,
+            Err(e) if e.is_retryable() => return Err(e),
+            Err(e) => self.give_up(&e),
+        }
+        self.stalls = if self.sent[stream] > before { 0 } else { self.stalls + 1 };
+        if self.stalls >= MAX_STALLS && !self.gone {
+            self.give_up(&"the API takes no more of it");
+        }
+        Ok(())
+    }
+
+    fn give_up(&mut self, why: &dyn std::fmt::Display) {
+        log::warn!("task {}: live output no longer uploaded: {why}", self.id);
+        self.gone = true;
+    }
+
+    /// The lengths the finish may state: none once the uploads were given up.
+    pub fn uploaded(&self) -> bool {
+        !self.gone
+    }
+
     /// Starts again from where the server says its copies end.
     pub fn rewind(&mut self, stdout: u64, stderr: u64) {
-        self.uploads[0].sent = stdout;
-        self.uploads[1].sent = stderr;
+        if self.sent == [stdout, stderr] {
+            self.give_up(&"the finish and the uploads disagree on the lengths");
+        }
+        self.sent = [stdout, stderr];
     }
 
     /// Uploads in the background every `TICK` until `running` is cleared; returns the
@@ -111,7 +154,7 @@ impl Streamer {
     pub fn spawn(mut self, running: Arc<AtomicBool>) -> thread::JoinHandle<Streamer> {
         thread::spawn(move || {
             while running.load(Ordering::Acquire) {
-                if let Err(e) = self.send_due(false) {
+                if let Err(e) = self.send_due(None) {
                     log::warn!("task {}: output upload failed, will retry: {e}", self.id);
                 }
                 thread::sleep(TICK);

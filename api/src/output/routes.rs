@@ -35,6 +35,12 @@ const MAX_READ: usize = 256 * 1024;
 /// process, and an agent may upload to another.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// How often a followed log looks at the database without an event, and how long it may go
+/// without anything to send before it ends (the client reconnects; a follower that went away
+/// without a word cannot be told from one that waits, so it must not cost forever).
+const FOLLOW_RECHECK: Duration = Duration::from_secs(5);
+const FOLLOW_IDLE: Duration = Duration::from_secs(15 * 60);
+
 /// The lease, from `X-Lease`, on uploads (whose body is the raw bytes).
 pub struct LeaseHeader(Uuid);
 
@@ -73,10 +79,7 @@ async fn upload(
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(id)?;
     let stream: Stream = stream.parse()?;
-    let offset: i64 =
-        offset.parse().ok().filter(|o| *o >= 0).ok_or_else(|| {
-            ApiError::BadRequest("`offset` must be a byte offset, 0 or more".into())
-        })?;
+    let offset = parse_offset(offset)?;
     let bytes = read_within(data, limits.get("output").unwrap_or(64.kibibytes())).await?;
     if bytes.is_empty() {
         return Err(ApiError::Invalid("a chunk must hold at least one byte".into()));
@@ -128,12 +131,7 @@ async fn read(
 ) -> Result<OutputRead, ApiError> {
     let id = parse_id(id)?;
     let stream: Stream = stream.unwrap_or("stdout").parse()?;
-    let offset: i64 = match offset {
-        None => 0,
-        Some(text) => text.parse().ok().filter(|o| *o >= 0).ok_or_else(|| {
-            ApiError::BadRequest("`offset` must be a byte offset, 0 or more".into())
-        })?,
-    };
+    let offset = offset.map(parse_offset).transpose()?.unwrap_or(0);
     let deadline = Instant::now() + wait_secs(wait, config)?;
     loop {
         let watch = dispatcher.events().watch(id);
@@ -150,6 +148,16 @@ async fn read(
             _ = &mut shutdown => return Ok(OutputRead(read)),
         }
     }
+}
+
+/// The largest offset accepted: 2^53 bytes (9 PB), far beyond any output, small enough that
+/// no offset arithmetic can overflow and every offset is exact in JSON numbers.
+const MAX_OFFSET: i64 = 1 << 53;
+
+fn parse_offset(text: &str) -> Result<i64, ApiError> {
+    text.parse().ok().filter(|o| (0..=MAX_OFFSET).contains(o)).ok_or_else(|| {
+        ApiError::BadRequest(format!("`offset` must be a byte offset from 0 to {MAX_OFFSET}"))
+    })
 }
 
 /// `wait` seconds, up to the pick's maximum hold.
@@ -181,22 +189,31 @@ async fn log(
     let stream = ByteStream! {
         let mut shutdown = shutdown;
         let (mut after, mut next_stdout, mut next_stderr) = (0i64, 0i64, 0i64);
+        let mut last_sent = Instant::now();
         loop {
             let watch = events.watch(id);
             let Ok(Some((chunks, ended))) = store::log(&pool, id, after).await else { break };
             if chunks.is_empty() {
-                if ended || !follow {
+                if ended || !follow || last_sent.elapsed() >= FOLLOW_IDLE {
                     break;
                 }
                 tokio::select! {
                     _ = watch.next(Woken::Output) => {}
-                    _ = tokio::time::sleep(RECHECK) => {}
+                    _ = tokio::time::sleep(FOLLOW_RECHECK) => {}
                     _ = &mut shutdown => break,
                 }
                 continue;
             }
+            last_sent = Instant::now();
             for chunk in chunks {
                 after = chunk.seq;
+                let seen = if chunk.stream == Stream::Stdout { next_stdout } else { next_stderr };
+                if chunk.start == 0 && seen > 0 {
+                    // A new attempt (the task was requeued) starts its streams again.
+                    yield b"\n[taskexec: the task started again]\n".to_vec();
+                    next_stdout = 0;
+                    next_stderr = 0;
+                }
                 let next = match chunk.stream {
                     Stream::Stdout => &mut next_stdout,
                     Stream::Stderr => &mut next_stderr,

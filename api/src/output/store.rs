@@ -97,8 +97,10 @@ pub async fn append(
     let head_len = (head_limit - start).clamp(0, data.len() as i64) as usize;
     for (at, part) in [(start, &data[..head_len]), (start + head_len as i64, &data[head_len..])] {
         if !part.is_empty() {
+            // A chunk left by an earlier attempt (uploaded as the reaper requeued it) is replaced.
             sqlx::query(
-                "INSERT INTO task_output (task_id, stream, start, data) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO task_output (task_id, stream, start, data) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (task_id, stream, start) DO UPDATE SET data = EXCLUDED.data",
             )
             .bind(id)
             .bind(chunk.stream)
@@ -163,16 +165,20 @@ pub async fn read(
     let Some((status, total)) = task else { return Ok(None) };
     let chunks: Vec<(i64, Vec<u8>)> = sqlx::query_as(
         "SELECT start, data FROM task_output
-          WHERE task_id = $1 AND stream = $2 AND start + length(data) > $3
-          ORDER BY start LIMIT 32",
+          WHERE task_id = $1 AND stream = $2 AND start + length(data) > $3 AND start < $4
+          ORDER BY start LIMIT 8",
     )
     .bind(id)
     .bind(stream)
     .bind(offset)
+    .bind(total)
     .fetch_all(pool)
     .await?;
     let (mut cursor, mut data, mut dropped) = (offset.min(total), Vec::new(), 0);
     for (at, bytes) in chunks {
+        if at + (bytes.len() as i64) <= cursor {
+            continue; // overlaps what was already taken (a window edge)
+        }
         if at > cursor {
             if !data.is_empty() {
                 break; // the next read reports the drop
@@ -216,7 +222,7 @@ pub async fn log(
     let Some(status) = status else { return Ok(None) };
     let chunks = sqlx::query_as(
         "SELECT seq, stream, start, data FROM task_output
-          WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT 64",
+          WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT 16",
     )
     .bind(id)
     .bind(after)
