@@ -101,9 +101,8 @@ impl Worker {
                 return (Ending::Ran(execution), None);
             }
         };
-        let uploading = Arc::new(AtomicBool::new(true));
-        let uploader = Streamer::new(self.client.clone(), assignment, running.buffers())
-            .spawn(uploading.clone());
+        let (stop_uploads, uploader) =
+            Streamer::new(self.client.clone(), assignment, running.buffers()).spawn();
         stop.command_group(running.group());
         // The first heartbeat goes out as soon as the command runs: the server records when
         // it started, and an abort reaches the agent from then on.
@@ -113,7 +112,7 @@ impl Worker {
         });
         let settings = Supervision { drain_timeout: self.config.drain_timeout };
         let ending = task::supervise(running, assignment, inbox, &settings);
-        uploading.store(false, Ordering::Release);
+        drop(stop_uploads);
         (ending, uploader.join().ok())
     }
 

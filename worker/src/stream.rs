@@ -5,7 +5,7 @@
 //! `PACE`, skipping what the agent's ring has already dropped, and the rest at the end. The
 //! server keeps each stream by the same rule as the agent's buffers, so they agree on offsets.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -149,18 +149,19 @@ impl Streamer {
         self.sent = [stdout, stderr];
     }
 
-    /// Uploads in the background every `TICK` until `running` is cleared; returns the
-    /// streamer for the final flush.
-    pub fn spawn(mut self, running: Arc<AtomicBool>) -> thread::JoinHandle<Streamer> {
-        thread::spawn(move || {
-            while running.load(Ordering::Acquire) {
+    /// Uploads in the background every `TICK` until the returned sender is dropped (which
+    /// wakes it at once); the thread returns the streamer for the final flush.
+    pub fn spawn(mut self) -> (mpsc::Sender<()>, thread::JoinHandle<Streamer>) {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let uploader = thread::spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
                 if let Err(e) = self.send_due(None) {
                     log::warn!("task {}: output upload failed, will retry: {e}", self.id);
                 }
-                thread::sleep(TICK);
             }
             self
-        })
+        });
+        (stop, uploader)
     }
 }
 
