@@ -74,8 +74,7 @@ async fn each_bad_new_task_gets_a_problem_naming_it() {
         assert_problem(response, status, needle).await;
     }
 
-    let page: Value =
-        app.request(Method::GET, "/tasks").send().await.unwrap().json().await.unwrap();
+    let page: Value = app.get_json("/tasks").await;
     assert_eq!(page["tasks"], json!([]), "a refused task must not be stored");
 }
 
@@ -109,31 +108,16 @@ async fn the_list_is_newest_first_and_filters_by_status() {
     let third = app.create("echo 3").await;
     app.pick("a", 0).await.expect("the first task is picked");
 
-    let page: Value =
-        app.request(Method::GET, "/tasks").send().await.unwrap().json().await.unwrap();
+    let page: Value = app.get_json("/tasks").await;
     let ids: Vec<&Value> = page["tasks"].as_array().unwrap().iter().map(|t| &t["id"]).collect();
     assert_eq!(ids, vec![&third["id"], &second["id"], &first["id"]]);
     assert!(page["next"].is_null());
 
-    let queued: Value = app
-        .request(Method::GET, "/tasks?status=queued")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let queued: Value = app.get_json("/tasks?status=queued").await;
     let ids: Vec<&Value> = queued["tasks"].as_array().unwrap().iter().map(|t| &t["id"]).collect();
     assert_eq!(ids, vec![&third["id"], &second["id"]]);
 
-    let running: Value = app
-        .request(Method::GET, "/tasks?status=in_progress")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let running: Value = app.get_json("/tasks?status=in_progress").await;
     assert_eq!(running["tasks"][0]["id"], first["id"]);
     assert_eq!(running["tasks"].as_array().unwrap().len(), 1);
 }
@@ -296,14 +280,7 @@ async fn thirty_two_concurrent_pickers_get_each_of_500_tasks_exactly_once() {
     let distinct: HashSet<_> = all.iter().collect();
     assert_eq!(all.len(), 500, "every task picked");
     assert_eq!(distinct.len(), 500, "no task picked twice");
-    let left: Value = app
-        .request(Method::GET, "/tasks?status=queued")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let left: Value = app.get_json("/tasks?status=queued").await;
     assert_eq!(left["tasks"], json!([]));
 }
 
@@ -518,7 +495,7 @@ async fn bad_finish_reports_are_refused_without_effect() {
 async fn the_root_names_the_service_and_health_checks_the_database() {
     let app = TestApp::spawn().await;
 
-    let root: Value = app.request(Method::GET, "/").send().await.unwrap().json().await.unwrap();
+    let root: Value = app.get_json("/").await;
     let health = app.request(Method::GET, "/health").send().await.unwrap();
 
     assert_eq!(root["service"], "taskexec-api");
@@ -652,7 +629,6 @@ async fn concurrent_submissions_are_each_stored_once_with_their_own_command() {
         assert_eq!(app.task(task["id"].as_str().unwrap()).await, task, "stored as answered");
     }
 
-    let page: Value =
-        app.request(Method::GET, "/tasks?limit=1000").send().await.unwrap().json().await.unwrap();
+    let page: Value = app.get_json("/tasks?limit=1000").await;
     assert_eq!(page["tasks"].as_array().unwrap().len(), 200);
 }

@@ -151,14 +151,7 @@ async fn sixteen_agents_killed_at_random_lose_no_task() {
     let open = |status: &'static str| {
         let (app, status) = (&app, status);
         async move {
-            let page: Value = app
-                .request(Method::GET, &format!("/tasks?status={status}&limit=1"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page: Value = app.get_json(&format!("/tasks?status={status}&limit=1")).await;
             !page["tasks"].as_array().unwrap().is_empty()
         }
     };
@@ -336,18 +329,8 @@ async fn a_heartbeat_with_a_stale_lease_is_409_and_a_current_one_extends_the_lea
     let picked = app.pick("manual", 0).await.unwrap();
     let id = picked["id"].as_str().unwrap();
 
-    let fresh = app
-        .agent(Method::POST, &format!("/tasks/{id}/heartbeat"), "manual")
-        .json(&json!({"lease": picked["lease"]}))
-        .send()
-        .await
-        .unwrap();
-    let stale = app
-        .agent(Method::POST, &format!("/tasks/{id}/heartbeat"), "manual")
-        .json(&json!({"lease": uuid::Uuid::new_v4()}))
-        .send()
-        .await
-        .unwrap();
+    let fresh = app.heartbeat(id, &picked["lease"], "").await;
+    let stale = app.heartbeat(id, &json!(uuid::Uuid::new_v4()), "").await;
 
     assert_eq!(fresh.status(), 200);
     let fresh: Value = fresh.json().await.unwrap();
@@ -356,12 +339,7 @@ async fn a_heartbeat_with_a_stale_lease_is_409_and_a_current_one_extends_the_lea
         fresh["lease_expires_at"].as_str().unwrap() >= picked["lease_expires_at"].as_str().unwrap()
     );
     assert_problem(stale, 409, "another attempt").await;
-    let too_long = app
-        .agent(Method::POST, &format!("/tasks/{id}/heartbeat?wait=60"), "manual")
-        .json(&json!({"lease": picked["lease"]}))
-        .send()
-        .await
-        .unwrap();
+    let too_long = app.heartbeat(id, &picked["lease"], "?wait=60").await;
     assert_problem(too_long, 400, "`wait`").await;
 }
 
@@ -600,12 +578,7 @@ async fn a_pick_whose_agent_never_reports_is_requeued_when_its_lease_expires() {
     assert_ne!(again["lease"], lost["lease"]);
     let stale_finish = app.finish(id, json!({"lease": lost["lease"], "exit_code": 0})).await;
     assert_problem(stale_finish, 409, "another attempt").await;
-    let stale_heartbeat = app
-        .agent(Method::POST, &format!("/tasks/{id}/heartbeat"), "vanished")
-        .json(&json!({"lease": lost["lease"]}))
-        .send()
-        .await
-        .unwrap();
+    let stale_heartbeat = app.heartbeat(id, &lost["lease"], "").await;
     assert_problem(stale_heartbeat, 409, "another attempt").await;
 }
 

@@ -292,8 +292,7 @@ async fn lists_leave_the_output_out() {
     let app = TestApp::spawn().await;
     app.create("echo x").await;
 
-    let page: Value =
-        app.request(Method::GET, "/tasks").send().await.unwrap().json().await.unwrap();
+    let page: Value = app.get_json("/tasks").await;
 
     let task = page["tasks"][0].as_object().unwrap();
     assert!(!task.contains_key("stdout") && !task.contains_key("stderr"));

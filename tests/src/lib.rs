@@ -181,6 +181,20 @@ impl TestApp {
         response.json().await.unwrap()
     }
 
+    /// GET `path` and its JSON body, whatever the status.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.request(Method::GET, path).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// A heartbeat for `id` under `lease`; `query` is appended to the path (`?wait=1`, say).
+    pub async fn heartbeat(&self, id: &str, lease: &Value, query: &str) -> Response {
+        self.agent(Method::POST, &format!("/tasks/{id}/heartbeat{query}"), "tester")
+            .json(&json!({ "lease": lease }))
+            .send()
+            .await
+            .expect("POST heartbeat")
+    }
+
     /// A pick with `wait` seconds: the picked task (with its lease), or None on 204.
     pub async fn pick(&self, agent: &str, wait: u64) -> Option<Value> {
         let response = self
