@@ -449,6 +449,47 @@ impl TaskEvents {
     }
 }
 
+/// How often a long poll on a task looks at the database when no event wakes it: events are
+/// local to one API process, and the task may change through another.
+pub const RECHECK: Duration = Duration::from_secs(1);
+
+impl TaskEvents {
+    /// A long poll on task `id`: `look` at it until it says the wait is over, `deadline` passes
+    /// or the server stops, and between looks wait for `what` to happen to the task here, or
+    /// `recheck`. Answers what the last look saw.
+    ///
+    /// # Errors
+    /// The first error of `look`.
+    pub async fn poll<T, Look, Seen>(
+        &self,
+        id: Uuid,
+        what: Woken,
+        deadline: Instant,
+        recheck: Duration,
+        shutdown: &mut Shutdown,
+        mut look: Look,
+    ) -> Result<T, ApiError>
+    where
+        Look: FnMut() -> Seen,
+        Seen: std::future::Future<Output = Result<(T, bool), ApiError>>,
+    {
+        loop {
+            // Watch before looking, so that an event in between is not missed.
+            let watch = self.watch(id);
+            let (seen, over) = look().await?;
+            let now = Instant::now();
+            if over || now >= deadline {
+                return Ok(seen);
+            }
+            tokio::select! {
+                _ = watch.next(what) => {}
+                _ = sleep(recheck.min(deadline - now)) => {}
+                _ = &mut *shutdown => return Ok(seen),
+            }
+        }
+    }
+}
+
 impl Watch {
     /// Resolves at the next event, and tells whether `what` has happened since the watch began.
     pub async fn next(&self, what: Woken) -> bool {

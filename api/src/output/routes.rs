@@ -19,9 +19,9 @@ use super::store::{self, Appended, Chunk, Stream};
 use crate::auth::AgentAuth;
 use crate::body::read_within;
 use crate::config::AppConfig;
-use crate::dispatch::{Dispatcher, Woken};
+use crate::dispatch::{Dispatcher, Woken, RECHECK};
 use crate::error::ApiError;
-use crate::tasks::routes::parse_id;
+use crate::tasks::routes::{parse_id, parse_wait};
 use crate::Db;
 
 pub fn routes() -> Vec<Route> {
@@ -30,10 +30,6 @@ pub fn routes() -> Vec<Route> {
 
 /// The largest answer to one read, in bytes.
 const MAX_READ: usize = 256 * 1024;
-
-/// How often a long poll looks at the database without an event: events are local to one API
-/// process, and an agent may upload to another.
-const RECHECK: Duration = Duration::from_secs(1);
 
 /// How often a followed log looks at the database without an event, and how long it may go
 /// without anything to send before it ends (the client reconnects; a follower that went away
@@ -132,22 +128,18 @@ async fn read(
     let id = parse_id(id)?;
     let stream: Stream = stream.unwrap_or("stdout").parse()?;
     let offset = offset.map(parse_offset).transpose()?.unwrap_or(0);
-    let deadline = Instant::now() + wait_secs(wait, config)?;
-    loop {
-        let watch = dispatcher.events().watch(id);
+    let wait = Duration::from_secs(parse_wait(wait, 0, config.pick_wait_max_secs)?);
+    let look = || async {
         let read = store::read(db, id, stream, offset, MAX_READ)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no task with id {id}")))?;
-        if !read.data.is_empty() || read.dropped > 0 || read.ended || Instant::now() >= deadline {
-            return Ok(OutputRead(read));
-        }
-        let pause = RECHECK.min(deadline - Instant::now());
-        tokio::select! {
-            _ = watch.next(Woken::Output) => {}
-            _ = tokio::time::sleep(pause) => {}
-            _ = &mut shutdown => return Ok(OutputRead(read)),
-        }
-    }
+        let news = !read.data.is_empty() || read.dropped > 0 || read.ended;
+        Ok((read, news))
+    };
+    let events = dispatcher.events();
+    let deadline = Instant::now() + wait;
+    let read = events.poll(id, Woken::Output, deadline, RECHECK, &mut shutdown, look).await?;
+    Ok(OutputRead(read))
 }
 
 /// The largest offset accepted: 2^53 bytes (9 PB), far beyond any output, small enough that
@@ -157,15 +149,6 @@ const MAX_OFFSET: i64 = 1 << 53;
 fn parse_offset(text: &str) -> Result<i64, ApiError> {
     text.parse().ok().filter(|o| (0..=MAX_OFFSET).contains(o)).ok_or_else(|| {
         ApiError::BadRequest(format!("`offset` must be a byte offset from 0 to {MAX_OFFSET}"))
-    })
-}
-
-/// `wait` seconds, up to the pick's maximum hold.
-fn wait_secs(wait: Option<&str>, config: &AppConfig) -> Result<Duration, ApiError> {
-    let Some(text) = wait else { return Ok(Duration::ZERO) };
-    let max = config.pick_wait_max_secs;
-    text.parse::<u64>().ok().filter(|w| *w <= max).map(Duration::from_secs).ok_or_else(|| {
-        ApiError::BadRequest(format!("`wait` must be a whole number of seconds from 0 to {max}"))
     })
 }
 

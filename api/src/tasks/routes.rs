@@ -19,7 +19,7 @@ use super::store::{self, Aborted};
 use crate::auth::{AgentAuth, AgentName};
 use crate::body::JsonBody;
 use crate::config::AppConfig;
-use crate::dispatch::{Dispatcher, Woken};
+use crate::dispatch::{Dispatcher, Woken, RECHECK};
 use crate::error::ApiError;
 use crate::Db;
 
@@ -101,24 +101,16 @@ async fn show(
     mut shutdown: Shutdown,
 ) -> Result<Json<Task>, ApiError> {
     let id = parse_id(id)?;
-    let wait = parse_wait(wait, 0, config.pick_wait_max_secs)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-    loop {
-        let watch = dispatcher.events().watch(id);
+    let wait = Duration::from_secs(parse_wait(wait, 0, config.pick_wait_max_secs)?);
+    let deadline = tokio::time::Instant::now() + wait;
+    let look = || async {
         let task = store::get(db, id).await?.ok_or_else(|| not_found(id))?;
         let ended = !matches!(task.status, TaskStatus::Queued | TaskStatus::InProgress);
-        let now = tokio::time::Instant::now();
-        if ended || now >= deadline {
-            return Ok(Json(task));
-        }
-        // Events are local to this process; the recheck covers tasks finished through another.
-        let pause = Duration::from_secs(1).min(deadline - now);
-        tokio::select! {
-            _ = watch.next(Woken::Ended) => {}
-            _ = tokio::time::sleep(pause) => {}
-            _ = &mut shutdown => return Ok(Json(task)),
-        }
-    }
+        Ok((task, ended))
+    };
+    let events = dispatcher.events();
+    let task = events.poll(id, Woken::Ended, deadline, RECHECK, &mut shutdown, look).await?;
+    Ok(Json(task))
 }
 
 #[derive(Responder)]
@@ -333,7 +325,7 @@ async fn not_current(db: &Db, id: Uuid, lease: Uuid) -> ApiError {
 }
 
 /// A `wait` query parameter: whole seconds from 0 to `max`, `default` when absent.
-fn parse_wait(wait: Option<&str>, default: u64, max: u64) -> Result<u64, ApiError> {
+pub(crate) fn parse_wait(wait: Option<&str>, default: u64, max: u64) -> Result<u64, ApiError> {
     let Some(text) = wait else { return Ok(default) };
     text.parse::<u64>().ok().filter(|w| *w <= max).ok_or_else(|| {
         ApiError::BadRequest(format!("`wait` must be a whole number of seconds from 0 to {max}"))
