@@ -322,24 +322,14 @@ pub struct Captured {
     dropped: u64,
     /// The pipe was still open when the output was collected: later output is not here.
     open: bool,
-    /// When the oldest byte not yet uploaded arrived (the uploader clears it when it catches up).
-    pub pending_since: Option<Instant>,
 }
 
 impl Captured {
     pub fn new(limit: usize) -> Captured {
-        Captured {
-            limit,
-            head: Vec::new(),
-            tail: Default::default(),
-            dropped: 0,
-            open: false,
-            pending_since: None,
-        }
+        Captured { limit, head: Vec::new(), tail: Default::default(), dropped: 0, open: false }
     }
 
     pub fn push(&mut self, mut bytes: &[u8]) {
-        self.pending_since.get_or_insert_with(Instant::now);
         let head_room = (self.limit / 2).saturating_sub(self.head.len());
         let into_head = head_room.min(bytes.len());
         self.head.extend_from_slice(&bytes[..into_head]);
