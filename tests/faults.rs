@@ -261,11 +261,7 @@ async fn aborts_cancel_queued_tasks_stop_running_ones_and_refuse_finished_ones()
     let app = TestApp::spawn_with(fast).await;
     let dir = scratch();
     let queued = app.create("echo never").await;
-    let cancelled = app
-        .request(Method::POST, &format!("/tasks/{}/abort", queued["id"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap();
+    let cancelled = app.abort(queued["id"].as_str().unwrap()).await;
     assert_eq!(cancelled.status(), 200);
     let cancelled: Value = cancelled.json().await.unwrap();
     assert_eq!(cancelled["status"], "cancelled");
@@ -277,7 +273,7 @@ async fn aborts_cancel_queued_tasks_stop_running_ones_and_refuse_finished_ones()
     let id = running["id"].as_str().unwrap().to_owned();
     until(Duration::from_secs(30), "the command started", || dir.join("started").exists()).await;
     let requested = Instant::now();
-    let response = app.request(Method::POST, &format!("/tasks/{id}/abort")).send().await.unwrap();
+    let response = app.abort(&id).await;
     assert_eq!(response.status(), 202);
     assert!(response.json::<Value>().await.unwrap()["abort_requested_at"].is_string());
     let ended = app.until_done(&id).await;
@@ -289,36 +285,18 @@ async fn aborts_cancel_queued_tasks_stop_running_ones_and_refuse_finished_ones()
     assert_eq!(ended["stdout"], "partial\n", "the output so far is kept");
 
     assert!(requested.elapsed() < Duration::from_secs(3), "the agent learned of the abort at once");
-    for already in [cancelled.clone()] {
-        let again = app
-            .request(Method::POST, &format!("/tasks/{}/abort", already["id"].as_str().unwrap()))
-            .send()
-            .await
-            .unwrap();
-        assert_problem(again, 409, "is cancelled").await;
-    }
+    let again = app.abort(cancelled["id"].as_str().unwrap()).await;
+    assert_problem(again, 409, "is cancelled").await;
     let failing = app.create("kill -KILL $$").await;
     let failing = app.until_done(failing["id"].as_str().unwrap()).await;
     assert_eq!(failing["status"], "failed");
-    let refused = app
-        .request(Method::POST, &format!("/tasks/{}/abort", failing["id"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap();
+    let refused = app.abort(failing["id"].as_str().unwrap()).await;
     assert_problem(refused, 409, "is failed").await;
     let done = app.create("echo done").await;
     let done = app.until_done(done["id"].as_str().unwrap()).await;
-    let refused = app
-        .request(Method::POST, &format!("/tasks/{}/abort", done["id"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap();
+    let refused = app.abort(done["id"].as_str().unwrap()).await;
     assert_problem(refused, 409, "is finished").await;
-    let unknown = app
-        .request(Method::POST, &format!("/tasks/{}/abort", uuid::Uuid::new_v4()))
-        .send()
-        .await
-        .unwrap();
+    let unknown = app.abort(&uuid::Uuid::new_v4().to_string()).await;
     assert_problem(unknown, 404, "no task").await;
 }
 

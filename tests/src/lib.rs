@@ -186,6 +186,11 @@ impl TestApp {
         self.request(Method::GET, path).send().await.unwrap().json().await.unwrap()
     }
 
+    /// A user's abort of task `id`.
+    pub async fn abort(&self, id: &str) -> Response {
+        self.request(Method::POST, &format!("/tasks/{id}/abort")).send().await.expect("POST abort")
+    }
+
     /// A heartbeat for `id` under `lease`; `query` is appended to the path (`?wait=1`, say).
     pub async fn heartbeat(&self, id: &str, lease: &Value, query: &str) -> Response {
         self.agent(Method::POST, &format!("/tasks/{id}/heartbeat{query}"), "tester")
