@@ -4,13 +4,22 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use taskexec_api::dispatch::{DispatchLoop, Dispatcher, PickTerms, Reply, Round};
-use taskexec_api::tasks::store;
-use taskexec_tests::{TestApp, TestDb, TOKEN};
+use taskexec_api::dispatch::{DispatchLoop, Dispatcher, Notifier, Reply, Round};
+use taskexec_api::tasks::store::{self, Fate};
+use taskexec_protocol::{LeaseTerms, TaskStatus};
+use taskexec_tests::{TestApp, TestDb};
 use tokio::time::Instant;
 
-const TERMS: PickTerms =
-    PickTerms { confirm_secs: 15, kill_grace_secs: 10, max_output_bytes: 1 << 20 };
+const TERMS: LeaseTerms =
+    LeaseTerms { lease_secs: 15, kill_grace_secs: 10, max_output_bytes: 1 << 20 };
+
+/// A dispatcher and its loop without a rescan timer: only what a test does wakes it.
+fn dispatcher(pool: &PgPool) -> (Notifier, Dispatcher, DispatchLoop) {
+    let notifier = Notifier::default();
+    let (dispatcher, dispatch) =
+        DispatchLoop::new(pool.clone(), notifier.clone(), Duration::from_secs(3600), TERMS);
+    (notifier, dispatcher, dispatch)
+}
 
 async fn migrated() -> (TestDb, PgPool) {
     let db = TestDb::create().await;
@@ -26,8 +35,7 @@ fn park(dispatcher: &Dispatcher, agent: &str) -> Reply {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_claim_serves_all_parked_picks_oldest_waiter_first() {
     let (_db, pool) = migrated().await;
-    let (dispatcher, mut dispatch) =
-        DispatchLoop::new(pool.clone(), Duration::from_secs(3600), TERMS);
+    let (_, dispatcher, mut dispatch) = dispatcher(&pool);
     let mut replies: Vec<Reply> =
         (0..5).map(|n| park(&dispatcher, &format!("agent-{n}"))).collect();
     let mut tasks = Vec::new();
@@ -39,7 +47,7 @@ async fn one_claim_serves_all_parked_picks_oldest_waiter_first() {
 
     assert_eq!(round, Round { queried: true, delivered: 3, returned: 0, expired: 0 });
     for (n, reply) in replies.drain(..3).enumerate() {
-        let picked = reply.await.unwrap().expect("a task");
+        let picked = reply.await.unwrap().expect("a task").delivered();
         assert_eq!(picked.task.id, tasks[n], "waiter {n} gets the {n}th oldest task");
         assert_eq!(picked.task.agent.as_deref(), Some(format!("agent-{n}").as_str()));
     }
@@ -49,12 +57,11 @@ async fn one_claim_serves_all_parked_picks_oldest_waiter_first() {
 #[tokio::test(flavor = "multi_thread")]
 async fn parking_on_a_known_empty_queue_costs_no_query() {
     let (db, pool) = migrated().await;
-    let (dispatcher, mut dispatch) =
-        DispatchLoop::new(pool.clone(), Duration::from_secs(3600), TERMS);
+    let (notifier, dispatcher, mut dispatch) = dispatcher(&pool);
     // "Empty" is trusted only while notifications can arrive to say otherwise.
-    tokio::spawn(dispatch.listener(db.url.clone()));
+    tokio::spawn(notifier.clone().listen(db.url.clone()));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !dispatch.is_listening() {
+    while !notifier.is_listening() {
         assert!(Instant::now() < deadline, "the listener never connected");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -71,8 +78,7 @@ async fn parking_on_a_known_empty_queue_costs_no_query() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hundred_parked_picks_and_a_hundred_tasks_pair_up_one_to_one() {
     let (_db, pool) = migrated().await;
-    let (dispatcher, mut dispatch) =
-        DispatchLoop::new(pool.clone(), Duration::from_secs(3600), TERMS);
+    let (_, dispatcher, mut dispatch) = dispatcher(&pool);
     for n in 0..100 {
         store::insert(&pool, &format!("echo {n}"), 60).await.unwrap();
     }
@@ -83,14 +89,15 @@ async fn a_hundred_parked_picks_and_a_hundred_tasks_pair_up_one_to_one() {
     assert_eq!(round.delivered, 100);
     let mut ids = std::collections::HashSet::new();
     for reply in replies {
-        assert!(ids.insert(reply.await.unwrap().expect("one task each").task.id));
+        let picked = reply.await.unwrap().expect("one task each").delivered();
+        assert!(ids.insert(picked.task.id));
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pick_past_its_deadline_is_answered_with_nothing() {
     let (_db, pool) = migrated().await;
-    let (dispatcher, mut dispatch) = DispatchLoop::new(pool, Duration::from_secs(3600), TERMS);
+    let (_, dispatcher, mut dispatch) = dispatcher(&pool);
     let reply = dispatcher.park("late".into(), Instant::now()).unwrap();
 
     let round = dispatch.run_once().await;
@@ -105,42 +112,45 @@ async fn the_dispatcher_listens_again_after_its_connection_is_killed() {
     let app = TestApp::spawn_with(|f| f.merge(("dispatch_rescan_secs", 3600))).await;
     let peer = app.spawn_peer().await;
     let admin = PgPool::connect(&std::env::var("DATABASE_URL").unwrap()).await.unwrap();
-    let listeners = "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN%'";
-    let pids: Vec<i32> =
-        sqlx::query_scalar(listeners).bind(&app.db.name).fetch_all(&admin).await.unwrap();
-    assert_eq!(pids.len(), 2, "one LISTEN connection per API process");
+    let pids = listeners_until(&admin, &app.db.name, |pids| pids.len() == 2).await;
 
     for pid in &pids {
         sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&admin).await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now: Vec<i32> =
-            sqlx::query_scalar(listeners).bind(&app.db.name).fetch_all(&admin).await.unwrap();
-        if now.len() == 2 && now.iter().all(|pid| !pids.contains(pid)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the dispatchers did not listen again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    listeners_until(&admin, &app.db.name, |now| {
+        now.len() == 2 && now.iter().all(|pid| !pids.contains(pid))
+    })
+    .await;
     let pick = {
-        let (url, http) = (app.url.clone(), app.http.clone());
-        tokio::spawn(async move {
-            http.get(format!("{url}/tasks/pick?wait=20"))
-                .bearer_auth(TOKEN)
-                .header("X-Agent-Name", "parked")
-                .send()
-                .await
-                .unwrap()
-        })
+        let app = app.api.clone();
+        tokio::spawn(async move { app.pick("parked", 20).await })
     };
     app.until_parked(1).await;
 
-    let task = peer.create("echo after reconnect").await;
+    let task = peer.submit("echo after reconnect").await;
 
-    let response = pick.await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.json::<serde_json::Value>().await.unwrap()["id"], task["id"]);
+    let picked = pick.await.unwrap().unwrap().expect("the parked pick gets the task");
+    assert_eq!(picked.task.id, task.id);
+}
+
+/// The backends LISTENing on database `name`, once `done` holds for them (30 s at most): each
+/// API process opens its LISTEN connection in the background, so it is awaited, not assumed.
+async fn listeners_until(admin: &PgPool, name: &str, done: impl Fn(&[i32]) -> bool) -> Vec<i32> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN%'",
+        )
+        .bind(name)
+        .fetch_all(admin)
+        .await
+        .unwrap();
+        if done(&pids) {
+            return pids;
+        }
+        assert!(Instant::now() < deadline, "the LISTEN connections never settled: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -166,7 +176,7 @@ async fn reapers_racing_on_one_database_handle_each_expired_lease_once() {
         .collect();
     let mut requeued = 0;
     for reaper in reapers {
-        requeued += reaper.await.unwrap().requeued;
+        requeued += reaper.await.unwrap().requeued();
     }
 
     assert_eq!(requeued, 200, "each expiry handled exactly once across the reapers");
@@ -192,11 +202,12 @@ async fn an_expired_lease_on_the_last_attempt_fails_the_task_as_agent_lost() {
         .await
         .unwrap();
         let reaped = store::reap(&pool, 3, 40).await.unwrap();
-        assert_eq!((reaped.requeued, reaped.lost), if attempt < 3 { (1, 0) } else { (0, 1) });
+        let outcome = (reaped.requeued(), reaped.count(Fate::Lost));
+        assert_eq!(outcome, if attempt < 3 { (1, 0) } else { (0, 1) });
     }
 
     let lost = store::get(&pool, task.id).await.unwrap().unwrap();
-    assert_eq!(lost.status, taskexec_api::tasks::model::TaskStatus::Failed);
+    assert_eq!(lost.status, TaskStatus::Failed);
     assert_eq!(lost.error.as_deref(), Some("agent lost"));
 }
 
@@ -212,7 +223,7 @@ async fn picks_never_confirmed_are_refunded_but_only_max_attempts_times() {
             .await
             .unwrap();
         let reaped = store::reap(&pool, 3, 40).await.unwrap();
-        fates.push((reaped.refunded, reaped.requeued, reaped.lost));
+        fates.push((reaped.count(Fate::Refunded), reaped.requeued(), reaped.count(Fate::Lost)));
     }
 
     // Three refunds (a parked pick whose agent had gone), then three counted attempts.
@@ -230,12 +241,12 @@ async fn hand_backs_are_refunded_only_max_attempts_times_then_fail_the_task() {
     loop {
         let claimed = store::claim(&pool, &["draining".to_owned()], 30).await.unwrap();
         let Some(claimed) = claimed.into_iter().next() else { break };
-        let released = store::release(&pool, task.id, claimed.lease, 3).await.unwrap().unwrap();
+        let released = claimed.lease.release(&pool, 3).await.unwrap().unwrap();
         statuses.push((released.status, released.attempts));
         assert!(statuses.len() <= 10, "released forever: {statuses:?}");
     }
 
-    use taskexec_api::tasks::model::TaskStatus::{Failed, Queued};
+    use TaskStatus::{Failed, Queued};
     assert_eq!(
         statuses,
         [(Queued, 0), (Queued, 0), (Queued, 0), (Queued, 1), (Queued, 2), (Failed, 3)]

@@ -3,20 +3,25 @@
 //! the suite stays fast; the figures printed with "FIGURE" feed the README's reliability
 //! section (run with --nocapture to see them).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Method;
 use rocket::figment::Figment;
-use serde_json::{json, Value};
+use serde_json::json;
+use taskexec_protocol::{FinishReport, LeaseToken, NewTask, ProblemType, TaskId, TaskStatus};
 use taskexec_tests::{
-    assert_problem, group_members, is_alive, until, AgentPool, ApiProcess, PgCluster, TestApp,
-    TestDb, WorkerProcess,
+    assert_problem, group_members, is_alive, until, Aborted, AgentPool, Api, ApiProcess, PgCluster,
+    TestApp, TestDb, WorkerProcess, TOKEN,
 };
 use tokio::time::Instant;
 
 const LEASE_SECS: u64 = 3;
+const MAX_ATTEMPTS: i32 = 3;
 
 /// Short lifecycle settings: a 3 s lease, a reaper every second, a 1 s kill grace.
 fn fast(figment: Figment) -> Figment {
@@ -24,7 +29,7 @@ fn fast(figment: Figment) -> Figment {
         .merge(("lease_secs", LEASE_SECS))
         .merge(("reaper_interval_secs", 1))
         .merge(("kill_grace_secs", 1))
-        .merge(("max_attempts", 3))
+        .merge(("max_attempts", MAX_ATTEMPTS))
 }
 
 const FAST_ENV: [(&str, &str); 4] = [
@@ -65,8 +70,7 @@ async fn an_agent_killed_mid_task_is_replaced_and_leaves_no_orphan() {
         "sleep 300 & echo $! > {0}/sleep.pid; setsid sleep 302 & echo $! > {0}/escapee.pid; wait",
         dir.display()
     );
-    let task = app.create(&first_then_second(&dir, &sleep)).await;
-    let id = task["id"].as_str().unwrap().to_owned();
+    let task = app.submit(&first_then_second(&dir, &sleep)).await;
     let sleeper = read_pid(&dir.join("sleep.pid")).await;
     let escapee = read_pid(&dir.join("escapee.pid")).await;
 
@@ -79,15 +83,15 @@ async fn an_agent_killed_mid_task_is_replaced_and_leaves_no_orphan() {
         !is_alive(sleeper) && !is_alive(escapee)
     })
     .await;
-    let task = app.until_done(&id).await;
+    let task = app.until_done(task.id).await;
     eprintln!(
         "FIGURE kill -9 to finished elsewhere: {:.1} s (lease {LEASE_SECS} s)",
         killed.elapsed().as_secs_f64()
     );
-    assert_eq!(task["status"], "finished");
-    assert_eq!(task["stdout"], "second run\n");
-    assert_eq!(task["attempts"], 2);
-    assert_eq!(task["agent"], "rescuer");
+    assert_eq!(task.status, TaskStatus::Finished, "{task:?}");
+    assert_eq!(task.stdout.as_deref(), Some("second run\n"));
+    assert_eq!(task.attempts, 2);
+    assert_eq!(task.agent.as_deref(), Some("rescuer"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -95,17 +99,17 @@ async fn a_stopped_agent_is_fenced_off_and_only_one_result_is_recorded() {
     let app = TestApp::spawn_with(fast).await;
     let dir = scratch();
     let mut frozen = WorkerProcess::start(&app, "frozen", &[]);
-    let task = app.create(&first_then_second(&dir, "sleep 4; echo first run")).await;
-    let id = task["id"].as_str().unwrap().to_owned();
+    let task = app.submit(&first_then_second(&dir, "sleep 4; echo first run")).await;
     until(Duration::from_secs(30), "the first run started", || dir.join("ran").exists()).await;
 
     frozen.signal(libc::SIGSTOP);
     let _other = WorkerProcess::start(&app, "other", &[]);
-    let rerun = app.until_done(&id).await;
+    let rerun = app.until_done(task.id).await;
     frozen.signal(libc::SIGCONT);
 
-    assert_eq!(rerun["stdout"], "second run\n");
-    assert_eq!(rerun["agent"], "other");
+    assert_eq!(rerun.status, TaskStatus::Finished, "{rerun:?}");
+    assert_eq!(rerun.stdout.as_deref(), Some("second run\n"));
+    assert_eq!(rerun.agent.as_deref(), Some("other"));
     // Thawed, the agent either hears 409 for its old lease, or (on a loaded machine, when its
     // last heartbeat times out) concludes by itself that the lease is gone; either way it stops
     // and drops the result. The 409s themselves are checked against the API directly, in
@@ -115,73 +119,126 @@ async fn a_stopped_agent_is_fenced_off_and_only_one_result_is_recorded() {
         log.contains("fenced this attempt off") || log.contains("out of reach")
     })
     .await;
-    let after = app.task(&id).await;
-    assert_eq!(after["stdout"], "second run\n", "the old attempt's result is not recorded");
-    assert_eq!(after["finished_at"], rerun["finished_at"]);
-    assert_eq!(after["attempts"], 2);
+    let after = app.get(task.id).await.unwrap();
+    assert_eq!(
+        after.stdout.as_deref(),
+        Some("second run\n"),
+        "the old attempt's result is not recorded"
+    );
+    assert_eq!(after.finished_at, rerun.finished_at);
+    assert_eq!(after.attempts, 2);
     assert!(frozen.wait(Duration::from_millis(10)).await.is_none(), "the old agent carries on");
+}
+
+/// Agents under fire: every tick one of them, alive, gets SIGKILL and is started again, as a
+/// supervisor would. Counts the SIGKILLs that landed: the worker was alive when signalled and
+/// died of that very signal.
+struct Firing {
+    url: String,
+    workers: Vec<WorkerProcess>,
+    kills: usize,
+    /// Exits that were not our SIGKILL (a worker that died by itself, or before the signal).
+    other_exits: Vec<String>,
+}
+
+impl Firing {
+    fn start(url: &str, count: usize) -> Firing {
+        let workers = (0..count).map(|n| Firing::worker(url, n)).collect();
+        Firing { url: url.to_owned(), workers, kills: 0, other_exits: Vec::new() }
+    }
+
+    fn worker(url: &str, n: usize) -> WorkerProcess {
+        WorkerProcess::start_with_url(url, &format!("fired-{n}"), &[])
+    }
+
+    /// Restarts any worker that exited by itself, then kills worker `n` and starts it again.
+    async fn kill(&mut self, n: usize) {
+        for (i, worker) in self.workers.iter_mut().enumerate() {
+            if let Ok(Some(status)) = worker.child.try_wait() {
+                self.other_exits.push(format!("fired-{i}: {status}"));
+                *worker = Firing::worker(&self.url, i);
+            }
+        }
+        let worker = &mut self.workers[n];
+        // Not reaped (try_wait above said so), so the pid is still this worker's.
+        worker.signal(libc::SIGKILL);
+        let status = worker.wait(Duration::from_secs(10)).await.expect("a SIGKILLed worker dies");
+        if status.signal() == Some(libc::SIGKILL) {
+            self.kills += 1;
+        } else {
+            self.other_exits.push(format!("fired-{n}: {status}"));
+        }
+        *worker = Firing::worker(&self.url, n);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sixteen_agents_killed_at_random_lose_no_task() {
     let app = TestApp::spawn_with(fast).await;
-    let pool = AgentPool::start(&app.url, 16, &[]);
+    let mut firing = Firing::start(&app.url, 16);
 
+    // Kill one agent every 100 ms until every task has been submitted and the queue is empty.
     let started = Instant::now();
-    let killing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let submitted = Arc::new(AtomicBool::new(false));
     let killer = tokio::spawn({
-        let killing = killing.clone();
+        let (submitted, api) = (submitted.clone(), app.api.clone());
         async move {
-            let mut kills = 0;
-            while killing.load(std::sync::atomic::Ordering::SeqCst) {
-                pool.kill(spread(kills, pool.len().await)).await;
-                kills += 1;
+            let mut tick = 0;
+            loop {
+                if submitted.load(Ordering::SeqCst)
+                    && api.list("status=queued&limit=1").await.unwrap().tasks.is_empty()
+                {
+                    return firing;
+                }
+                assert!(started.elapsed() < Duration::from_secs(240), "the queue never drained");
+                firing.kill(spread(tick, firing.workers.len())).await;
+                tick += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            (pool, kills)
         }
     });
-    let mut ids = Vec::new();
+    let mut expected = HashMap::new();
     for n in 0..2000 {
-        ids.push(
-            app.create(&format!("sleep 0.0{}", n % 10)).await["id"].as_str().unwrap().to_owned(),
-        );
+        let task = app.submit(&format!("echo task-{n}; sleep 0.0{}", n % 10)).await;
+        expected.insert(task.id, format!("task-{n}\n"));
     }
-    // Kill on while the queue drains, then let the survivors finish.
-    let open = |status: &'static str| {
-        let (app, status) = (&app, status);
-        async move {
-            let page: Value = app.get_json(&format!("/tasks?status={status}&limit=1")).await;
-            !page["tasks"].as_array().unwrap().is_empty()
-        }
-    };
-    while open("queued").await {
-        assert!(started.elapsed() < Duration::from_secs(240), "the queue never drained");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    killing.store(false, std::sync::atomic::Ordering::SeqCst);
-    let (_pool, kills) = killer.await.unwrap();
-    while open("queued").await || open("in_progress").await {
-        assert!(started.elapsed() < Duration::from_secs(240), "the queue never drained");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    submitted.store(true, Ordering::SeqCst);
+    let firing = killer.await.unwrap();
 
-    let mut by_status: HashMap<String, usize> = HashMap::new();
-    for id in &ids {
-        let task = app.task(id).await;
-        let status = task["status"].as_str().unwrap().to_owned();
-        assert!(matches!(status.as_str(), "finished" | "failed"), "task {id} is {status}");
-        assert!(task["attempts"].as_i64().unwrap() <= 3, "attempts beyond max_attempts: {task}");
-        if status == "failed" {
-            assert_eq!(task["error"], "agent lost", "{task}");
+    // The survivors (and the restarted) finish what is left; every task ends.
+    let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut retried = 0;
+    for (id, stdout) in &expected {
+        let task = app.until_done(*id).await;
+        assert!(
+            task.attempts >= 1 && task.attempts <= MAX_ATTEMPTS,
+            "attempts beyond max_attempts: {task:?}"
+        );
+        match task.status {
+            TaskStatus::Finished => {
+                assert_eq!(task.exit_code, Some(0), "{task:?}");
+                assert_eq!(task.stdout.as_deref(), Some(stdout.as_str()), "{task:?}");
+                assert_eq!(task.error, None, "{task:?}");
+            }
+            TaskStatus::Failed => {
+                assert_eq!(task.error.as_deref(), Some("agent lost"), "{task:?}");
+                assert_eq!(task.attempts, MAX_ATTEMPTS, "lost only on its last attempt: {task:?}");
+            }
+            other => panic!("task {id} is {other}: {task:?}"),
         }
-        *by_status.entry(status).or_default() += 1;
+        if task.attempts > 1 {
+            retried += 1;
+        }
+        *by_status.entry(task.status.as_str()).or_default() += 1;
     }
+    let kills = firing.kills;
     eprintln!(
-        "FIGURE 2000 tasks, 16 agents, {kills} kills: {by_status:?} in {:.1} s",
+        "FIGURE 2000 tasks, 16 agents, {kills} kills: {by_status:?}, {retried} retried, in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(by_status.values().sum::<usize>(), 2000);
+    assert!(kills > 50, "too few agents were killed to test anything: {kills}");
+    assert!(retried > 0, "no kill ever interrupted a task: {kills} kills");
+    assert!(firing.other_exits.is_empty(), "agents exited by themselves: {:?}", firing.other_exits);
 }
 
 /// A spread of indexes without a random number crate: a multiplicative hash of `n`.
@@ -194,13 +251,13 @@ async fn a_task_that_kills_its_agent_fails_as_agent_lost_after_max_attempts() {
     let app = TestApp::spawn_with(fast).await;
     let _pool = AgentPool::start(&app.url, 2, &[]);
     // Our parent is the guard; its parent is the agent.
-    let task = app.create("kill -9 $(awk '{print $4}' /proc/$PPID/stat); sleep 5").await;
+    let task = app.submit("kill -9 $(awk '{print $4}' /proc/$PPID/stat); sleep 5").await;
 
-    let task = app.until_done(task["id"].as_str().unwrap()).await;
+    let task = app.until_done(task.id).await;
 
-    assert_eq!(task["status"], "failed");
-    assert_eq!(task["error"], "agent lost");
-    assert_eq!(task["attempts"], 3);
+    assert_eq!(task.status, TaskStatus::Failed, "{task:?}");
+    assert_eq!(task.error.as_deref(), Some("agent lost"));
+    assert_eq!(task.attempts, MAX_ATTEMPTS);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -215,22 +272,15 @@ async fn a_timed_out_command_gets_term_then_kill_and_none_of_its_descendants_sur
         "awk '{{print $5}}' /proc/$$/stat > {d}/pgid; setsid sleep 301 & echo $! > {d}/escapee; \
          trap 'echo TERM >> {d}/signals' TERM; sleep 100 & while true; do sleep 0.2; done"
     );
-    let response = app
-        .request(Method::POST, "/tasks")
-        .json(&json!({"command": command, "timeout_secs": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let task: Value = response.json().await.unwrap();
-    assert_eq!(task["timeout_secs"], 1);
+    let task = app.create(&NewTask { command, timeout_secs: Some(1) }).await.unwrap();
+    assert_eq!(task.timeout_secs, 1);
     let group = read_pid(&dir.join("pgid")).await;
     let escapee = read_pid(&dir.join("escapee")).await;
 
-    let task = app.until_done(task["id"].as_str().unwrap()).await;
+    let task = app.until_done(task.id).await;
 
-    assert_eq!(task["status"], "failed");
-    assert_eq!(task["error"], "timed out after 1 s");
+    assert_eq!(task.status, TaskStatus::Failed, "{task:?}");
+    assert_eq!(task.error.as_deref(), Some("timed out after 1 s"));
     let signals = std::fs::read_to_string(dir.join("signals")).unwrap_or_default();
     assert!(signals.contains("TERM"), "SIGTERM came first: {signals:?}");
     until(Duration::from_secs(5), "no process of the command survives", || {
@@ -245,7 +295,16 @@ async fn a_timeout_out_of_range_is_refused() {
         f.merge(("max_timeout_secs", 60)).merge(("default_timeout_secs", 60))
     })
     .await;
-    for timeout in [json!(0), json!(61), json!(-5), json!("10")] {
+    for timeout in [0, 61] {
+        let refused = app
+            .create(&NewTask { command: "ls".into(), timeout_secs: Some(timeout) })
+            .await
+            .unwrap_err();
+        refused.expect(422, "`timeout_secs` must be");
+        assert_eq!(refused.kind(), Some(ProblemType::InvalidRequest));
+    }
+    // Values the typed body cannot carry: a negative number, a string.
+    for timeout in [json!(-5), json!("10")] {
         let response = app
             .request(Method::POST, "/tasks")
             .json(&json!({"command": "ls", "timeout_secs": timeout}))
@@ -254,71 +313,78 @@ async fn a_timeout_out_of_range_is_refused() {
             .unwrap();
         assert_problem(response, 422, "`timeout_secs` must be").await;
     }
+    assert!(app.list("").await.unwrap().tasks.is_empty(), "no task was created");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn aborts_cancel_queued_tasks_stop_running_ones_and_refuse_finished_ones() {
     let app = TestApp::spawn_with(fast).await;
     let dir = scratch();
-    let queued = app.create("echo never").await;
-    let cancelled = app.abort(queued["id"].as_str().unwrap()).await;
-    assert_eq!(cancelled.status(), 200);
-    let cancelled: Value = cancelled.json().await.unwrap();
-    assert_eq!(cancelled["status"], "cancelled");
-    assert!(cancelled["finished_at"].is_string());
+    let queued = app.submit("echo never").await;
+    let cancelled = match app.abort(queued.id).await.unwrap() {
+        Aborted::Cancelled(task) => task,
+        other => panic!("a queued task is cancelled at once (200): {other:?}"),
+    };
+    assert_eq!(cancelled.status, TaskStatus::Cancelled);
+    assert!(cancelled.finished_at.is_some());
 
     let _worker = WorkerProcess::start(&app, "abortable", &[]);
     let command = format!("echo partial; touch {}/started; sleep 100", dir.display());
-    let running = app.create(&command).await;
-    let id = running["id"].as_str().unwrap().to_owned();
+    let running = app.submit(&command).await;
     until(Duration::from_secs(30), "the command started", || dir.join("started").exists()).await;
     let requested = Instant::now();
-    let response = app.abort(&id).await;
-    assert_eq!(response.status(), 202);
-    assert!(response.json::<Value>().await.unwrap()["abort_requested_at"].is_string());
-    let ended = app.until_done(&id).await;
+    match app.abort(running.id).await.unwrap() {
+        Aborted::Requested(task) => assert!(task.abort_requested_at.is_some(), "{task:?}"),
+        other => panic!("a running task's abort is requested of its agent (202): {other:?}"),
+    }
+    let ended = app.until_done(running.id).await;
     eprintln!(
         "FIGURE abort of a running task to cancelled: {:.2} s (kill grace 1 s)",
         requested.elapsed().as_secs_f64()
     );
-    assert_eq!(ended["status"], "cancelled");
-    assert_eq!(ended["stdout"], "partial\n", "the output so far is kept");
+    assert_eq!(ended.status, TaskStatus::Cancelled, "{ended:?}");
+    assert_eq!(ended.stdout.as_deref(), Some("partial\n"), "the output so far is kept");
 
     assert!(requested.elapsed() < Duration::from_secs(3), "the agent learned of the abort at once");
-    let again = app.abort(cancelled["id"].as_str().unwrap()).await;
-    assert_problem(again, 409, "is cancelled").await;
-    let failing = app.create("kill -KILL $$").await;
-    let failing = app.until_done(failing["id"].as_str().unwrap()).await;
-    assert_eq!(failing["status"], "failed");
-    let refused = app.abort(failing["id"].as_str().unwrap()).await;
-    assert_problem(refused, 409, "is failed").await;
-    let done = app.create("echo done").await;
-    let done = app.until_done(done["id"].as_str().unwrap()).await;
-    let refused = app.abort(done["id"].as_str().unwrap()).await;
-    assert_problem(refused, 409, "is finished").await;
-    let unknown = app.abort(&uuid::Uuid::new_v4().to_string()).await;
-    assert_problem(unknown, 404, "no task").await;
+    let again = app.abort(cancelled.id).await.unwrap_err();
+    again.expect(409, "is cancelled");
+    assert_eq!(again.kind(), Some(ProblemType::TaskEnded));
+    let failing = app.submit("kill -KILL $$").await;
+    let failing = app.until_done(failing.id).await;
+    assert_eq!(failing.status, TaskStatus::Failed, "{failing:?}");
+    let refused = app.abort(failing.id).await.unwrap_err();
+    refused.expect(409, "is failed");
+    assert_eq!(refused.kind(), Some(ProblemType::TaskEnded));
+    let done = app.submit("echo done").await;
+    let done = app.until_done(done.id).await;
+    let refused = app.abort(done.id).await.unwrap_err();
+    refused.expect(409, "is finished");
+    assert_eq!(refused.kind(), Some(ProblemType::TaskEnded));
+    let unknown = app.abort(TaskId::random()).await.unwrap_err();
+    unknown.expect(404, "no task");
+    assert_eq!(unknown.kind(), Some(ProblemType::NotFound));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_heartbeat_with_a_stale_lease_is_409_and_a_current_one_extends_the_lease() {
     let app = TestApp::spawn_with(fast).await;
-    app.create("sleep 1").await;
-    let picked = app.pick("manual", 0).await.unwrap();
-    let id = picked["id"].as_str().unwrap();
+    let task = app.submit("sleep 1").await;
+    let picked = app.pick("manual", 0).await.unwrap().expect("the queued task is picked");
+    assert_eq!(picked.task.id, task.id);
 
-    let fresh = app.heartbeat(id, &picked["lease"], "").await;
-    let stale = app.heartbeat(id, &json!(uuid::Uuid::new_v4()), "").await;
+    let fresh = app.heartbeat(task.id, picked.lease, 0).await;
+    let stale = app.heartbeat(task.id, LeaseToken::random(), 0).await;
 
-    assert_eq!(fresh.status(), 200);
-    let fresh: Value = fresh.json().await.unwrap();
-    assert_eq!(fresh["abort"], false);
-    assert!(
-        fresh["lease_expires_at"].as_str().unwrap() >= picked["lease_expires_at"].as_str().unwrap()
-    );
-    assert_problem(stale, 409, "another attempt").await;
-    let too_long = app.heartbeat(id, &picked["lease"], "?wait=60").await;
-    assert_problem(too_long, 400, "`wait`").await;
+    let fresh = fresh.unwrap();
+    assert!(!fresh.abort);
+    assert!(fresh.lease_expires_at >= picked.lease_expires_at, "{fresh:?} {picked:?}");
+    let stale = stale.unwrap_err();
+    stale.expect(409, "another attempt");
+    assert_eq!(stale.kind(), Some(ProblemType::LeaseNotCurrent));
+    let too_long = app.heartbeat(task.id, picked.lease, 60).await.unwrap_err();
+    too_long.expect(400, "`wait`");
+    assert_eq!(too_long.kind(), Some(ProblemType::BadParameter));
+    assert_eq!(too_long.problem.parameter.as_deref(), Some("wait"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -326,6 +392,7 @@ async fn two_api_servers_one_killed_lose_no_task_and_run_none_twice() {
     let db = TestDb::create().await;
     let a = ApiProcess::start(&db.url, &FAST_ENV).await;
     let b = ApiProcess::start(&db.url, &FAST_ENV).await;
+    let survivor = Api::new(&b.url, TOKEN);
     let dir = scratch();
     let log = dir.join("ran");
     let mut workers = Vec::new();
@@ -337,18 +404,10 @@ async fn two_api_servers_one_killed_lose_no_task_and_run_none_twice() {
         };
         workers.push(WorkerProcess::start_with_url(&urls, &format!("spread-{n}"), &[]));
     }
-    let http = reqwest::Client::new();
     let mut ids = Vec::new();
     for n in 0..300 {
         let command = format!("echo task-{n} >> {}; sleep 0.02", log.display());
-        let response = http
-            .post(format!("{}/tasks", b.url))
-            .json(&json!({"command": command}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        ids.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+        ids.push(survivor.submit(&command).await.id);
         if n == 100 {
             a.signal(libc::SIGKILL);
         }
@@ -356,26 +415,10 @@ async fn two_api_servers_one_killed_lose_no_task_and_run_none_twice() {
 
     let mut requeued = 0;
     for id in &ids {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let task = loop {
-            let task: Value = http
-                .get(format!("{}/tasks/{id}", b.url))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if task["status"] != "queued" && task["status"] != "in_progress" {
-                break task;
-            }
-            assert!(Instant::now() < deadline, "task {id} never ended: {task}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert_eq!(task["status"], "finished", "{task}");
-        let attempts = task["attempts"].as_i64().unwrap();
-        assert!(attempts <= 2, "an expired lease was requeued more than once: {task}");
-        requeued += (attempts - 1) as usize;
+        let task = survivor.until_done(*id).await;
+        assert_eq!(task.status, TaskStatus::Finished, "{task:?}");
+        assert!(task.attempts <= 2, "an expired lease was requeued more than once: {task:?}");
+        requeued += (task.attempts - 1) as usize;
     }
     let ran = std::fs::read_to_string(&log).unwrap();
     let mut runs: HashMap<&str, usize> = HashMap::new();
@@ -396,51 +439,59 @@ async fn two_api_servers_one_killed_lose_no_task_and_run_none_twice() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_restart_under_load_loses_no_acknowledged_task() {
     let cluster = PgCluster::start();
-    let db = std::sync::Arc::new(TestDb::create_on(&cluster.admin_url).await);
+    let db = Arc::new(TestDb::create_on(&cluster.admin_url).await);
     let app = TestApp::spawn_on(db, fast).await;
     let _pool = AgentPool::start(&app.url, 4, &[]);
-    let (url, http) = (app.url.clone(), app.http.clone());
-    let submitting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let submitting = Arc::new(AtomicBool::new(true));
+    let acked = Arc::new(AtomicUsize::new(0));
     let submitter = tokio::spawn({
-        let submitting = submitting.clone();
+        let (submitting, acked, api) = (submitting.clone(), acked.clone(), app.api.clone());
         async move {
             let mut acknowledged = Vec::new();
-            let mut statuses: HashMap<u16, usize> = HashMap::new();
+            let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
             let mut slowest = Duration::ZERO;
             let mut n = 0;
-            while submitting.load(std::sync::atomic::Ordering::SeqCst) {
+            while submitting.load(Ordering::SeqCst) {
                 let sent = Instant::now();
-                let response = http
-                    .post(format!("{url}/tasks"))
-                    .json(&json!({"command": format!("echo {n}")}))
-                    .send()
-                    .await
-                    .unwrap();
+                let answer = api.create(&NewTask::new(format!("echo {n}"))).await;
                 slowest = slowest.max(sent.elapsed());
-                let status = response.status().as_u16();
+                let status = match answer {
+                    Ok(task) => {
+                        acknowledged.push(task.id);
+                        acked.fetch_add(1, Ordering::SeqCst);
+                        201
+                    }
+                    Err(failure) => failure.status,
+                };
                 *statuses.entry(status).or_default() += 1;
-                if status == 201 {
-                    acknowledged.push(
-                        response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned(),
-                    );
-                }
                 n += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             (acknowledged, statuses, slowest)
         }
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acked_at_least = |count: usize, what: &'static str| {
+        let acked = acked.clone();
+        async move {
+            until(Duration::from_secs(30), what, || acked.load(Ordering::SeqCst) >= count).await
+        }
+    };
+    acked_at_least(10, "tasks are acknowledged before the outage").await;
 
     cluster.stop_immediately();
     let down = Instant::now();
     tokio::time::sleep(Duration::from_secs(4)).await;
     cluster.start_server();
     let restarted = Instant::now();
-    app.eventually(|health: Value| health["status"] == "ok", "/health").await;
+    let deadline = restarted + Duration::from_secs(30);
+    while !matches!(app.health().await, Ok(health) if health["status"] == "ok") {
+        assert!(Instant::now() < deadline, "never healthy after the restart");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let recovered = restarted.elapsed();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    submitting.store(false, std::sync::atomic::Ordering::SeqCst);
+    acked_at_least(acked.load(Ordering::SeqCst) + 10, "tasks are acknowledged after the restart")
+        .await;
+    submitting.store(false, Ordering::SeqCst);
     let (acknowledged, statuses, slowest) = submitter.await.unwrap();
 
     eprintln!(
@@ -452,9 +503,9 @@ async fn a_database_restart_under_load_loses_no_acknowledged_task() {
     assert!(statuses.keys().all(|s| *s == 201 || *s == 503), "only 201 or 503: {statuses:?}");
     assert!(statuses.get(&503).copied().unwrap_or(0) > 0, "the outage answered 503: {statuses:?}");
     assert!(slowest < Duration::from_secs(10), "no request hung: {slowest:?}");
-    for id in &acknowledged {
+    for id in acknowledged {
         let task = app.until_done(id).await;
-        assert_eq!(task["status"], "finished", "{task}");
+        assert_eq!(task.status, TaskStatus::Finished, "{task:?}");
     }
 }
 
@@ -463,22 +514,22 @@ async fn a_draining_agent_hands_back_a_task_that_outlives_the_drain_timeout() {
     let app = TestApp::spawn_with(fast).await;
     let dir = scratch();
     let mut draining = WorkerProcess::start(&app, "draining", &[("DRAIN_TIMEOUT", "1s")]);
-    let task = app.create(&first_then_second(&dir, "sleep 100")).await;
-    let id = task["id"].as_str().unwrap().to_owned();
+    let task = app.submit(&first_then_second(&dir, "sleep 100")).await;
     until(Duration::from_secs(30), "the long task started", || dir.join("ran").exists()).await;
 
     draining.signal(libc::SIGTERM);
     let status = draining.wait(Duration::from_secs(20)).await.expect("the agent exits");
-    let released = app.task(&id).await;
+    let released = app.get(task.id).await.unwrap();
     let _successor = WorkerProcess::start(&app, "successor", &[]);
-    let done = app.until_done(&id).await;
+    let done = app.until_done(task.id).await;
 
     assert!(status.success(), "exit status {status}");
-    assert_eq!(released["status"], "queued", "handed back: {released}");
-    assert_eq!(released["attempts"], 0, "a release is not a failed attempt");
-    assert_eq!(done["stdout"], "second run\n");
-    assert_eq!(done["agent"], "successor");
-    assert_eq!(done["attempts"], 1);
+    assert_eq!(released.status, TaskStatus::Queued, "handed back: {released:?}");
+    assert_eq!(released.attempts, 0, "a release is not a failed attempt");
+    assert_eq!(done.status, TaskStatus::Finished, "{done:?}");
+    assert_eq!(done.stdout.as_deref(), Some("second run\n"));
+    assert_eq!(done.agent.as_deref(), Some("successor"));
+    assert_eq!(done.attempts, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -486,8 +537,7 @@ async fn a_second_signal_hands_the_task_back_at_once() {
     let app = TestApp::spawn_with(fast).await;
     let dir = scratch();
     let mut draining = WorkerProcess::start(&app, "impatient", &[("DRAIN_TIMEOUT", "10m")]);
-    let task = app.create(&first_then_second(&dir, "sleep 100")).await;
-    let id = task["id"].as_str().unwrap().to_owned();
+    let task = app.submit(&first_then_second(&dir, "sleep 100")).await;
     until(Duration::from_secs(30), "the long task started", || dir.join("ran").exists()).await;
 
     draining.signal(libc::SIGTERM);
@@ -495,8 +545,9 @@ async fn a_second_signal_hands_the_task_back_at_once() {
 
     let status =
         draining.wait(Duration::from_secs(20)).await.expect("exits long before the 10 min drain");
-    assert!(status.success());
-    assert_eq!(app.task(&id).await["status"], "queued");
+    assert!(status.success(), "exit status {status}");
+    let released = app.get(task.id).await.unwrap();
+    assert_eq!(released.status, TaskStatus::Queued, "handed back: {released:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -508,56 +559,43 @@ async fn an_api_restart_keeps_running_tasks_on_their_lease() {
             .await;
     let dir = scratch();
     let _worker = WorkerProcess::start_with_url(&api.url, "steady", &[]);
-    let http = reqwest::Client::new();
     let command = format!("touch {}/started; sleep 2; echo survived", dir.display());
-    let task: Value = http
-        .post(format!("{}/tasks", api.url))
-        .json(&json!({"command": command}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let task = Api::new(&api.url, TOKEN).submit(&command).await;
     until(Duration::from_secs(30), "the task started", || dir.join("started").exists()).await;
 
     let api = api.restart().await;
 
-    let id = task["id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let done = loop {
-        let task: Value =
-            http.get(format!("{}/tasks/{id}", api.url)).send().await.unwrap().json().await.unwrap();
-        if task["status"] == "finished" {
-            break task;
-        }
-        assert!(Instant::now() < deadline, "never finished: {task}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(done["stdout"], "survived\n");
-    assert_eq!(done["attempts"], 1, "the lease held through the restart");
+    let done = Api::new(&api.url, TOKEN).until_done(task.id).await;
+    assert_eq!(done.status, TaskStatus::Finished, "{done:?}");
+    assert_eq!(done.stdout.as_deref(), Some("survived\n"));
+    assert_eq!(done.attempts, 1, "the lease held through the restart");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pick_whose_agent_never_reports_is_requeued_when_its_lease_expires() {
     let app = TestApp::spawn_with(fast).await;
-    let task = app.create("echo orphan").await;
-    let lost = app.pick("vanished", 0).await.expect("picked, then the agent vanishes");
+    let task = app.submit("echo orphan").await;
+    let lost = app.pick("vanished", 0).await.unwrap().expect("picked, then the agent vanishes");
+    assert_eq!(lost.task.id, task.id);
+    assert_eq!(app.get(task.id).await.unwrap().status, TaskStatus::InProgress);
 
-    let id = lost["id"].as_str().unwrap();
-    let requeued =
-        app.eventually(|task: Value| task["status"] == "queued", &format!("/tasks/{id}")).await;
-    let again = app.pick("rescuer", 0).await.expect("picked again");
+    // Held until the lease expires and the reaper puts the task back in the queue.
+    let again = app.pick("rescuer", 20).await.unwrap().expect("picked again once requeued");
 
-    // The lost pick was never confirmed by a heartbeat: its attempt is refunded.
-    assert_eq!(requeued["attempts"], 0);
-    assert_eq!(again["id"], task["id"]);
-    assert_eq!(again["attempts"], 1);
-    assert_ne!(again["lease"], lost["lease"]);
-    let stale_finish = app.finish(id, json!({"lease": lost["lease"], "exit_code": 0})).await;
-    assert_problem(stale_finish, 409, "another attempt").await;
-    let stale_heartbeat = app.heartbeat(id, &lost["lease"], "").await;
-    assert_problem(stale_heartbeat, 409, "another attempt").await;
+    assert_eq!(again.task.id, task.id);
+    // The lost pick was never confirmed by a heartbeat: its attempt was refunded.
+    assert_eq!(lost.task.attempts, 1);
+    assert_eq!(again.task.attempts, 1);
+    assert_ne!(again.lease, lost.lease);
+    let stale_finish = app.finish(task.id, &FinishReport::exited(lost.lease, 0)).await.unwrap_err();
+    stale_finish.expect(409, "another attempt");
+    assert_eq!(stale_finish.kind(), Some(ProblemType::LeaseNotCurrent));
+    let stale_heartbeat = app.heartbeat(task.id, lost.lease, 0).await.unwrap_err();
+    stale_heartbeat.expect(409, "another attempt");
+    assert_eq!(stale_heartbeat.kind(), Some(ProblemType::LeaseNotCurrent));
+    let current = app.get(task.id).await.unwrap();
+    assert_eq!(current.status, TaskStatus::InProgress, "the stale writes changed nothing");
+    assert_eq!(current.agent.as_deref(), Some("rescuer"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -568,12 +606,12 @@ async fn a_command_cannot_make_its_agent_hand_it_back() {
     let command = "agent=$(awk '{print $4}' /proc/$PPID/stat); kill -TERM $agent; \
                    kill -TERM $agent; sleep 2; echo still here";
 
-    let task = app.create(command).await;
+    let task = app.submit(command).await;
 
-    let task = app.until_done(task["id"].as_str().unwrap()).await;
-    assert_eq!(task["status"], "finished", "{task}");
-    assert_eq!(task["stdout"], "still here\n");
-    assert_eq!(task["attempts"], 1);
+    let task = app.until_done(task.id).await;
+    assert_eq!(task.status, TaskStatus::Finished, "{task:?}");
+    assert_eq!(task.stdout.as_deref(), Some("still here\n"));
+    assert_eq!(task.attempts, 1);
     assert!(worker.wait(Duration::from_millis(10)).await.is_none(), "the agent carries on");
     assert!(worker.log().contains("from the running command"), "{}", worker.log());
 }

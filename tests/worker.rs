@@ -2,36 +2,85 @@
 
 use std::time::Duration;
 
+use taskexec_protocol::{FinishReport, Stream, Task, TaskStatus};
 use taskexec_tests::{TestApp, WorkerProcess, TOKEN};
+
+/// Asserts that `task` was created, picked, seen running and finished, in that order.
+fn assert_moments_in_order(task: &Task) {
+    let moments = [
+        ("created_at", Some(task.created_at)),
+        ("started_at", task.started_at),
+        ("running_at", task.running_at),
+        ("finished_at", task.finished_at),
+    ]
+    .map(|(name, at)| at.unwrap_or_else(|| panic!("{name} is set: {task:?}")));
+    assert!(moments.windows(2).all(|w| w[0] <= w[1]), "in order: {moments:?} of {task:?}");
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_runs_commands_and_reports_output_and_exit_codes() {
     let app = TestApp::spawn().await;
     let _worker = WorkerProcess::start(&app, "e2e-agent", &[]);
-    let echo = app.create("echo hello").await;
-    let exit = app.create("echo partial; exit 3").await;
-    let stderr = app.create("echo oops >&2").await;
+    let echo = app.submit("echo hello").await;
+    let exit = app.submit("echo partial; exit 3").await;
+    let stderr = app.submit("echo oops >&2").await;
 
-    let echo = app.until_done(echo["id"].as_str().unwrap()).await;
-    let exit = app.until_done(exit["id"].as_str().unwrap()).await;
-    let stderr = app.until_done(stderr["id"].as_str().unwrap()).await;
+    let echo = app.until_done(echo.id).await;
+    let exit = app.until_done(exit.id).await;
+    let stderr = app.until_done(stderr.id).await;
 
-    assert_eq!(echo["status"], "finished");
-    assert_eq!(echo["exit_code"], 0);
-    assert_eq!(echo["stdout"], "hello\n");
-    assert_eq!(echo["stderr"], "");
-    assert_eq!(echo["agent"], "e2e-agent");
-    assert_eq!(echo["attempts"], 1);
-    let moments = ["created_at", "started_at", "running_at", "finished_at"].map(|f| {
-        let text = echo[f].as_str().unwrap_or_else(|| panic!("{f} is set: {echo}"));
-        chrono::DateTime::parse_from_rfc3339(text).unwrap()
-    });
-    assert!(moments.windows(2).all(|w| w[0] <= w[1]), "in order: {moments:?}");
-    assert_eq!(exit["status"], "finished");
-    assert_eq!(exit["exit_code"], 3);
-    assert_eq!(exit["stdout"], "partial\n");
-    assert_eq!(stderr["stdout"], "");
-    assert_eq!(stderr["stderr"], "oops\n");
+    assert_eq!(echo.status, TaskStatus::Finished);
+    assert_eq!(echo.exit_code, Some(0));
+    assert_eq!(echo.stdout.as_deref(), Some("hello\n"));
+    assert_eq!(echo.stderr.as_deref(), Some(""));
+    assert_eq!(echo.agent.as_deref(), Some("e2e-agent"));
+    assert_eq!(echo.attempts, 1);
+    assert_eq!(exit.status, TaskStatus::Finished);
+    assert_eq!(exit.exit_code, Some(3));
+    assert_eq!(exit.stdout.as_deref(), Some("partial\n"));
+    assert_eq!(stderr.stdout.as_deref(), Some(""));
+    assert_eq!(stderr.stderr.as_deref(), Some("oops\n"));
+    // Quick commands end before their first heartbeat: running_at is still set.
+    for task in [&echo, &exit, &stderr] {
+        assert_moments_in_order(task);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_that_ends_before_its_first_heartbeat_still_has_running_at() {
+    let app = TestApp::spawn().await;
+    let quick = app.submit("true").await;
+    let picked = app.pick("quick", 0).await.unwrap().expect("the queued task");
+    assert_eq!(picked.task.id, quick.id);
+    assert_eq!(picked.task.running_at, None, "not running before a heartbeat");
+
+    // No heartbeat: the command ran for 5 ms and ended.
+    let report = FinishReport { ran_for_ms: Some(5), ..FinishReport::exited(picked.lease, 0) };
+    let quick = app.finish(quick.id, &report).await.unwrap();
+
+    assert_eq!(quick.status, TaskStatus::Finished);
+    assert_moments_in_order(&quick);
+    let (running, finished) = (quick.running_at.unwrap(), quick.finished_at.unwrap());
+    assert!(
+        finished - running <= chrono::Duration::milliseconds(5),
+        "running_at is the finish less what it ran for: {quick:?}"
+    );
+    assert_eq!(app.get(quick.id).await.unwrap(), quick, "as stored");
+
+    // A command that never started states no running time, and was never seen running.
+    let unstarted = app.submit("no-such-command").await;
+    let picked = app.pick("quick", 0).await.unwrap().expect("the queued task");
+    assert_eq!(picked.task.id, unstarted.id);
+    let report = FinishReport::failed(
+        picked.lease,
+        "could not start the command: No such file or directory (os error 2)",
+    );
+
+    let unstarted = app.finish(unstarted.id, &report).await.unwrap();
+
+    assert_eq!(unstarted.status, TaskStatus::Failed);
+    assert!(unstarted.started_at.is_some() && unstarted.finished_at.is_some(), "{unstarted:?}");
+    assert_eq!(unstarted.running_at, None, "it never ran: {unstarted:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -39,13 +88,13 @@ async fn a_command_killed_by_a_signal_fails_with_the_reason() {
     let app = TestApp::spawn().await;
     let _worker = WorkerProcess::start(&app, "agent", &[]);
 
-    let task = app.create("echo before; kill -KILL $$").await;
+    let task = app.submit("echo before; kill -KILL $$").await;
 
-    let task = app.until_done(task["id"].as_str().unwrap()).await;
-    assert_eq!(task["status"], "failed");
-    assert_eq!(task["error"], "killed by signal 9 (SIGKILL)");
-    assert_eq!(task["stdout"], "before\n");
-    assert!(task["exit_code"].is_null());
+    let task = app.until_done(task.id).await;
+    assert_eq!(task.status, TaskStatus::Failed);
+    assert_eq!(task.error.as_deref(), Some("killed by signal 9 (SIGKILL)"));
+    assert_eq!(task.stdout.as_deref(), Some("before\n"));
+    assert_eq!(task.exit_code, None);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -53,14 +102,14 @@ async fn binary_output_is_reported_lossily_and_flagged() {
     let app = TestApp::spawn().await;
     let _worker = WorkerProcess::start(&app, "agent", &[]);
 
-    let task = app.create(r"printf 'ok\000\377\376end'; printf 'clean' >&2").await;
+    let task = app.submit(r"printf 'ok\000\377\376end'; printf 'clean' >&2").await;
 
-    let task = app.until_done(task["id"].as_str().unwrap()).await;
-    assert_eq!(task["status"], "finished");
-    assert_eq!(task["stdout"], "ok\u{FFFD}\u{FFFD}\u{FFFD}end");
-    assert_eq!(task["stdout_lossy"], true);
-    assert_eq!(task["stderr"], "clean");
-    assert_eq!(task["stderr_lossy"], false);
+    let task = app.until_done(task.id).await;
+    assert_eq!(task.status, TaskStatus::Finished);
+    assert_eq!(task.stdout.as_deref(), Some("ok\u{FFFD}\u{FFFD}\u{FFFD}end"));
+    assert!(task.stdout_lossy);
+    assert_eq!(task.stderr.as_deref(), Some("clean"));
+    assert!(!task.stderr_lossy);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -69,29 +118,48 @@ async fn commands_do_not_see_the_agent_token_or_other_secrets() {
     let secrets = [("DB_PASSWORD", "hunter2"), ("SOME_API_KEY", "k-123"), ("HARMLESS", "visible")];
     let _worker = WorkerProcess::start(&app, "agent", &secrets);
 
-    let task = app.create("env").await;
+    let task = app.submit("env").await;
 
-    let task = app.until_done(task["id"].as_str().unwrap()).await;
-    let env = task["stdout"].as_str().unwrap();
+    let task = app.until_done(task.id).await;
+    let env = task.stdout.as_deref().unwrap();
     assert!(env.contains("HARMLESS=visible"), "the environment is passed on: {env}");
     for leaked in [TOKEN, "AGENT_TOKEN", "hunter2", "k-123"] {
         assert!(!env.contains(leaked), "{leaked} reached the command");
     }
 }
 
+/// Waits until `worker` has asked for work (its pick is parked); a worker that exits or never
+/// asks fails the test with its log, which says why.
+async fn until_worker_parked(app: &TestApp, worker: &mut WorkerProcess) {
+    let api = app.api.clone();
+    let mut parked = tokio::spawn(async move { api.until_parked(1).await });
+    let why = tokio::select! {
+        parked = &mut parked => match parked {
+            Ok(()) => return,
+            Err(e) => format!("it never asked for work ({e})"),
+        },
+        status = worker.child.wait() => format!("it exited ({status:?}) before asking for work"),
+    };
+    parked.abort();
+    // The log is read from the worker's stderr as it comes: give its last lines a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    panic!("the worker is not ready: {why}; its log:\n{}", worker.log());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_cannot_read_the_agent_token_from_the_agents_proc_entries() {
     let app = TestApp::spawn().await;
-    let _worker = WorkerProcess::start_unprivileged(&app, "guarded", &[]);
+    let mut worker = WorkerProcess::start_unprivileged(&app, "guarded", &[]);
+    until_worker_parked(&app, &mut worker).await;
     // The command's parent is the guard; the guard's parent is the agent.
     let command = "agent=$(awk '{print $4}' /proc/$PPID/stat); \
                    cat /proc/$PPID/environ /proc/$agent/environ 2>&1 | tr '\\0' '\\n'; \
                    echo checked $agent";
 
-    let task = app.create(command).await;
+    let task = app.submit(command).await;
 
-    let task = app.until_done(task["id"].as_str().unwrap()).await;
-    let seen = task["stdout"].as_str().unwrap();
+    let task = app.until_done(task.id).await;
+    let seen = task.stdout.as_deref().unwrap();
     assert!(seen.contains("checked "), "{seen}");
     assert!(!seen.contains(TOKEN), "the token leaked through /proc: {seen}");
 }
@@ -103,23 +171,24 @@ async fn sigterm_during_a_task_lets_it_finish_and_report_then_exits_0() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut worker = WorkerProcess::start(&app, "draining", &[]);
     let command = format!(
-        "touch {0}/started; while [ ! -e {0}/go ]; do sleep 0.02; done; echo done",
+        "echo started; while [ ! -e {}/go ]; do sleep 0.02; done; echo done",
         dir.display()
     );
-    let task = app.create(&command).await;
-    let id = task["id"].as_str().unwrap();
-    until_exists(&dir.join("started")).await;
+    let task = app.submit(&command).await;
+    // The command runs once its first line is streamed.
+    let started = app.output(task.id, Stream::Stdout, 0, 30).await.unwrap();
+    assert_eq!(started.data, b"started\n", "the command is running");
 
     worker.signal(libc::SIGTERM);
-    let later = app.create("echo must wait for another agent").await;
+    let later = app.submit("echo must wait for another agent").await;
     std::fs::write(dir.join("go"), b"").unwrap();
 
     let status = worker.wait(Duration::from_secs(30)).await.expect("the worker exits");
     assert!(status.success(), "exit status {status}");
-    let task = app.task(id).await;
-    assert_eq!(task["status"], "finished");
-    assert_eq!(task["stdout"], "done\n");
-    assert_eq!(app.task(later["id"].as_str().unwrap()).await["status"], "queued");
+    let task = app.get(task.id).await.unwrap();
+    assert_eq!(task.status, TaskStatus::Finished);
+    assert_eq!(task.stdout.as_deref(), Some("started\ndone\n"));
+    assert_eq!(app.get(later.id).await.unwrap().status, TaskStatus::Queued);
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -153,17 +222,9 @@ async fn the_worker_keeps_trying_until_the_api_is_reachable() {
     let db = placeholder.stop().await;
 
     let app = TestApp::spawn_on(db, move |figment| figment.merge(("port", port))).await;
-    let task = app.create("echo finally").await;
+    let task = app.submit("echo finally").await;
 
-    let task = app.until_done(task["id"].as_str().unwrap()).await;
-    assert_eq!(task["stdout"], "finally\n");
+    let task = app.until_done(task.id).await;
+    assert_eq!(task.stdout.as_deref(), Some("finally\n"));
     assert!(worker.wait(Duration::from_millis(10)).await.is_none(), "still running");
-}
-
-async fn until_exists(path: &std::path::Path) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(tokio::time::Instant::now() < deadline, "{} never appeared", path.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

@@ -5,6 +5,7 @@ use rocket::outcome::Outcome;
 use rocket::request::{self, FromRequest};
 use rocket::Request;
 use subtle::ConstantTimeEq;
+use taskexec_protocol::output::headers;
 
 use crate::config::AppConfig;
 use crate::error::ApiError;
@@ -46,7 +47,7 @@ impl<'r> FromRequest<'r> for AgentName {
     type Error = ApiError;
 
     async fn from_request(request: &'r Request<'_>) -> request::Outcome<Self, ApiError> {
-        let name = request.headers().get_one("X-Agent-Name").unwrap_or_default().trim();
+        let name = request.headers().get_one(headers::AGENT_NAME).unwrap_or_default().trim();
         let valid = !name.is_empty()
             && name.chars().count() <= MAX_AGENT_NAME_CHARS
             && !name.chars().any(char::is_control);
@@ -57,7 +58,7 @@ impl<'r> FromRequest<'r> for AgentName {
                 "agents must name themselves in X-Agent-Name: 1 to {MAX_AGENT_NAME_CHARS} \
                  printable characters"
             );
-            Outcome::Error(ApiError::BadRequest(detail).remember(request))
+            Outcome::Error(ApiError::Malformed(detail).remember(request))
         }
     }
 }

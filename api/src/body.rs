@@ -41,7 +41,7 @@ async fn read<T: Limited>(request: &Request<'_>, data: Data<'_>) -> Result<T, Ap
     let bytes = read_within(data, limit).await?;
     serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),
-        _ => ApiError::BadRequest(format!("the body is not valid JSON: {e}")),
+        _ => ApiError::Malformed(format!("the body is not valid JSON: {e}")),
     })
 }
 
@@ -51,7 +51,7 @@ pub async fn read_within(data: Data<'_>, limit: ByteUnit) -> Result<Vec<u8>, Api
         .open(limit)
         .into_bytes()
         .await
-        .map_err(|e| ApiError::BadRequest(format!("the body could not be read: {e}")))?;
+        .map_err(|e| ApiError::Malformed(format!("the body could not be read: {e}")))?;
     if !bytes.is_complete() {
         return Err(ApiError::PayloadTooLarge(format!("the body is larger than {limit}")));
     }

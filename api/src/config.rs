@@ -1,27 +1,43 @@
 //! Settings: the shipped `Rocket.toml` as defaults, then the container environment variables,
 //! then `ROCKET_*` variables. Every setting is documented in `Rocket.toml`.
 
-use std::fmt;
-
 use rocket::fairing::AdHoc;
 use rocket::figment::providers::{Env, Format, Serialized, Toml};
 use rocket::figment::{Figment, Profile};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// The defaults, compiled in so that the binary needs no file to run.
 const DEFAULTS: &str = include_str!("../../Rocket.toml");
 
+/// What `taskexec-api --help` says about the settings.
+pub const SETTINGS_HELP: &str = "\
+Settings (environment variables; every other setting is in Rocket.toml, with its default and
+unit, and can be overridden with ROCKET_<KEY>, e.g. ROCKET_LEASE_SECS=60):
+  AGENT_TOKEN          the agents' bearer token (required; the server refuses to start
+                       without it)
+  DATABASE_URL         postgres://user:password@host:port/database, or in parts:
+  DB_USER, DB_PASSWORD, DB_HOST, DB_PORT, DB_NAME
+                       [default: postgres://postgres@localhost:5432/postgres]
+  SERVER_PORT          listen port [default: 3500]
+  LOG_LEVEL            error, warn, info, debug or trace [default: info]
+  ROCKET_CONFIG        the settings file [default: Rocket.toml; built-in defaults without it]
+
+SIGTERM or SIGINT: parked picks answer 204 at once, requests in flight get a short grace,
+then the server exits 0.";
+
 /// Where the pool's URL lives in the figment (rocket_db_pools reads it there).
 pub const DATABASE_URL_KEY: &str = "databases.taskexec.url";
 
 /// The application's own settings (Rocket's, such as `port`, live in `rocket::Config`).
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct AppConfig {
     /// Log level: error, warn, info, debug or trace.
     pub logging: log::LevelFilter,
     /// The bearer token agents must present; checked at ignite, so never empty at run time.
+    /// A secret: its `Debug` prints no value, and it is read only through `agent_token()`.
     #[serde(default)]
-    pub agent_token: Option<String>,
+    pub agent_token: Option<SecretString>,
     /// Largest accepted command, in bytes.
     pub max_command_bytes: usize,
     /// Page size of `GET /tasks` without `limit`, and the largest `limit`.
@@ -49,34 +65,10 @@ pub struct AppConfig {
     pub max_output_bytes: u32,
 }
 
-/// Never print the token, even in a debug dump of the configuration.
-impl fmt::Debug for AppConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AppConfig")
-            .field("logging", &self.logging)
-            .field("agent_token", &self.agent_token.as_ref().map(|_| "<redacted>"))
-            .field("max_command_bytes", &self.max_command_bytes)
-            .field("list_limit_default", &self.list_limit_default)
-            .field("list_limit_max", &self.list_limit_max)
-            .field("pick_wait_default_secs", &self.pick_wait_default_secs)
-            .field("pick_wait_max_secs", &self.pick_wait_max_secs)
-            .field("dispatch_rescan_secs", &self.dispatch_rescan_secs)
-            .field("lease_secs", &self.lease_secs)
-            .field("pick_confirm_secs", &self.pick_confirm_secs)
-            .field("reaper_interval_secs", &self.reaper_interval_secs)
-            .field("max_attempts", &self.max_attempts)
-            .field("default_timeout_secs", &self.default_timeout_secs)
-            .field("max_timeout_secs", &self.max_timeout_secs)
-            .field("kill_grace_secs", &self.kill_grace_secs)
-            .field("max_output_bytes", &self.max_output_bytes)
-            .finish()
-    }
-}
-
 impl AppConfig {
     /// The token, which `stage()` has checked is present.
     pub fn agent_token(&self) -> &str {
-        self.agent_token.as_deref().unwrap_or_default()
+        self.agent_token.as_ref().map_or("", |token| token.expose_secret())
     }
 
     /// The longest a heartbeat is held: a third of the lease, so that an agent that heartbeats

@@ -74,3 +74,54 @@ impl rocket_db_pools::Pool for TunedPool {
         self.0.close().await;
     }
 }
+
+/// A database failure, with the operation that failed: the cause is kept for the log, never
+/// shown to a client.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {source}")]
+pub struct DbError {
+    /// What the service was doing, in words ("claim queued tasks").
+    pub op: &'static str,
+    #[source]
+    pub source: sqlx::Error,
+}
+
+impl DbError {
+    /// Whether the failure means "the database is not there right now" rather than "the
+    /// statement is wrong": a client may retry later.
+    pub fn is_unavailable(&self) -> bool {
+        match &self.source {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+            // A connection that closes during the handshake (a proxy in front of a dead
+            // server) surfaces as a protocol error.
+            sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+            // 08: connection exception; 57P: operator intervention (shutdown, crash recovery);
+            // 53: insufficient resources (too many connections).
+            sqlx::Error::Database(e) => e.code().is_some_and(|c| {
+                c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// Names the operation of a failed statement: `query.await.op("claim queued tasks")?`.
+pub trait Op<T> {
+    fn op(self, op: &'static str) -> Result<T, DbError>;
+}
+
+impl<T> Op<T> for Result<T, sqlx::Error> {
+    fn op(self, op: &'static str) -> Result<T, DbError> {
+        self.map_err(|source| DbError { op, source })
+    }
+}
+
+/// The pool and the settings a background stage needs, or what is missing (the stages that
+/// provide them failed or were not attached): such a stage then fails the launch.
+pub fn required(
+    rocket: &rocket::Rocket<rocket::Build>,
+) -> Result<(PgPool, crate::config::AppConfig), &'static str> {
+    let pool = Db::fetch(rocket).map(|db| db.pool().clone()).ok_or("its database pool")?;
+    let config = rocket.state::<crate::config::AppConfig>().cloned().ok_or("its settings")?;
+    Ok((pool, config))
+}

@@ -1,19 +1,26 @@
 //! The one error type of the API and its mapping to HTTP: every failure, whether a handler's,
-//! a guard's or a routing one, leaves as `application/problem+json` (RFC 9457). Database
-//! causes are logged here with their context and never echoed to the client.
+//! a guard's or a routing one, leaves as `application/problem+json` (RFC 9457), one problem
+//! type per kind of error. This is the only place where statuses are chosen. Database causes
+//! are logged once, with the operation that failed, where they become an `ApiError`; they are
+//! never echoed to the client.
 
 use std::io::Cursor;
 
 use rocket::http::{ContentType, Status};
 use rocket::response::{self, Responder};
 use rocket::{catch, Request, Response};
-use serde::Serialize;
+use taskexec_protocol::{Problem, ProblemType, Stream, TaskId, TaskStatus};
+
+use crate::db::DbError;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
-    /// The request is malformed: bad JSON, a bad query parameter or path segment.
+    /// The request is malformed: bad JSON, a bad path segment or cursor.
     #[error("{0}")]
-    BadRequest(String),
+    Malformed(String),
+    /// A query parameter is unknown, repeated or malformed.
+    #[error("{detail}")]
+    BadParameter { name: String, detail: String },
     /// The request is well-formed but its content is not acceptable.
     #[error("{0}")]
     Invalid(String),
@@ -21,19 +28,29 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     NotFound(String),
-    /// The request conflicts with the task's state or lease.
-    #[error("{0}")]
-    Conflict(String),
+    /// An agent write under a lease that is not the task's current one, or whose attempt has
+    /// ended.
+    #[error("task {id} is not running under this lease: {why}")]
+    LeaseNotCurrent { id: TaskId, why: String },
+    /// An abort of a task that has ended.
+    #[error("task {id} is {status}; only a queued or running task can be aborted")]
+    TaskEnded { id: TaskId, status: TaskStatus },
+    /// A second, different report for an attempt already reported.
+    #[error("task {id} was already reported {status} with a different result")]
+    ReportConflict { id: TaskId, status: TaskStatus },
+    /// A chunk of output starts past the end of its stream: resend from `expected_offset`.
+    #[error("the chunk starts past the end of the stream; resend from offset {expected_offset}")]
+    OffsetGap { expected_offset: u64 },
+    /// A finish states stream lengths that the uploaded output does not reach yet.
+    #[error("the output uploaded so far is stdout {stdout_bytes} and stderr {stderr_bytes} bytes; upload the rest first")]
+    OutputIncomplete { stdout_bytes: u64, stderr_bytes: u64 },
+    /// A finish whose text is not the text of the output uploaded for the attempt.
+    #[error("the reported {0} is not the text of the {0} uploaded for this attempt")]
+    OutputMismatch(Stream),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
-    /// A chunk of output starts past the end of its stream: resend from `expected_offset`.
-    #[error("the chunk starts past the end of the stream; resend from offset {expected_offset}")]
-    OffsetGap { expected_offset: i64 },
-    /// A finish states stream lengths that the uploaded output does not reach yet.
-    #[error("the output uploaded so far is stdout {stdout_bytes} and stderr {stderr_bytes} bytes; upload the rest first")]
-    OutputIncomplete { stdout_bytes: i64, stderr_bytes: i64 },
     /// The database cannot be reached or is shutting down; retrying later may work.
     #[error("the database is unavailable; retry later")]
     Unavailable,
@@ -43,36 +60,38 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn status(&self) -> Status {
+    /// The kind of problem, which decides the status.
+    pub fn kind(&self) -> ProblemType {
         match self {
-            ApiError::BadRequest(_) => Status::BadRequest,
-            ApiError::Invalid(_) => Status::UnprocessableEntity,
-            ApiError::Unauthorized => Status::Unauthorized,
-            ApiError::NotFound(_) => Status::NotFound,
-            ApiError::Conflict(_) => Status::Conflict,
-            ApiError::OffsetGap { .. } | ApiError::OutputIncomplete { .. } => Status::Conflict,
-            ApiError::PayloadTooLarge(_) => Status::PayloadTooLarge,
-            ApiError::UnsupportedMediaType(_) => Status::UnsupportedMediaType,
-            ApiError::Unavailable => Status::ServiceUnavailable,
-            ApiError::Internal => Status::InternalServerError,
+            ApiError::Malformed(_) => ProblemType::BadRequest,
+            ApiError::BadParameter { .. } => ProblemType::BadParameter,
+            ApiError::Invalid(_) => ProblemType::InvalidRequest,
+            ApiError::Unauthorized => ProblemType::Unauthorized,
+            ApiError::NotFound(_) => ProblemType::NotFound,
+            ApiError::LeaseNotCurrent { .. } => ProblemType::LeaseNotCurrent,
+            ApiError::TaskEnded { .. } => ProblemType::TaskEnded,
+            ApiError::ReportConflict { .. } => ProblemType::ReportConflict,
+            ApiError::OffsetGap { .. } => ProblemType::OffsetGap,
+            ApiError::OutputIncomplete { .. } => ProblemType::OutputIncomplete,
+            ApiError::OutputMismatch(_) => ProblemType::OutputMismatch,
+            ApiError::PayloadTooLarge(_) => ProblemType::PayloadTooLarge,
+            ApiError::UnsupportedMediaType(_) => ProblemType::UnsupportedMediaType,
+            ApiError::Unavailable => ProblemType::Unavailable,
+            ApiError::Internal => ProblemType::Internal,
         }
     }
 
-    /// A stable, machine-readable name for the problem (the RFC 9457 `type`).
-    fn kind(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest(_) => "bad-request",
-            ApiError::Invalid(_) => "invalid-request",
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::NotFound(_) => "not-found",
-            ApiError::Conflict(_) => "conflict",
-            ApiError::OffsetGap { .. } => "offset-gap",
-            ApiError::OutputIncomplete { .. } => "output-incomplete",
-            ApiError::PayloadTooLarge(_) => "payload-too-large",
-            ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
-            ApiError::Unavailable => "database-unavailable",
-            ApiError::Internal => "internal",
-        }
+    pub fn status(&self) -> Status {
+        Status::from_code(self.kind().status()).unwrap_or(Status::InternalServerError)
+    }
+
+    /// A query parameter that is not what the route takes.
+    pub fn bad_parameter(name: &str, detail: impl Into<String>) -> ApiError {
+        ApiError::BadParameter { name: name.to_owned(), detail: detail.into() }
+    }
+
+    pub fn task_not_found(id: TaskId) -> ApiError {
+        ApiError::NotFound(format!("no task with id {id}"))
     }
 
     /// Records a request guard's failure so that the catcher Rocket calls next can answer
@@ -82,11 +101,36 @@ impl ApiError {
         request.local_cache(|| GuardFailure(Some(self.clone())));
         (status, self)
     }
+
+    fn problem(&self) -> Problem {
+        let kind = self.kind();
+        let mut problem = Problem {
+            kind: kind.uri().to_owned(),
+            title: self.status().reason_lossy().to_owned(),
+            status: kind.status(),
+            detail: self.to_string(),
+            ..Problem::default()
+        };
+        match self {
+            ApiError::BadParameter { name, .. } => problem.parameter = Some(name.clone()),
+            ApiError::OffsetGap { expected_offset } => {
+                problem.expected_offset = Some(*expected_offset)
+            }
+            ApiError::OutputIncomplete { stdout_bytes, stderr_bytes } => {
+                problem.stdout_bytes = Some(*stdout_bytes);
+                problem.stderr_bytes = Some(*stderr_bytes);
+            }
+            _ => {}
+        }
+        problem
+    }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(error: sqlx::Error) -> Self {
-        if is_unavailable(&error) {
+/// The one place a database failure is logged: with its operation and cause, as a warning
+/// when the database is away (the client is told to retry), as an error otherwise.
+impl From<DbError> for ApiError {
+    fn from(error: DbError) -> Self {
+        if error.is_unavailable() {
             log::warn!("database unavailable: {error}");
             ApiError::Unavailable
         } else {
@@ -96,52 +140,15 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
-/// Errors that mean "the database is not there right now" rather than "the query is wrong".
-fn is_unavailable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-        // A connection that closes during the handshake (a proxy in front of a dead server)
-        // surfaces as a protocol error.
-        sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
-        // 08: connection exception; 57P: operator intervention (shutdown, crash recovery);
-        // 53: insufficient resources (too many connections).
-        sqlx::Error::Database(e) => e
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")),
-        _ => false,
+impl From<crate::tasks::model::Rejected> for ApiError {
+    fn from(rejected: crate::tasks::model::Rejected) -> Self {
+        ApiError::Invalid(rejected.0)
     }
 }
 
-/// The body of every error response, with the extension members (RFC 9457, section 3.2) that
-/// tell an agent where its output stands.
-#[derive(Serialize, Default)]
-struct Problem {
-    #[serde(rename = "type")]
-    kind: String,
-    title: &'static str,
-    status: u16,
-    detail: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expected_offset: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stdout_bytes: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stderr_bytes: Option<i64>,
-}
-
-fn problem_response<'o>(status: Status, kind: &str, detail: String) -> Response<'o> {
-    problem_with(Problem {
-        kind: format!("/problems/{kind}"),
-        title: status.reason_lossy(),
-        status: status.code,
-        detail,
-        ..Problem::default()
-    })
-}
-
-fn problem_with<'o>(problem: Problem) -> Response<'o> {
+fn problem_response<'o>(problem: &Problem) -> Response<'o> {
     let status = Status::from_code(problem.status).unwrap_or(Status::InternalServerError);
-    let body = serde_json::to_vec(&problem).unwrap_or_default();
+    let body = serde_json::to_vec(problem).unwrap_or_default();
     let mut response = Response::build();
     response
         .status(status)
@@ -155,25 +162,7 @@ fn problem_with<'o>(problem: Problem) -> Response<'o> {
 
 impl<'r> Responder<'r, 'static> for ApiError {
     fn respond_to(self, _: &'r Request<'_>) -> response::Result<'static> {
-        let status = self.status();
-        let mut problem = Problem {
-            kind: format!("/problems/{}", self.kind()),
-            title: status.reason_lossy(),
-            status: status.code,
-            detail: self.to_string(),
-            ..Problem::default()
-        };
-        match self {
-            ApiError::OffsetGap { expected_offset } => {
-                problem.expected_offset = Some(expected_offset)
-            }
-            ApiError::OutputIncomplete { stdout_bytes, stderr_bytes } => {
-                problem.stdout_bytes = Some(stdout_bytes);
-                problem.stderr_bytes = Some(stderr_bytes);
-            }
-            _ => {}
-        }
-        Ok(problem_with(problem))
+        Ok(problem_response(&self.problem()))
     }
 }
 
@@ -191,8 +180,23 @@ impl<'r> Responder<'r, 'static> for Caught {
         match self {
             Caught::Guard(error) => error.respond_to(request),
             Caught::Status(status, detail) => {
-                let kind = status.reason_lossy().to_ascii_lowercase().replace(' ', "-");
-                Ok(problem_response(status, &kind, detail))
+                let kind = match status.code {
+                    400 => ProblemType::BadRequest,
+                    404 => ProblemType::NotFound,
+                    413 => ProblemType::PayloadTooLarge,
+                    415 => ProblemType::UnsupportedMediaType,
+                    422 => ProblemType::InvalidRequest,
+                    503 => ProblemType::Unavailable,
+                    _ => ProblemType::Internal,
+                };
+                let problem = Problem {
+                    kind: kind.uri().to_owned(),
+                    title: status.reason_lossy().to_owned(),
+                    status: status.code,
+                    detail,
+                    ..Problem::default()
+                };
+                Ok(problem_response(&problem))
             }
         }
     }

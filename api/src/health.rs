@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use crate::dispatch::Dispatcher;
 use crate::error::ApiError;
+use crate::query::StrictQuery;
 use crate::Db;
 
 pub fn routes() -> Vec<Route> {
@@ -16,15 +17,19 @@ pub fn routes() -> Vec<Route> {
 }
 
 #[get("/")]
-fn index() -> Json<Value> {
+fn index(_query: StrictQuery) -> Json<Value> {
     Json(json!({"service": "taskexec-api", "version": env!("CARGO_PKG_VERSION")}))
 }
 
 /// 200 when the database answers within two seconds, 503 otherwise. Also tells how many
 /// agents are parked on a pick right now.
 #[get("/health")]
-async fn health(db: &Db, dispatcher: &State<Dispatcher>) -> Result<Json<Value>, ApiError> {
-    let ping = sqlx::query("SELECT 1").execute(db.pool());
+async fn health(
+    _query: StrictQuery,
+    db: &Db,
+    dispatcher: &State<Dispatcher>,
+) -> Result<Json<Value>, ApiError> {
+    let ping = sqlx::query!("SELECT 1 AS one").fetch_one(db.pool());
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => Ok(Json(json!({
             "status": "ok",

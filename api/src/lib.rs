@@ -15,10 +15,11 @@ mod error;
 mod health;
 mod logging;
 pub mod output;
+mod query;
 pub mod reaper;
 pub mod tasks;
 
-pub use db::Db;
+pub use db::{Db, DbError};
 pub use error::ApiError;
 
 /// The server as configured by `Rocket.toml` and the environment.

@@ -6,15 +6,16 @@
 use std::time::Duration;
 
 use rocket::fairing::AdHoc;
+use rocket::{Build, Rocket};
 use sqlx::PgPool;
 
 use crate::config::AppConfig;
+use crate::db::{required, DbError};
 use crate::dispatch::{Dispatcher, Woken};
-use crate::tasks::store::{self, Reaped};
-use crate::Db;
-use rocket_db_pools::Database;
+use crate::tasks::store::{self, Fate, Reaped};
 
-/// One pass. Requeued tasks are announced so that parked picks get them at once.
+/// One pass. Requeued tasks are announced so that parked picks get them at once; the requests
+/// waiting on the ended attempts are woken.
 ///
 /// # Errors
 /// The database's, when it cannot be reached; the next pass tries again.
@@ -22,51 +23,63 @@ pub async fn run_once(
     pool: &PgPool,
     config: &AppConfig,
     dispatcher: &Dispatcher,
-) -> sqlx::Result<Reaped> {
+) -> Result<Reaped, DbError> {
     let overrun = config.kill_grace_secs + config.lease_secs;
     let reaped = store::reap(pool, config.max_attempts, overrun).await?;
-    if reaped.requeued > 0 {
+    if reaped.requeued() > 0 {
         dispatcher.task_queued();
     }
-    for id in &reaped.ended {
+    for (id, _) in &reaped.ended {
         dispatcher.events().wake(*id, Woken::Ended);
     }
-    if reaped != Reaped::default() {
+    if !reaped.ended.is_empty() {
         log::info!(
             "reaper: {} requeued ({} never confirmed), {} lost, {} cancelled, {} timed out",
-            reaped.requeued,
-            reaped.refunded,
-            reaped.lost,
-            reaped.cancelled,
-            reaped.timed_out
+            reaped.requeued(),
+            reaped.count(Fate::Refunded),
+            reaped.count(Fate::Lost),
+            reaped.count(Fate::Cancelled),
+            reaped.count(Fate::TimedOut)
         );
     }
     Ok(reaped)
 }
 
+/// Runs the reaper from liftoff until shutdown. The launch fails if it cannot be set up:
+/// without it, lost agents would hold their tasks forever.
 pub fn stage() -> AdHoc {
-    AdHoc::on_liftoff("Reaper", |rocket| {
-        Box::pin(async move {
-            let pool = Db::fetch(rocket).map(|db| db.pool().clone());
-            let config = rocket.state::<AppConfig>().cloned();
-            let dispatcher = rocket.state::<Dispatcher>().cloned();
-            let (Some(pool), Some(config), Some(dispatcher)) = (pool, config, dispatcher) else {
-                return;
-            };
+    AdHoc::try_on_ignite("Reaper", |rocket: Rocket<Build>| async {
+        let found =
+            required(&rocket).and_then(|(pool, config)| Ok((pool, config, dispatcher(&rocket)?)));
+        let (pool, config, dispatcher) = match found {
+            Ok(found) => found,
+            Err(what) => {
+                log::error!("the reaper cannot start without {what}");
+                return Err(rocket);
+            }
+        };
+        Ok(rocket.attach(AdHoc::on_liftoff("Reaper loop", move |rocket| {
             let mut shutdown = rocket.shutdown();
-            let mut tick = tokio::time::interval(Duration::from_secs(config.reaper_interval_secs));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = &mut shutdown => break,
-                        _ = tick.tick() => {}
+            Box::pin(async move {
+                let period = Duration::from_secs(config.reaper_interval_secs);
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = &mut shutdown => break,
+                            _ = tick.tick() => {}
+                        }
+                        if let Err(e) = run_once(&pool, &config, &dispatcher).await {
+                            log::warn!("reaper pass failed: {e}");
+                        }
                     }
-                    if let Err(e) = run_once(&pool, &config, &dispatcher).await {
-                        log::warn!("reaper pass failed: {e}");
-                    }
-                }
-            });
-        })
+                });
+            })
+        })))
     })
+}
+
+fn dispatcher(rocket: &Rocket<Build>) -> Result<Dispatcher, &'static str> {
+    rocket.state::<Dispatcher>().cloned().ok_or("the dispatcher")
 }

@@ -6,28 +6,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use taskexec_protocol::{NewTask, TaskId};
+use taskexec_tests::Api;
 
 use crate::report::{percentile, Row};
 use crate::system::{Database, Env, Process, TOKEN};
 
-async fn create(env: &Env, api: &Process, command: &str) -> String {
-    let response = env
-        .http
-        .post(format!("{}/tasks", api.url))
-        .json(&json!({ "command": command }))
-        .send()
-        .await
-        .expect("POST /tasks");
-    assert_eq!(response.status(), 201);
-    response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
-}
-
 /// Waits until `parked` picks are parked on the API.
-async fn until_parked(env: &Env, api: &Process, parked: usize) {
+async fn until_parked(api: &Process, parked: usize) {
     for _ in 0..3000 {
-        let health: Value =
-            env.http.get(format!("{}/health", api.url)).send().await.unwrap().json().await.unwrap();
+        let health = api.api.health().await.unwrap();
         if health["parked_picks"].as_u64() == Some(parked as u64) {
             return;
         }
@@ -37,12 +25,11 @@ async fn until_parked(env: &Env, api: &Process, parked: usize) {
 }
 
 /// Waits until task `id` has ended (polling the database, which costs the API nothing).
-async fn until_done(db: &Database, id: &str) {
-    let id: uuid::Uuid = id.parse().unwrap();
+async fn until_done(db: &Database, id: TaskId) {
     loop {
         let done: bool =
             sqlx::query_scalar("SELECT finished_at IS NOT NULL FROM tasks WHERE id = $1")
-                .bind(id)
+                .bind(id.as_uuid())
                 .fetch_one(&db.pool)
                 .await
                 .unwrap();
@@ -72,10 +59,10 @@ async fn sequential_tasks(env: &Env, count: usize) -> (Vec<f64>, Vec<f64>) {
     let db = env.database("bench_latency").await;
     let api = env.api(&db, &[]).await;
     let workers = env.workers(&api, 8, &[]);
-    until_parked(env, &api, 8).await;
+    until_parked(&api, 8).await;
     for _ in 0..count {
-        let id = create(env, &api, "true").await;
-        until_done(&db, &id).await;
+        let id = api.api.submit("true").await.id;
+        until_done(&db, id).await;
     }
     workers.stop().await;
     api.stop().await;
@@ -95,10 +82,10 @@ async fn polled_tasks(env: &Env, count: usize, span: Duration) -> (Vec<f64>, Vec
     let mut ids = Vec::new();
     for arrival in arrivals {
         tokio::time::sleep_until((started + arrival).into()).await;
-        ids.push(create(env, &api, "true").await);
+        ids.push(api.api.submit("true").await.id);
     }
     for id in ids {
-        until_done(&db, &id).await;
+        until_done(&db, id).await;
     }
     workers.stop().await;
     api.stop().await;
@@ -164,7 +151,7 @@ pub async fn throughput(env: &Env, quick: bool) -> Vec<Row> {
         println!("2. throughput: {tasks} tasks `true`, {agents} agents ...");
         let db = env.database("bench_throughput").await;
         let api = env.api(&db, &[]).await;
-        submit_concurrently(env, &api, tasks, 16).await;
+        submit_concurrently(&api, tasks, 16).await;
         let workers = env.workers(&api, agents, &[]);
         loop {
             let left: i64 =
@@ -235,20 +222,14 @@ async fn prefill(db: &Database, tasks: usize) {
     .unwrap();
 }
 
-async fn submit_concurrently(env: &Env, api: &Process, tasks: usize, clients: usize) {
+async fn submit_concurrently(api: &Process, tasks: usize, clients: usize) {
     let handles: Vec<_> = (0..clients)
         .map(|c| {
-            let (http, url) = (env.http.clone(), api.url.clone());
+            let api = api.api.clone();
             let share = tasks / clients + usize::from(c < tasks % clients);
             tokio::spawn(async move {
                 for _ in 0..share {
-                    let response = http
-                        .post(format!("{url}/tasks"))
-                        .json(&json!({"command": "true"}))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(response.status(), 201);
+                    api.submit("true").await;
                 }
             })
         })
@@ -271,18 +252,12 @@ pub async fn submit(env: &Env, quick: bool) -> Vec<Row> {
         let running = Arc::new(AtomicBool::new(true));
         let handles: Vec<_> = (0..clients)
             .map(|_| {
-                let (http, url, running) = (env.http.clone(), api.url.clone(), running.clone());
+                let (api, running) = (api.api.clone(), running.clone());
                 tokio::spawn(async move {
                     let mut latencies = Vec::new();
                     while running.load(Ordering::Relaxed) {
                         let sent = Instant::now();
-                        let response = http
-                            .post(format!("{url}/tasks"))
-                            .json(&json!({"command": "true"}))
-                            .send()
-                            .await
-                            .unwrap();
-                        assert_eq!(response.status(), 201);
+                        api.submit("true").await;
                         latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
                     }
                     latencies
@@ -331,26 +306,19 @@ pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = api.rss_mib();
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let pollers = Api::with_http(&api.url, TOKEN, client);
     let handles: Vec<_> = (0..polls)
         .map(|n| {
-            let (http, url) = (client.clone(), api.url.clone());
+            let pollers = pollers.clone();
             tokio::spawn(async move {
-                let response = http
-                    .get(format!("{url}/tasks/pick?wait=60"))
-                    .bearer_auth(TOKEN)
-                    .header("X-Agent-Name", format!("idle-{n}"))
-                    .send()
-                    .await;
-                match response {
-                    Ok(r) if r.status() == 200 => {
-                        Some(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned())
-                    }
+                match pollers.pick(&format!("idle-{n}"), 60).await {
+                    Ok(Some(assignment)) => Some(assignment.task.id),
                     _ => None,
                 }
             })
         })
         .collect();
-    until_parked(env, &api, polls).await;
+    until_parked(&api, polls).await;
     // pg_stat_database would also count, late, what happened before the window (backends
     // flush their counters up to 10 s after the fact); pg_stat_statements counts at once.
     db.reset_statements().await;
@@ -363,7 +331,7 @@ pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
     let rss = api.rss_mib() - rss_before;
     let connections = db.connections().await;
     db.reset_statements().await;
-    create(env, &api, "true").await;
+    api.api.submit("true").await;
     let mut delivered = 0;
     let waited = Instant::now();
     while delivered == 0 && waited.elapsed() < Duration::from_secs(10) {
@@ -406,41 +374,23 @@ pub async fn wake_fairness(env: &Env, _quick: bool) -> Vec<Row> {
     let api = env.api(&db, &[]).await;
     let polls: Vec<_> = (0..100)
         .map(|n| {
-            let (http, url) = (env.http.clone(), api.url.clone());
+            let api = api.api.clone();
             tokio::spawn(async move {
-                let response = http
-                    .get(format!("{url}/tasks/pick?wait=30"))
-                    .bearer_auth(TOKEN)
-                    .header("X-Agent-Name", format!("fair-{n}"))
-                    .send()
-                    .await
-                    .unwrap();
-                if response.status() == 200 {
-                    let task: Value = response.json().await.unwrap();
-                    Some((task["id"].as_str().unwrap().to_owned(), Instant::now()))
-                } else {
-                    None
-                }
+                let picked = api.pick(&format!("fair-{n}"), 30).await.unwrap();
+                picked.map(|assignment| (assignment.task.id, Instant::now()))
             })
         })
         .collect();
-    until_parked(env, &api, 100).await;
+    until_parked(&api, 100).await;
     let created = Instant::now();
     let creates: Vec<_> = (0..100)
         .map(|_| {
-            let (http, url) = (env.http.clone(), api.url.clone());
-            tokio::spawn(async move {
-                http.post(format!("{url}/tasks"))
-                    .json(&json!({"command": "true"}))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-            })
+            let api = api.api.clone();
+            tokio::spawn(async move { api.create(&NewTask::new("true")).await.is_ok() })
         })
         .collect();
     for create in creates {
-        assert_eq!(create.await.unwrap(), 201);
+        assert!(create.await.unwrap(), "a task was refused");
     }
     let mut delivered = Vec::new();
     for poll in polls {
@@ -448,7 +398,7 @@ pub async fn wake_fairness(env: &Env, _quick: bool) -> Vec<Row> {
             delivered.push(got);
         }
     }
-    let distinct: HashSet<&String> = delivered.iter().map(|(id, _)| id).collect();
+    let distinct: HashSet<&TaskId> = delivered.iter().map(|(id, _)| id).collect();
     let last = delivered
         .iter()
         .map(|(_, at)| *at)

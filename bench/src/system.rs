@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
+use taskexec_tests::Api;
 
 /// The agent token of every benchmark server.
 pub const TOKEN: &str = "bench-token-0123456789abcdef";
@@ -71,7 +72,7 @@ impl Env {
             .kill_on_drop(true);
         let child = command.spawn().expect("start the API");
         let url = format!("http://127.0.0.1:{port}");
-        let api = Process { url, children: vec![child] };
+        let api = Process { api: Api::new(&url, TOKEN), url, children: vec![child] };
         for _ in 0..600 {
             if let Ok(r) = self.http.get(format!("{}/health", api.url)).send().await {
                 if r.status() == 200 {
@@ -102,7 +103,7 @@ impl Env {
                     .expect("start a worker")
             })
             .collect();
-        Process { url: api.url.clone(), children }
+        Process { url: api.url.clone(), api: api.api.clone(), children }
     }
 
     /// How many times per second the machine can run a task's processes alone (the guard and
@@ -208,6 +209,8 @@ impl Database {
 /// Child processes (the API, or a set of workers), killed when dropped.
 pub struct Process {
     pub url: String,
+    /// The typed client of the API this process is (or serves).
+    pub api: Api,
     children: Vec<tokio::process::Child>,
 }
 

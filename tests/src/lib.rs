@@ -9,12 +9,16 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::{Method, RequestBuilder, Response};
+use reqwest::Response;
 use rocket::figment::Figment;
 use rocket::Shutdown;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
+
+mod client;
+
+pub use client::{Aborted, Answer, Api, Failure, OutputRead};
 
 /// The agent token every test server is started with.
 pub const TOKEN: &str = "test-agent-token-0123456789";
@@ -95,7 +99,7 @@ pub fn with_database(url: &str, name: &str) -> String {
 /// The API server running in this process, on its own database.
 pub struct TestApp {
     pub url: String,
-    pub http: reqwest::Client,
+    pub api: Api,
     pub db: Arc<TestDb>,
     shutdown: Shutdown,
     server: tokio::task::JoinHandle<()>,
@@ -129,13 +133,8 @@ impl TestApp {
             let _ = rocket.launch().await;
         });
         let port = port_rx.await.expect("the API lifts off");
-        TestApp {
-            url: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::new(),
-            db,
-            shutdown,
-            server,
-        }
+        let url = format!("http://127.0.0.1:{port}");
+        TestApp { api: Api::new(&url, TOKEN), url, db, shutdown, server }
     }
 
     /// A second server on the same database, as a second API process would be.
@@ -153,102 +152,14 @@ impl TestApp {
     pub fn shutdown_handle(&self) -> Shutdown {
         self.shutdown.clone()
     }
+}
 
-    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.url))
-    }
+/// The app is spoken to through its typed client: `app.submit("echo hi")`, `app.pick(…)`.
+impl std::ops::Deref for TestApp {
+    type Target = Api;
 
-    /// A request with the agent's credentials.
-    pub fn agent(&self, method: Method, path: &str, name: &str) -> RequestBuilder {
-        self.request(method, path).bearer_auth(TOKEN).header("X-Agent-Name", name)
-    }
-
-    /// Submits a command and returns the created task.
-    pub async fn create(&self, command: &str) -> Value {
-        let response = self
-            .request(Method::POST, "/tasks")
-            .json(&json!({ "command": command }))
-            .send()
-            .await
-            .expect("POST /tasks");
-        assert_eq!(response.status(), 201, "create {command:?}");
-        response.json().await.expect("a task")
-    }
-
-    pub async fn task(&self, id: &str) -> Value {
-        let response = self.request(Method::GET, &format!("/tasks/{id}")).send().await.unwrap();
-        assert_eq!(response.status(), 200);
-        response.json().await.unwrap()
-    }
-
-    /// GET `path` and its JSON body, whatever the status.
-    pub async fn get_json(&self, path: &str) -> Value {
-        self.request(Method::GET, path).send().await.unwrap().json().await.unwrap()
-    }
-
-    /// A user's abort of task `id`.
-    pub async fn abort(&self, id: &str) -> Response {
-        self.request(Method::POST, &format!("/tasks/{id}/abort")).send().await.expect("POST abort")
-    }
-
-    /// A heartbeat for `id` under `lease`; `query` is appended to the path (`?wait=1`, say).
-    pub async fn heartbeat(&self, id: &str, lease: &Value, query: &str) -> Response {
-        self.agent(Method::POST, &format!("/tasks/{id}/heartbeat{query}"), "tester")
-            .json(&json!({ "lease": lease }))
-            .send()
-            .await
-            .expect("POST heartbeat")
-    }
-
-    /// A pick with `wait` seconds: the picked task (with its lease), or None on 204.
-    pub async fn pick(&self, agent: &str, wait: u64) -> Option<Value> {
-        let response = self
-            .agent(Method::GET, &format!("/tasks/pick?wait={wait}"), agent)
-            .send()
-            .await
-            .expect("GET /tasks/pick");
-        match response.status().as_u16() {
-            200 => Some(response.json().await.unwrap()),
-            204 => None,
-            status => {
-                panic!("pick answered {status}: {}", response.text().await.unwrap_or_default())
-            }
-        }
-    }
-
-    pub async fn finish(&self, id: &str, body: Value) -> Response {
-        self.agent(Method::POST, &format!("/tasks/{id}/finish"), "tester")
-            .json(&body)
-            .send()
-            .await
-            .expect("POST finish")
-    }
-
-    /// Waits until `parked` picks are parked, as the server reports on /health.
-    pub async fn until_parked(&self, parked: u64) {
-        self.eventually(|health: Value| health["parked_picks"] == parked, "/health").await;
-    }
-
-    /// Polls `path` until `done` holds for its JSON, or panics after 30 s.
-    pub async fn eventually(&self, done: impl Fn(Value) -> bool, path: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let response = self.request(Method::GET, path).send().await.unwrap();
-            let value: Value = response.json().await.unwrap();
-            if done(value.clone()) {
-                return value;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{path} never satisfied: {value}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until task `id` reaches a terminal status and returns it.
-    pub async fn until_done(&self, id: &str) -> Value {
-        let terminal = |task: Value| {
-            matches!(task["status"].as_str(), Some("finished" | "failed" | "cancelled"))
-        };
-        self.eventually(terminal, &format!("/tasks/{id}")).await
+    fn deref(&self) -> &Api {
+        &self.api
     }
 }
 
@@ -326,6 +237,8 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct WorkerProcess {
     pub child: tokio::process::Child,
     log: Arc<std::sync::Mutex<String>>,
+    /// A folder of the worker's own, removed with it.
+    scratch: Option<PathBuf>,
 }
 
 impl WorkerProcess {
@@ -344,20 +257,30 @@ impl WorkerProcess {
     }
 
     /// A worker running as an unprivileged user (`nobody`) when the tests run as root, as the
-    /// container image runs it.
+    /// container image runs it. `nobody` may not be able to reach the build's binary (a
+    /// checkout in a 0700 folder, as `mktemp -d` makes), so it runs a copy in a folder of its
+    /// own that everyone can enter, removed when the worker is dropped.
     pub fn start_unprivileged(
         app: &TestApp,
         name: &str,
         extra_env: &[(&str, &str)],
     ) -> WorkerProcess {
-        let command = if is_root() {
-            let mut command = tokio::process::Command::new("runuser");
-            command.args(["-u", "nobody", "--"]).arg(binary("taskexec-worker"));
-            command
-        } else {
-            tokio::process::Command::new(binary("taskexec-worker"))
-        };
-        WorkerProcess::spawn(command, &app.url, name, extra_env)
+        if !is_root() {
+            return WorkerProcess::start(app, name, extra_env);
+        }
+        let dir = std::env::temp_dir().join(format!("taskexec-nobody-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).expect("a folder for the unprivileged worker's binary");
+        let copy = dir.join("taskexec-worker");
+        std::fs::copy(binary("taskexec-worker"), &copy).expect("copy the worker binary");
+        use std::os::unix::fs::PermissionsExt;
+        for path in [&dir, &copy] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut command = tokio::process::Command::new("runuser");
+        command.args(["-u", "nobody", "--"]).arg(&copy);
+        let mut worker = WorkerProcess::spawn(command, &app.url, name, extra_env);
+        worker.scratch = Some(dir);
+        worker
     }
 
     fn spawn(
@@ -394,7 +317,7 @@ impl WorkerProcess {
                 log.push('\n');
             }
         });
-        WorkerProcess { child, log }
+        WorkerProcess { child, log, scratch: None }
     }
 
     pub fn pid(&self) -> i32 {
@@ -416,6 +339,15 @@ impl WorkerProcess {
     /// What the worker has logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Some(dir) = self.scratch.take() {
+            let _ = self.child.start_kill();
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -458,7 +390,7 @@ pub async fn until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool
 
 /// A set of workers kept running: one that exits is started again, as a supervisor would.
 pub struct AgentPool {
-    workers: Arc<tokio::sync::Mutex<Vec<WorkerProcess>>>,
+    /// Owns the workers: aborting it drops them, which kills them.
     keeper: tokio::task::JoinHandle<()>,
 }
 
@@ -474,33 +406,18 @@ impl AgentPool {
                 WorkerProcess::start_with_url(&url, &format!("pool-{n}"), &env)
             }
         };
-        let workers = Arc::new(tokio::sync::Mutex::new((0..count).map(&start).collect::<Vec<_>>()));
-        let kept = workers.clone();
+        let mut workers: Vec<WorkerProcess> = (0..count).map(&start).collect();
         let keeper = tokio::spawn(async move {
             loop {
-                {
-                    let mut workers = kept.lock().await;
-                    for (n, worker) in workers.iter_mut().enumerate() {
-                        if let Ok(Some(_)) = worker.child.try_wait() {
-                            *worker = start(n);
-                        }
+                for (n, worker) in workers.iter_mut().enumerate() {
+                    if let Ok(Some(_)) = worker.child.try_wait() {
+                        *worker = start(n);
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
-        AgentPool { workers, keeper }
-    }
-
-    /// SIGKILLs worker `n` (the keeper starts it again).
-    pub async fn kill(&self, n: usize) {
-        let workers = self.workers.lock().await;
-        let worker = &workers[n % workers.len()];
-        worker.signal(libc::SIGKILL);
-    }
-
-    pub async fn len(&self) -> usize {
-        self.workers.lock().await.len()
+        AgentPool { keeper }
     }
 }
 

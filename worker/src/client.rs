@@ -1,11 +1,18 @@
-//! The agent's side of the HTTP protocol. Timeouts are ordered: a pick may be held by the
-//! server for `pick_wait`, so its read timeout is longer than that; other calls are short.
+//! The agent's side of the HTTP protocol (the types are `taskexec-protocol`'s). Timeouts are
+//! ordered: a pick may be held by the server for `pick_wait`, so its read timeout is longer
+//! than that; other calls are short.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use taskexec_protocol::output::headers;
+use taskexec_protocol::{
+    Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseToken, OutputAck, Problem,
+    ProblemType, Stream, TaskId,
+};
 
 use crate::config::{Config, PICK_READ_MARGIN};
 
@@ -16,6 +23,8 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest pick response accepted: a command (64 KiB by default on the server) in JSON.
 const MAX_PICK_BYTES: u64 = 4 << 20;
+/// The largest answer to any other call.
+const MAX_ANSWER_BYTES: u64 = 64 * 1024;
 
 /// Why a call did not succeed, and so what the agent should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +43,7 @@ pub enum ClientError {
     OutputIncomplete { stdout: u64, stderr: u64 },
     /// Another 4xx: the request itself is wrong; retrying the same request cannot help.
     #[error("the API refused the request ({status}): {detail}")]
-    Refused { status: u16, detail: String },
+    Refused { status: u16, kind: Option<ProblemType>, detail: String },
     /// The API answered something this agent cannot use.
     #[error("the API answered something unexpected: {0}")]
     Unexpected(String),
@@ -47,97 +56,47 @@ impl ClientError {
     }
 
     /// Whether a report about the attempt is pointless from now on: the attempt is no longer
-    /// ours, or the task does not exist.
+    /// ours, the task does not exist, or the API will never take this report.
     pub fn is_final(&self) -> bool {
-        matches!(self, ClientError::Fenced(_) | ClientError::Refused { status: 404, .. })
-    }
-}
-
-/// A task handed to this agent, with the terms of its lease.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Assignment {
-    pub id: Uuid,
-    pub command: String,
-    pub lease: Uuid,
-    pub attempts: u32,
-    /// Stop the command after this long.
-    pub timeout_secs: u64,
-    /// The lease lasts this long from each heartbeat.
-    pub lease_secs: u64,
-    /// Between SIGTERM and SIGKILL when the command must stop.
-    pub kill_grace_secs: u64,
-    /// The output the server keeps per stream (older servers do not say).
-    pub max_output_bytes: Option<usize>,
-}
-
-impl Assignment {
-    /// Checks the server's numbers before acting on them: the agent does not take them blindly.
-    fn validate(self) -> Result<Assignment, ClientError> {
-        let problem = if self.command.trim().is_empty() {
-            Some("no command")
-        } else if self.timeout_secs == 0 {
-            Some("a zero timeout")
-        } else if !(1..=24 * 3600).contains(&self.lease_secs) {
-            Some("a lease outside 1 s to 24 h")
-        } else if self.kill_grace_secs > 3600 {
-            Some("a kill grace over an hour")
-        } else {
-            None
-        };
-        match problem {
-            Some(problem) => {
-                Err(ClientError::Unexpected(format!("task {} has {problem}", self.id)))
-            }
-            None => Ok(self),
+        match self {
+            ClientError::Fenced(_) => true,
+            ClientError::Refused { kind, .. } => matches!(
+                kind,
+                Some(
+                    ProblemType::NotFound
+                        | ProblemType::ReportConflict
+                        | ProblemType::OutputMismatch
+                )
+            ),
+            _ => false,
         }
     }
-}
 
-/// The answer to a heartbeat.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Heartbeat {
-    /// A user asked to abort the task: stop the command and report.
-    pub abort: bool,
-    /// The length of the lease this heartbeat granted.
-    pub lease_secs: u64,
-}
-
-/// What the agent reports when a command has ended.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub lease: Uuid,
-    pub exit_code: Option<i32>,
-    pub error: Option<String>,
-    pub stdout: String,
-    pub stderr: String,
-    pub stdout_lossy: bool,
-    pub stderr_lossy: bool,
-    /// The command was stopped because an abort was requested.
-    pub aborted: bool,
-    /// The length of each stream as uploaded (the server checks its uploads add up to them);
-    /// left out when the uploads were given up.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stdout_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stderr_bytes: Option<u64>,
-    /// The stream was longer than the cap: its middle was dropped.
-    pub stdout_truncated: bool,
-    pub stderr_truncated: bool,
-}
-
-impl Report {
-    /// Halves the output kept of each stream (first and last quarters of what was there, with a
-    /// marker), for an API whose body limit is smaller than this agent's output cap.
-    pub fn shrink_output(&mut self) {
-        for text in [&mut self.stdout, &mut self.stderr] {
-            *text = crate::exec::shrink(text, text.len() / 2);
-        }
+    fn is_too_large(&self) -> bool {
+        matches!(self, ClientError::Refused { status: 413, .. })
     }
 }
 
-#[derive(Serialize)]
-struct LeaseBody {
-    lease: Uuid,
+/// Checks the server's numbers before acting on them: the agent does not take them blindly.
+fn validate(assignment: Assignment) -> Result<Assignment, ClientError> {
+    let (task, terms) = (&assignment.task, &assignment.terms);
+    let problem = if task.command.trim().is_empty() {
+        Some("no command")
+    } else if task.timeout_secs <= 0 {
+        Some("a timeout that is not positive")
+    } else if !(1..=24 * 3600).contains(&terms.lease_secs) {
+        Some("a lease outside 1 s to 24 h")
+    } else if terms.kill_grace_secs > 3600 {
+        Some("a kill grace over an hour")
+    } else if !(1024..=1 << 30).contains(&terms.max_output_bytes) {
+        Some("an output cap outside 1 KiB to 1 GiB")
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(ClientError::Unexpected(format!("task {} has {problem}", task.id))),
+        None => Ok(assignment),
+    }
 }
 
 /// The API, at one or more addresses: after a failed call the next address is used, so agents
@@ -146,7 +105,7 @@ pub struct Client {
     http: ureq::Agent,
     bases: Vec<String>,
     current: AtomicUsize,
-    authorization: String,
+    authorization: SecretString,
     name: String,
     pick_wait: Duration,
 }
@@ -159,11 +118,12 @@ impl Client {
             .user_agent(concat!("taskexec-worker/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
+        let authorization = format!("Bearer {}", config.token.expose_secret()).into();
         Client {
             http,
             bases: config.api_urls.clone(),
             current: AtomicUsize::new(0),
-            authorization: format!("Bearer {}", config.token),
+            authorization,
             name: config.name.clone(),
             pick_wait: config.pick_wait,
         }
@@ -192,8 +152,8 @@ impl Client {
             .http
             .get(self.url("/tasks/pick"))
             .query("wait", self.pick_wait.as_secs().to_string())
-            .header("Authorization", &self.authorization)
-            .header("X-Agent-Name", &self.name)
+            .header("Authorization", self.authorization.expose_secret())
+            .header(headers::AGENT_NAME, &self.name)
             .config()
             .timeout_global(Some(self.pick_wait + PICK_READ_MARGIN))
             .build()
@@ -208,83 +168,10 @@ impl Client {
                     .limit(MAX_PICK_BYTES)
                     .read_json()
                     .map_err(|e| ClientError::Unexpected(format!("unreadable pick: {e}")))?;
-                assignment.validate().map(Some)
+                validate(assignment).map(Some)
             }
             _ => Err(status_error(response)),
         }
-    }
-
-    /// Reports the end of the attempt. Ok also when the server had already recorded this very
-    /// report (a retry after a lost response).
-    pub fn finish(&self, id: Uuid, report: &Report) -> Result<(), ClientError> {
-        self.post(&format!("/tasks/{id}/finish"), report, FINISH_TIMEOUT).map(|_| ())
-    }
-
-    /// Extends the lease; the server holds the call up to `hold` and answers at once when an
-    /// abort is requested. The call gives up after `timeout`, or `hold` plus the usual margin
-    /// if that is sooner.
-    pub fn heartbeat(
-        &self,
-        id: Uuid,
-        lease: Uuid,
-        hold: Duration,
-        timeout: Duration,
-    ) -> Result<Heartbeat, ClientError> {
-        let path = format!("/tasks/{id}/heartbeat?wait={}", hold.as_secs());
-        let timeout = timeout.min(hold + CALL_TIMEOUT);
-        let mut response = self.post(&path, &LeaseBody { lease }, timeout)?;
-        response
-            .body_mut()
-            .with_config()
-            .limit(64 * 1024)
-            .read_json()
-            .map_err(|e| ClientError::Unexpected(format!("unreadable heartbeat answer: {e}")))
-    }
-
-    /// Uploads a chunk of `stream` that starts at `offset` (`skip`: the bytes before it that the
-    /// server lacks are dropped). Returns where the server's copy of the stream now ends.
-    pub fn upload(
-        &self,
-        id: Uuid,
-        lease: Uuid,
-        stream: &str,
-        offset: u64,
-        skip: bool,
-        data: &[u8],
-    ) -> Result<u64, ClientError> {
-        let response = self
-            .http
-            .post(self.url(&format!("/tasks/{id}/output")))
-            .query("stream", stream)
-            .query("offset", offset.to_string())
-            .query("skip", skip.to_string())
-            .header("Authorization", &self.authorization)
-            .header("X-Agent-Name", &self.name)
-            .header("X-Lease", lease.to_string())
-            .content_type("application/octet-stream")
-            .config()
-            .timeout_global(Some(CALL_TIMEOUT))
-            .build()
-            .send(data)
-            .map_err(|e| self.fail_over(transport(e)))?;
-        let mut response = match response.status().as_u16() {
-            200 => response,
-            _ => return Err(self.fail_over(status_error(response))),
-        };
-        let answer: serde_json::Value = response
-            .body_mut()
-            .with_config()
-            .limit(64 * 1024)
-            .read_json()
-            .map_err(|e| ClientError::Unexpected(format!("unreadable upload answer: {e}")))?;
-        answer["next_offset"].as_u64().ok_or_else(|| {
-            ClientError::Unexpected(format!("upload answer without next_offset: {answer}"))
-        })
-    }
-
-    /// Hands the task back to the queue (the agent is draining).
-    pub fn release(&self, id: Uuid, lease: Uuid) -> Result<(), ClientError> {
-        self.post(&format!("/tasks/{id}/release"), &LeaseBody { lease }, CALL_TIMEOUT).map(|_| ())
     }
 
     /// A POST with the agent's credentials; Ok only for 200.
@@ -297,8 +184,8 @@ impl Client {
         let response = self
             .http
             .post(self.url(path))
-            .header("Authorization", &self.authorization)
-            .header("X-Agent-Name", &self.name)
+            .header("Authorization", self.authorization.expose_secret())
+            .header(headers::AGENT_NAME, &self.name)
             .config()
             .timeout_global(Some(timeout))
             .build()
@@ -311,46 +198,143 @@ impl Client {
     }
 }
 
+/// One attempt as the agent holds it: the API and the lease a pick granted. Its methods are
+/// the only reports the agent makes about a task, each fenced by the lease on the server.
+#[derive(Clone)]
+pub struct Attempt {
+    client: Arc<Client>,
+    pub task: TaskId,
+    lease: LeaseToken,
+}
+
+impl Attempt {
+    pub fn new(client: Arc<Client>, assignment: &Assignment) -> Attempt {
+        Attempt { client, task: assignment.task.id, lease: assignment.lease }
+    }
+
+    /// The lease, for a report's body.
+    pub fn lease(&self) -> LeaseToken {
+        self.lease
+    }
+
+    /// Reports the end of the attempt. Ok also when the server had already recorded this very
+    /// report (a retry after a lost response).
+    pub fn finish(&self, report: &FinishReport) -> Result<(), ClientError> {
+        let path = format!("/tasks/{}/finish", self.task);
+        self.client.post(&path, report, FINISH_TIMEOUT).map(|_| ())
+    }
+
+    /// Extends the lease; the server holds the call up to `hold` and answers at once when an
+    /// abort is requested. The call gives up after `timeout`, or `hold` plus the usual margin
+    /// if that is sooner.
+    pub fn heartbeat(
+        &self,
+        hold: Duration,
+        timeout: Duration,
+    ) -> Result<HeartbeatReply, ClientError> {
+        let path = format!("/tasks/{}/heartbeat?wait={}", self.task, hold.as_secs());
+        let timeout = timeout.min(hold + CALL_TIMEOUT);
+        let mut response = self.client.post(&path, &LeaseBody { lease: self.lease }, timeout)?;
+        read_answer(&mut response, "heartbeat answer")
+    }
+
+    /// Uploads a chunk of `stream` that starts at `offset` (`skip`: the bytes before it that the
+    /// server lacks are dropped). Returns where the server's copy of the stream now ends.
+    pub fn upload(
+        &self,
+        stream: Stream,
+        offset: u64,
+        skip: bool,
+        data: &[u8],
+    ) -> Result<u64, ClientError> {
+        let client = &self.client;
+        let response = client
+            .http
+            .post(client.url(&format!("/tasks/{}/output", self.task)))
+            .query("stream", stream.as_str())
+            .query("offset", offset.to_string())
+            .query("skip", skip.to_string())
+            .header("Authorization", client.authorization.expose_secret())
+            .header(headers::AGENT_NAME, &client.name)
+            .header(headers::LEASE, self.lease.to_string())
+            .content_type("application/octet-stream")
+            .config()
+            .timeout_global(Some(CALL_TIMEOUT))
+            .build()
+            .send(data)
+            .map_err(|e| client.fail_over(transport(e)))?;
+        let mut response = match response.status().as_u16() {
+            200 => response,
+            _ => return Err(client.fail_over(status_error(response))),
+        };
+        let ack: OutputAck = read_answer(&mut response, "upload answer")?;
+        Ok(ack.next_offset)
+    }
+
+    /// Hands the task back to the queue (the agent is stopping), within `timeout`.
+    pub fn release(&self, timeout: Duration) -> Result<(), ClientError> {
+        let path = format!("/tasks/{}/release", self.task);
+        self.client
+            .post(&path, &LeaseBody { lease: self.lease }, timeout.min(CALL_TIMEOUT))
+            .map(|_| ())
+    }
+}
+
+/// Sends `report`, halving its output when the API takes less than this agent keeps (413).
+pub fn finish_within_limits(
+    attempt: &Attempt,
+    report: &mut FinishReport,
+) -> Result<(), ClientError> {
+    let sent = attempt.finish(report);
+    if sent.as_ref().is_err_and(ClientError::is_too_large) {
+        // Shrunk, the text is no longer that of the uploaded output: state no lengths.
+        for text in [&mut report.stdout, &mut report.stderr] {
+            let half = taskexec_protocol::OutputCap::new(text.len() / 2);
+            *text = half.shrink(text).0;
+        }
+        report.stdout_bytes = None;
+        report.stderr_bytes = None;
+    }
+    sent
+}
+
+fn read_answer<T: serde::de::DeserializeOwned>(
+    response: &mut ureq::http::Response<ureq::Body>,
+    what: &str,
+) -> Result<T, ClientError> {
+    response
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER_BYTES)
+        .read_json()
+        .map_err(|e| ClientError::Unexpected(format!("unreadable {what}: {e}")))
+}
+
 fn transport(error: ureq::Error) -> ClientError {
     ClientError::Unavailable(error.to_string())
 }
 
-/// Turns a non-success answer into the error that says what to do, with the problem's
-/// `detail` when the server gave one.
+/// Turns a non-success answer into the error that says what to do, by the problem's type.
 fn status_error(mut response: ureq::http::Response<ureq::Body>) -> ClientError {
     let status = response.status().as_u16();
-    let problem = response
-        .body_mut()
-        .with_config()
-        .limit(64 * 1024)
-        .read_json::<serde_json::Value>()
-        .unwrap_or_default();
-    let detail = problem["detail"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_owned);
-    match (status, problem["type"].as_str()) {
-        (409, Some("/problems/offset-gap")) => match problem["expected_offset"].as_u64() {
-            Some(expected) => return ClientError::OffsetGap { expected },
-            None => {
-                return ClientError::Unexpected(format!("offset gap without offset: {problem}"))
-            }
+    let problem: Problem = read_answer(&mut response, "problem").unwrap_or_default();
+    let detail =
+        if problem.detail.is_empty() { format!("HTTP {status}") } else { problem.detail.clone() };
+    let kind = problem.problem_type();
+    match (status, kind) {
+        (409, Some(ProblemType::OffsetGap)) => match problem.expected_offset {
+            Some(expected) => ClientError::OffsetGap { expected },
+            None => ClientError::Unexpected(format!("an offset gap without an offset: {detail}")),
         },
-        (409, Some("/problems/output-incomplete")) => {
-            match (problem["stdout_bytes"].as_u64(), problem["stderr_bytes"].as_u64()) {
-                (Some(stdout), Some(stderr)) => {
-                    return ClientError::OutputIncomplete { stdout, stderr }
-                }
-                _ => {
-                    return ClientError::Unexpected(format!(
-                        "incomplete without lengths: {problem}"
-                    ))
-                }
+        (409, Some(ProblemType::OutputIncomplete)) => {
+            match (problem.stdout_bytes, problem.stderr_bytes) {
+                (Some(stdout), Some(stderr)) => ClientError::OutputIncomplete { stdout, stderr },
+                _ => ClientError::Unexpected(format!("incomplete without lengths: {detail}")),
             }
         }
-        _ => {}
-    }
-    match status {
-        409 => ClientError::Fenced(detail),
-        400..=499 => ClientError::Refused { status, detail },
-        500..=599 => ClientError::Unavailable(format!("HTTP {status}: {detail}")),
+        (409, Some(ProblemType::LeaseNotCurrent)) => ClientError::Fenced(detail),
+        (400..=499, _) => ClientError::Refused { status, kind, detail },
+        (500..=599, _) => ClientError::Unavailable(format!("HTTP {status}: {detail}")),
         _ => ClientError::Unexpected(format!("HTTP {status}: {detail}")),
     }
 }

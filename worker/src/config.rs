@@ -3,9 +3,11 @@
 use std::env;
 use std::time::Duration;
 
+use secrecy::SecretString;
+
 use crate::Error;
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// Base URLs of the API: `BACKEND_API_URL` (several, comma-separated, are tried in turn
     /// when one fails), or `http://BACKEND_API_HOST:BACKEND_API_PORT` (defaults localhost and
@@ -13,7 +15,7 @@ pub struct Config {
     pub api_urls: Vec<String>,
     /// `AGENT_TOKEN`, or the contents of the file `AGENT_TOKEN_FILE` names (for Docker
     /// secrets); required. Never logged, never passed to a command.
-    pub token: String,
+    pub token: SecretString,
     /// `AGENT_NAME`, default the host name. Sent as `X-Agent-Name` and recorded on the task.
     pub name: String,
     /// `POLL_INTERVAL` (default 5s): the pause, with jitter, after the API could not be
@@ -23,9 +25,6 @@ pub struct Config {
     /// of a pick is this plus `PICK_READ_MARGIN`, so the agent never gives up first. Zero:
     /// no long poll, a pick every `POLL_INTERVAL`.
     pub pick_wait: Duration,
-    /// `MAX_OUTPUT_BYTES` (default 1 MiB): the most of each of stdout and stderr kept and
-    /// reported; beyond it the first and last halves are kept.
-    pub max_output_bytes: usize,
     /// `DRAIN_TIMEOUT` (default 30s): after SIGTERM, how long the running task may go on before
     /// it is stopped and handed back to the queue.
     pub drain_timeout: Duration,
@@ -60,9 +59,9 @@ impl Config {
         }
         let token =
             match (var("AGENT_TOKEN"), var("AGENT_TOKEN_FILE")) {
-                (Some(token), _) => token,
+                (Some(token), _) => SecretString::from(token),
                 (None, Some(path)) => std::fs::read_to_string(&path)
-                    .map(|token| token.trim().to_owned())
+                    .map(|token| SecretString::from(token.trim()))
                     .map_err(|e| Error::Config(format!("AGENT_TOKEN_FILE={path:?}: {e}")))?,
                 (None, None) => return Err(Error::Config(
                     "AGENT_TOKEN (or AGENT_TOKEN_FILE) is not set: the API would refuse every pick"
@@ -77,12 +76,6 @@ impl Config {
             poll_interval: duration(&var, "POLL_INTERVAL", "5s")?,
             pick_wait: pick_wait(&var)?,
             drain_timeout: duration(&var, "DRAIN_TIMEOUT", "30s")?,
-            max_output_bytes: match var("MAX_OUTPUT_BYTES") {
-                Some(n) => n.parse().map_err(|_| {
-                    Error::Config(format!("MAX_OUTPUT_BYTES={n:?} is not a number of bytes"))
-                })?,
-                None => 1 << 20,
-            },
             log_level: match var("LOG_LEVEL") {
                 Some(level) => level.parse().map_err(|_| {
                     Error::Config(format!(
@@ -174,7 +167,7 @@ mod tests {
         std::fs::write(&path, "from-file\n").unwrap();
         let c = config(&[("AGENT_TOKEN_FILE", path.to_str().unwrap())]).unwrap();
         std::fs::remove_file(&path).ok();
-        assert_eq!(c.token, "from-file");
+        assert_eq!(secrecy::ExposeSecret::expose_secret(&c.token), "from-file");
     }
 
     #[test]

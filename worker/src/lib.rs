@@ -3,14 +3,15 @@
 //! time.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use uuid::Uuid;
+use taskexec_protocol::{Assignment, FinishReport, OutputCap, TaskId};
 
+mod capture;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod exec;
@@ -19,7 +20,7 @@ mod stop;
 mod stream;
 mod task;
 
-pub use client::{Assignment, Client, ClientError, Report};
+pub use client::{Attempt, Client, ClientError};
 pub use config::Config;
 pub use stop::Stop;
 use stream::Streamer;
@@ -37,7 +38,7 @@ pub enum Step {
     /// The pick ended without a task.
     Idle,
     /// A task ran; `recorded` says whether the API accepted its result (or took it back).
-    Ran { id: Uuid, recorded: bool },
+    Ran { id: TaskId, recorded: bool },
     /// The pick failed; the loop pauses for `POLL_INTERVAL` before the next.
     Unavailable(ClientError),
 }
@@ -65,48 +66,50 @@ impl Worker {
             Ok(None) => return Step::Idle,
             Err(e) => return Step::Unavailable(e),
         };
+        let attempt = Attempt::new(self.client.clone(), &assignment);
         let (events, inbox) = mpsc::channel();
-        let _busy = stop.busy(events.clone());
-        log::info!("task {}: picked (attempt {})", assignment.id, assignment.attempts);
-        let started = std::time::Instant::now();
+        let busy = stop.busy(events.clone());
+        let id = attempt.task;
+        log::info!("task {id}: picked (attempt {})", assignment.task.attempts);
+        let started = Instant::now();
         // Heartbeats go on until the report is in: a finish retried through an API outage
         // must not lose its lease meanwhile.
         let beating = Arc::new(AtomicBool::new(true));
-        let (ending, streamer) = self.execute(&assignment, events, &inbox, &beating, stop);
-        let recorded = self.conclude(&assignment, ending, streamer, started.elapsed());
+        let (ending, streamer) =
+            self.execute(&assignment, &attempt, (events, &inbox), &beating, &busy);
+        busy.reporting();
+        let recorded = self.conclude(&attempt, &assignment, ending, streamer, started, stop);
         beating.store(false, Ordering::Release);
-        Step::Ran { id: assignment.id, recorded }
+        Step::Ran { id, recorded }
     }
 
     fn execute(
         &self,
         assignment: &Assignment,
-        events: mpsc::Sender<task::Event>,
-        inbox: &mpsc::Receiver<task::Event>,
+        attempt: &Attempt,
+        (events, inbox): (mpsc::Sender<task::Event>, &mpsc::Receiver<task::Event>),
         beating: &Arc<AtomicBool>,
-        stop: &Stop,
+        busy: &stop::Busy<'_>,
     ) -> (Ending, Option<Streamer>) {
         let spec = exec::Spec {
-            command: &assignment.command,
+            command: &assignment.task.command,
             env: &self.env,
             // Capped as the server keeps it, so that both agree on what is dropped.
-            max_output_bytes: assignment.max_output_bytes.unwrap_or(self.config.max_output_bytes),
+            cap: OutputCap::new(assignment.terms.max_output_bytes as usize),
             guard: self.guard.as_deref(),
         };
         let running = match exec::start(&spec) {
             Ok(running) => running,
             Err(e) => {
                 let why = format!("could not start the command: {e}");
-                let execution = exec::Execution::not_started(why, spec.max_output_bytes);
-                return (Ending::Ran(execution), None);
+                return (Ending::Ran(exec::Execution::not_started(why, spec.cap)), None);
             }
         };
-        let (stop_uploads, uploader) =
-            Streamer::new(self.client.clone(), assignment, running.buffers()).spawn();
-        stop.command_group(running.group());
+        let (stop_uploads, uploader) = Streamer::new(attempt.clone(), running.buffers()).spawn();
+        busy.command_group(running.group());
         // The first heartbeat goes out as soon as the command runs: the server records when
         // it started, and an abort reaches the agent from then on.
-        task::heartbeat(self.client.clone(), assignment, events.clone(), beating.clone());
+        task::heartbeat(attempt.clone(), assignment, events.clone(), beating.clone());
         running.on_exit(move |exit| {
             let _ = events.send(task::Event::Exited(exit));
         });
@@ -119,19 +122,21 @@ impl Worker {
     /// Tells the API how the attempt ended. Returns whether it took note.
     fn conclude(
         &self,
+        attempt: &Attempt,
         assignment: &Assignment,
         ending: Ending,
         streamer: Option<Streamer>,
-        took: Duration,
+        started: Instant,
+        stop: &Stop,
     ) -> bool {
-        let id = assignment.id;
+        let id = attempt.task;
         let (execution, error, aborted) = match ending {
             Ending::Ran(execution) => {
                 let error = exec::describe(&execution.exit);
                 (execution, error, false)
             }
             Ending::TimedOut(execution) => {
-                let error = format!("timed out after {} s", assignment.timeout_secs);
+                let error = format!("timed out after {} s", assignment.task.timeout_secs);
                 (execution, Some(error), false)
             }
             Ending::Aborted(execution) => {
@@ -143,40 +148,38 @@ impl Worker {
             }
             Ending::Released => {
                 log::info!("task {id}: handing it back to the queue");
-                return self.retry(id, "release", || self.client.release(id, assignment.lease));
+                let timeout = self.config.drain_timeout;
+                return self.retry(id, "release", stop, || attempt.release(timeout));
             }
         };
         let exit_code = match (&execution.exit, &error) {
             (exec::Exit::Code(code), None) => Some(*code),
             _ => None,
         };
-        let (stdout, stdout_lossy) = execution.stdout.to_text();
-        let (stderr, stderr_lossy) = execution.stderr.to_text();
-        let (stdout_bytes, stderr_bytes) = (execution.stdout.total(), execution.stderr.total());
-        let stdout_truncated = execution.stdout.dropped() > 0;
-        let stderr_truncated = execution.stderr.dropped() > 0;
+        let (stdout, stderr) = (execution.stdout.to_text(), execution.stderr.to_text());
+        let lengths = [execution.stdout.total(), execution.stderr.total()];
         log::info!(
             "task {id}: {} after {:.3}s",
             error.clone().unwrap_or_else(|| format!("exit code {}", exit_code.unwrap_or_default())),
-            took.as_secs_f64()
+            started.elapsed().as_secs_f64()
         );
-        let mut report = Report {
-            lease: assignment.lease,
+        let mut report = FinishReport {
+            lease: attempt.lease(),
             exit_code,
             error,
-            stdout,
-            stderr,
-            stdout_lossy,
-            stderr_lossy,
+            stdout: stdout.text,
+            stderr: stderr.text,
+            stdout_lossy: stdout.lossy,
+            stderr_lossy: stderr.lossy,
             aborted,
-            stdout_bytes: Some(stdout_bytes),
-            stderr_bytes: Some(stderr_bytes),
-            stdout_truncated,
-            stderr_truncated,
+            stdout_bytes: Some(lengths[0]),
+            stderr_bytes: Some(lengths[1]),
+            stdout_truncated: stdout.truncated,
+            stderr_truncated: stderr.truncated,
+            ran_for_ms: execution.ran_for.map(|ran| ran.as_millis() as u64),
         };
         let mut streamer = streamer;
-        let lengths = [stdout_bytes, stderr_bytes];
-        self.retry(id, "finish", || {
+        self.retry(id, "finish", stop, || {
             // The rest of the output first, up to what the report states.
             if let Some(streamer) = &mut streamer {
                 streamer.send_due(Some(lengths))?;
@@ -186,33 +189,30 @@ impl Worker {
                     report.stderr_bytes = None;
                 }
             }
-            let sent = self.client.finish(id, &report);
-            match &sent {
-                Err(ClientError::Refused { status: 413, .. }) => {
-                    // The API takes less output than this agent keeps: send less.
-                    report.shrink_output();
-                }
-                Err(ClientError::OutputIncomplete { stdout, stderr }) => {
-                    if let Some(streamer) = &mut streamer {
-                        streamer.rewind(*stdout, *stderr);
-                    }
-                }
-                _ => {}
+            let sent = client::finish_within_limits(attempt, &mut report);
+            if let (Err(ClientError::OutputIncomplete { stdout, stderr }), Some(streamer)) =
+                (&sent, &mut streamer)
+            {
+                streamer.rewind(*stdout, *stderr);
             }
             sent
         })
     }
 
     /// Sends a report until it is accepted, or the API says the attempt is no longer ours
-    /// (409) or the task is gone (404): an API outage, a rejected token during a rollout, or
-    /// any other refusal must not lose a result. Returns whether the API accepted it.
+    /// (409), the task is gone (404) or the report can never be taken: an API outage, a
+    /// rejected token during a rollout, or any other refusal must not lose a result. Once the
+    /// agent has been asked to stop, it tries for `DRAIN_TIMEOUT` at most (a second signal
+    /// exits at once). Returns whether the API accepted the report.
     fn retry(
         &self,
-        id: Uuid,
+        id: TaskId,
         what: &str,
+        stop: &Stop,
         mut call: impl FnMut() -> Result<(), ClientError>,
     ) -> bool {
         let mut delay = Duration::from_millis(200);
+        let mut stopping_since: Option<Instant> = None;
         loop {
             match call() {
                 Ok(()) => return true,
@@ -220,7 +220,21 @@ impl Worker {
                     log::warn!("task {id}: {what} refused, result dropped: {e}");
                     return false;
                 }
+                Err(e) if stop.quitting() => {
+                    log::warn!("task {id}: {what} failed while quitting, not retried: {e}");
+                    return false;
+                }
                 Err(e) => {
+                    if stop.requested() {
+                        let since = *stopping_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.config.drain_timeout {
+                            log::warn!(
+                                "task {id}: {what} given up after DRAIN_TIMEOUT while stopping \
+                                 (the server requeues the task when its lease runs out): {e}"
+                            );
+                            return false;
+                        }
+                    }
                     log::warn!("task {id}: {what} failed, retrying in about {delay:?}: {e}");
                     thread::sleep(jitter(delay));
                     delay = (delay * 2).min(self.config.poll_interval.max(delay));
@@ -253,53 +267,4 @@ impl Worker {
 /// not retry in step.
 pub fn jitter(duration: Duration) -> Duration {
     duration.mul_f64(0.5 + fastrand::f64())
-}
-
-/// The binary: the guard when asked for, else configuration from the environment, logging,
-/// signals, the loop.
-pub fn main() -> ExitCode {
-    if let Some(code) = guard::run_if_requested() {
-        return code;
-    }
-    // Not dumpable: /proc/<pid>/environ and /proc/<pid>/mem of the agent become unreadable to
-    // the commands it runs as the same user, so they cannot lift its token from there.
-    // SAFETY: prctl(PR_SET_DUMPABLE, 0) only changes this process's attributes.
-    unsafe {
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-    }
-    let config = match Config::from_env() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("taskexec-worker: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    init_logging(config.log_level);
-    let stop = match Stop::on_signals() {
-        Ok(stop) => stop,
-        Err(e) => {
-            log::error!("could not install signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    Worker::new(config).run(&stop);
-    ExitCode::SUCCESS
-}
-
-fn init_logging(level: log::LevelFilter) {
-    let _ = fern::Dispatch::new()
-        .format(|out, message, record| {
-            out.finish(format_args!(
-                "{} {:<5} {}: {}",
-                humantime::format_rfc3339_millis(std::time::SystemTime::now()),
-                record.level(),
-                record.target(),
-                message
-            ))
-        })
-        .level(level)
-        .level_for("ureq", log::LevelFilter::Warn)
-        .level_for("ureq_proto", log::LevelFilter::Warn)
-        .chain(std::io::stderr())
-        .apply();
 }

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    taskexec_worker::main()
+    taskexec_worker::cli::main()
 }

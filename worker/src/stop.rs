@@ -1,6 +1,9 @@
-//! SIGTERM and SIGINT. Idle, the agent exits at once. Busy, the first signal starts a drain
-//! (the task may run on for `DRAIN_TIMEOUT`, then it is stopped and handed back); a second
-//! signal hands it back at once.
+//! SIGTERM and SIGINT. Idle, the agent exits at once: its parked pick's connection closes with
+//! it, and the server hands the pick's task to another agent. Busy, the first signal starts a
+//! drain (the task may run on for `DRAIN_TIMEOUT`, then it is stopped and handed back); a
+//! second signal kills the command at once, hands the task back with one short call and
+//! exits. While the result is being reported, the first signal bounds the retries to
+//! `DRAIN_TIMEOUT` and a second exits at once.
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -20,14 +23,28 @@ pub struct Stop {
 #[derive(Default)]
 struct State {
     signals: u32,
-    /// The running task's inbox, while there is one.
-    task: Option<Sender<Event>>,
+    phase: Phase,
     /// The running command's process group: signals from it are the command's doing.
     group: Option<u32>,
+    /// Exit the process when the agent is idle, or when a second signal comes while reporting
+    /// (false for tests, which drive a `Stop` by hand).
+    exits: bool,
+}
+
+/// What the agent is doing, as far as a stop request is concerned.
+#[derive(Default)]
+enum Phase {
+    /// Waiting on a pick or a retry pause: nothing to lose.
+    #[default]
+    Idle,
+    /// A command runs; stop requests go to its supervisor.
+    Running(Sender<Event>),
+    /// The command has ended; its result is being reported.
+    Reporting,
 }
 
 impl Stop {
-    /// A stop that only `request` triggers (for tests).
+    /// A stop that only `request` triggers, and that never exits the process (for tests).
     pub fn new() -> Stop {
         Stop::default()
     }
@@ -38,6 +55,7 @@ impl Stop {
     /// When the signal handlers cannot be installed.
     pub fn on_signals() -> std::io::Result<Stop> {
         let stop = Stop::new();
+        stop.lock().exits = true;
         let mut signals = SignalsInfo::<WithOrigin>::new([SIGTERM, SIGINT])?;
         let handle = stop.clone();
         thread::Builder::new().name("signals".into()).spawn(move || {
@@ -48,9 +66,7 @@ impl Stop {
         Ok(stop)
     }
 
-    /// Records a stop request. Idle (waiting on a pick or a retry pause), the agent has nothing
-    /// to lose and exits now; a pick answered at this very moment is recovered by the server
-    /// when its lease expires.
+    /// Records a stop request and acts on it for the current phase.
     /// A signal sent by the running command itself is ignored: otherwise a command could make
     /// its agent hand it back again and again.
     pub fn request(&self, signal: i32, sender: Option<libc::pid_t>) {
@@ -63,38 +79,58 @@ impl Stop {
             }
         }
         state.signals += 1;
-        let Some(task) = &state.task else {
-            log::info!("signal {signal}: stopping");
-            std::process::exit(0);
-        };
-        let event = if state.signals == 1 {
-            log::info!("signal {signal}: draining; the running task may finish");
-            Event::Drain
-        } else {
-            log::info!("signal {signal} again: handing the running task back now");
-            Event::StopNow
-        };
-        let _ = task.send(event);
+        let first = state.signals == 1;
+        match &state.phase {
+            Phase::Idle => {
+                log::info!("signal {signal}: stopping");
+                if state.exits {
+                    std::process::exit(0);
+                }
+            }
+            Phase::Running(task) if first => {
+                log::info!("signal {signal}: draining; the running task may finish");
+                let _ = task.send(Event::Drain);
+            }
+            Phase::Running(task) => {
+                log::info!("signal {signal} again: killing the command and handing the task back");
+                let _ = task.send(Event::Quit);
+            }
+            Phase::Reporting if first => {
+                log::info!("signal {signal}: reporting the result, for DRAIN_TIMEOUT at most");
+            }
+            Phase::Reporting => {
+                log::warn!(
+                    "signal {signal} again: exiting without the report; the server requeues \
+                     the task when its lease runs out"
+                );
+                if state.exits {
+                    std::process::exit(0);
+                }
+            }
+        }
     }
 
+    /// Whether a stop was requested.
     pub fn requested(&self) -> bool {
         self.lock().signals > 0
+    }
+
+    /// Whether a second stop request came: nothing may wait any more.
+    pub fn quitting(&self) -> bool {
+        self.lock().signals > 1
     }
 
     /// Marks a task as under way, with the inbox that signals go to, until the guard drops.
     pub fn busy(&self, inbox: Sender<Event>) -> Busy<'_> {
         let mut state = self.lock();
-        if state.signals > 0 {
+        match state.signals {
+            0 => {}
             // A signal came while the pick was being answered: drain this task at once.
-            let _ = inbox.send(Event::Drain);
+            1 => drop(inbox.send(Event::Drain)),
+            _ => drop(inbox.send(Event::Quit)),
         }
-        state.task = Some(inbox);
+        state.phase = Phase::Running(inbox);
         Busy(self)
-    }
-
-    /// Records the running command's process group.
-    pub fn command_group(&self, group: Option<u32>) {
-        self.lock().group = group;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -102,12 +138,27 @@ impl Stop {
     }
 }
 
+/// A task under way; idle again when dropped.
 pub struct Busy<'a>(&'a Stop);
+
+impl Busy<'_> {
+    /// Records the running command's process group.
+    pub fn command_group(&self, group: Option<u32>) {
+        self.0.lock().group = group;
+    }
+
+    /// The command has ended: from now on the result is being reported.
+    pub fn reporting(&self) {
+        let mut state = self.0.lock();
+        state.phase = Phase::Reporting;
+        state.group = None;
+    }
+}
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         let mut state = self.0.lock();
-        state.task = None;
+        state.phase = Phase::Idle;
         state.group = None;
     }
 }

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use uuid::Uuid;
+use taskexec_protocol::Stream;
 
-use crate::client::{Assignment, Client, ClientError};
-use crate::exec::{lock_runs, Captured, Runs};
+use crate::capture::{lock, lock_runs, Captured, Runs};
+use crate::client::{Attempt, ClientError};
 
 /// The largest chunk (the server's `output` limit, by default): halved on a 413.
 const CHUNK: usize = 64 * 1024;
@@ -24,12 +24,8 @@ const PACE: Duration = Duration::from_millis(500);
 /// Answers that move nothing forward, in a row, before the uploads are given up.
 const MAX_STALLS: u32 = 3;
 
-const NAMES: [&str; 2] = ["stdout", "stderr"];
-
 pub struct Streamer {
-    client: Arc<Client>,
-    id: Uuid,
-    lease: Uuid,
+    attempt: Attempt,
     buffers: [Arc<Mutex<Captured>>; 2],
     runs: Arc<Mutex<Runs>>,
     /// Where the server's copy of each stream ends.
@@ -43,14 +39,11 @@ pub struct Streamer {
 
 impl Streamer {
     pub fn new(
-        client: Arc<Client>,
-        assignment: &Assignment,
+        attempt: Attempt,
         (buffers, runs): ([Arc<Mutex<Captured>>; 2], Arc<Mutex<Runs>>),
     ) -> Streamer {
         Streamer {
-            client,
-            id: assignment.id,
-            lease: assignment.lease,
+            attempt,
             buffers,
             runs,
             sent: [0, 0],
@@ -71,15 +64,15 @@ impl Streamer {
             let Some((stream, run_end)) = lock_runs(&self.runs).front() else { return Ok(()) };
             // Read the buffer before the runs again: a run is noted before its bytes show.
             let (total, in_head) = {
-                let buffer = lock(&self.buffers[stream]);
-                (buffer.total(), buffer.in_head(self.sent[stream]))
+                let buffer = lock(&self.buffers[stream.index()]);
+                (buffer.total(), buffer.in_head(self.sent[stream.index()]))
             };
             let run_end = run_end.or_else(|| lock_runs(&self.runs).front().and_then(|f| f.1));
             let mut end = run_end.unwrap_or(total).min(total);
             if let Some(until) = until {
-                end = end.min(until[stream]);
+                end = end.min(until[stream.index()]);
             }
-            if self.sent[stream] >= end {
+            if self.sent[stream.index()] >= end {
                 // Done with this run. If another follows, this stream's next bytes come with a
                 // run of their own, so moving on loses nothing.
                 if lock_runs(&self.runs).advance() {
@@ -88,13 +81,13 @@ impl Streamer {
                 return Ok(());
             }
             if until.is_none() && !in_head {
-                if self.last_paced[stream].is_some_and(|at| at.elapsed() < PACE) {
+                if self.last_paced[stream.index()].is_some_and(|at| at.elapsed() < PACE) {
                     return Ok(());
                 }
-                self.last_paced[stream] = Some(Instant::now());
+                self.last_paced[stream.index()] = Some(Instant::now());
             }
-            let Some((start, mut bytes)) =
-                lock(&self.buffers[stream]).from_offset(self.sent[stream], self.chunk)
+            let Some((start, mut bytes)) = lock(&self.buffers[stream.index()])
+                .from_offset(self.sent[stream.index()], self.chunk)
             else {
                 return Ok(());
             };
@@ -114,17 +107,17 @@ impl Streamer {
         Ok(())
     }
 
-    fn upload(&mut self, stream: usize, start: u64, bytes: &[u8]) -> Result<(), ClientError> {
-        let skip = start > self.sent[stream];
-        let before = self.sent[stream];
-        match self.client.upload(self.id, self.lease, NAMES[stream], start, skip, bytes) {
-            Ok(end) => self.sent[stream] = end,
-            Err(ClientError::OffsetGap { expected }) => self.sent[stream] = expected,
+    fn upload(&mut self, stream: Stream, start: u64, bytes: &[u8]) -> Result<(), ClientError> {
+        let skip = start > self.sent[stream.index()];
+        let before = self.sent[stream.index()];
+        match self.attempt.upload(stream, start, skip, bytes) {
+            Ok(end) => self.sent[stream.index()] = end,
+            Err(ClientError::OffsetGap { expected }) => self.sent[stream.index()] = expected,
             Err(ClientError::Refused { status: 413, .. }) if self.chunk > 1024 => self.chunk /= 2,
             Err(e) if e.is_retryable() => return Err(e),
             Err(e) => self.give_up(&e),
         }
-        self.stalls = if self.sent[stream] > before { 0 } else { self.stalls + 1 };
+        self.stalls = if self.sent[stream.index()] > before { 0 } else { self.stalls + 1 };
         if self.stalls >= MAX_STALLS && !self.gone {
             self.give_up(&"the API takes no more of it");
         }
@@ -132,7 +125,7 @@ impl Streamer {
     }
 
     fn give_up(&mut self, why: &dyn std::fmt::Display) {
-        log::warn!("task {}: live output no longer uploaded: {why}", self.id);
+        log::warn!("task {}: live output no longer uploaded: {why}", self.attempt.task);
         self.gone = true;
     }
 
@@ -156,15 +149,11 @@ impl Streamer {
         let uploader = thread::spawn(move || {
             while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
                 if let Err(e) = self.send_due(None) {
-                    log::warn!("task {}: output upload failed, will retry: {e}", self.id);
+                    log::warn!("task {}: output upload failed, will retry: {e}", self.attempt.task);
                 }
             }
             self
         });
         (stop, uploader)
     }
-}
-
-fn lock(buffer: &Mutex<Captured>) -> std::sync::MutexGuard<'_, Captured> {
-    buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::client::{Assignment, Client};
+use taskexec_protocol::Assignment;
+
+use crate::client::Attempt;
 use crate::exec::{Execution, Exit, Running};
 
 /// What the supervisor of a running task hears about.
@@ -24,8 +26,10 @@ pub enum Event {
     Fenced(String),
     /// First SIGTERM: the task may run on for `DRAIN_TIMEOUT`.
     Drain,
-    /// Second SIGTERM, or the drain timeout: stop now and hand the task back.
+    /// The drain timeout: stop the command (TERM, grace, KILL) and hand the task back.
     StopNow,
+    /// Second SIGTERM: kill the command at once and hand the task back.
+    Quit,
 }
 
 /// How an attempt ended, and so what the API is told.
@@ -56,15 +60,16 @@ pub fn supervise(
     inbox: &Receiver<Event>,
     settings: &Supervision,
 ) -> Ending {
-    let grace = Duration::from_secs(assignment.kill_grace_secs);
-    let timeout = Instant::now() + Duration::from_secs(assignment.timeout_secs);
+    let grace = Duration::from_secs(assignment.terms.kill_grace_secs.into());
+    let timeout_secs = assignment.task.timeout_secs.max(1) as u64;
+    let timeout = Instant::now() + Duration::from_secs(timeout_secs);
     let mut drain: Option<Instant> = None;
     loop {
         let wake = drain.map_or(timeout, |d| d.min(timeout));
         let event = match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(event) => event,
             Err(RecvTimeoutError::Timeout) if Instant::now() >= timeout => {
-                log::info!("task {}: timed out after {} s", assignment.id, assignment.timeout_secs);
+                log::info!("task {}: timed out after {timeout_secs} s", assignment.task.id);
                 let exit = stop_command(&running, inbox, grace);
                 return Ending::TimedOut(running.finish(exit));
             }
@@ -74,7 +79,7 @@ pub fn supervise(
         match event {
             Event::Exited(exit) => return Ending::Ran(running.finish(exit)),
             Event::Abort => {
-                log::info!("task {}: abort requested", assignment.id);
+                log::info!("task {}: abort requested", assignment.task.id);
                 let exit = stop_command(&running, inbox, grace);
                 return Ending::Aborted(running.finish(exit));
             }
@@ -91,6 +96,11 @@ pub fn supervise(
                 drop(running.finish(exit));
                 return Ending::Released;
             }
+            Event::Quit => {
+                let exit = stop_command(&running, inbox, Duration::ZERO);
+                drop(running.finish(exit));
+                return Ending::Released;
+            }
         }
     }
 }
@@ -101,7 +111,8 @@ const GUARD_CLEANUP: Duration = Duration::from_secs(2);
 /// SIGTERM to the process group, up to `grace` for it to exit, then the kill: SIGUSR1 to the
 /// group, on which the guard kills every descendant (even those that left the group) and exits,
 /// then SIGKILL to the group if that did not end it. Signals go to the group, never to a pid
-/// that may have been reaped and reused. A second stop request skips the rest of the grace.
+/// that may have been reaped and reused. A second stop request (`Quit`) skips the rest of the
+/// grace.
 fn stop_command(running: &Running, inbox: &Receiver<Event>, grace: Duration) -> Exit {
     running.signal(libc::SIGTERM);
     if let Some(exit) = wait_exit(inbox, grace, true) {
@@ -123,14 +134,14 @@ fn stop_command(running: &Running, inbox: &Receiver<Event>, grace: Duration) -> 
     }
 }
 
-/// The command's exit if it comes within `wait`; `None` at the end of it, or at a second stop
-/// request when `hurry` allows.
+/// The command's exit if it comes within `wait`; `None` at the end of it, or at a stop request
+/// when `hurry` allows.
 fn wait_exit(inbox: &Receiver<Event>, wait: Duration, hurry: bool) -> Option<Exit> {
     let until = Instant::now() + wait;
     loop {
         match inbox.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok(Event::Exited(exit)) => return Some(exit),
-            Ok(Event::StopNow) if hurry => return None,
+            Ok(Event::StopNow | Event::Quit) if hurry => return None,
             Ok(_) => {}
             Err(_) => return None,
         }
@@ -150,15 +161,15 @@ const LAST_CALL: Duration = Duration::from_millis(500);
 /// the command must be stopped now to be dead, after its kill grace, before the lease runs out
 /// and the task is handed to another agent.
 pub fn heartbeat(
-    client: Arc<Client>,
+    attempt: Attempt,
     assignment: &Assignment,
     events: Sender<Event>,
     beating: Arc<AtomicBool>,
 ) {
-    let (id, lease) = (assignment.id, assignment.lease);
-    let grace = Duration::from_secs(assignment.kill_grace_secs);
+    let id = attempt.task;
+    let grace = Duration::from_secs(assignment.terms.kill_grace_secs.into());
     // The pick's lease: its confirmation window, until the first heartbeat grants the full one.
-    let mut granted = Duration::from_secs(assignment.lease_secs);
+    let mut granted = Duration::from_secs(assignment.terms.lease_secs.into());
     thread::spawn(move || {
         let mut lease_start = Instant::now();
         let mut aborted = false;
@@ -173,10 +184,10 @@ pub fn heartbeat(
             // (409, most likely) is worth more than a guess, and half a second is within the
             // margin.
             let timeout = give_up.saturating_duration_since(started).max(LAST_CALL);
-            let news = match client.heartbeat(id, lease, hold, timeout) {
+            let news = match attempt.heartbeat(hold, timeout) {
                 Ok(reply) => {
                     lease_start = started;
-                    granted = Duration::from_secs(reply.lease_secs);
+                    granted = Duration::from_secs(reply.lease_secs.into());
                     (reply.abort && !std::mem::replace(&mut aborted, true)).then_some(Event::Abort)
                 }
                 Err(e) if !e.is_retryable() => Some(Event::Fenced(e.to_string())),

@@ -11,17 +11,19 @@ use rocket::response::stream::ByteStream;
 use rocket::response::{self, Responder};
 use rocket::serde::json::Json;
 use rocket::{get, post, routes, Request, Response, Route, Shutdown, State};
-use serde_json::{json, Value};
+use taskexec_protocol::output::headers;
+use taskexec_protocol::{LeaseToken, OutputAck, OutputCap, Stream, TaskStatus};
 use tokio::time::Instant;
-use uuid::Uuid;
 
-use super::store::{self, Appended, Chunk, Stream};
+use super::store::{self, Appended, Chunk, Standing};
 use crate::auth::AgentAuth;
 use crate::body::read_within;
 use crate::config::AppConfig;
 use crate::dispatch::{Dispatcher, Woken, RECHECK};
 use crate::error::ApiError;
-use crate::tasks::routes::{parse_id, parse_wait};
+use crate::query::{self, StrictQuery};
+use crate::tasks::lease::Lease;
+use crate::tasks::routes::parse_id;
 use crate::Db;
 
 pub fn routes() -> Vec<Route> {
@@ -38,21 +40,33 @@ const FOLLOW_RECHECK: Duration = Duration::from_secs(5);
 const FOLLOW_IDLE: Duration = Duration::from_secs(15 * 60);
 
 /// The lease, from `X-Lease`, on uploads (whose body is the raw bytes).
-pub struct LeaseHeader(Uuid);
+pub struct LeaseHeader(LeaseToken);
 
 #[rocket::async_trait]
 impl<'r> FromRequest<'r> for LeaseHeader {
     type Error = ApiError;
 
     async fn from_request(request: &'r Request<'_>) -> request::Outcome<Self, ApiError> {
-        match request.headers().get_one("X-Lease").map(Uuid::parse_str) {
+        match request.headers().get_one(headers::LEASE).map(str::parse) {
             Some(Ok(lease)) => Outcome::Success(LeaseHeader(lease)),
             _ => Outcome::Error(
-                ApiError::BadRequest("send the lease in an X-Lease header".into())
+                ApiError::Malformed(format!("send the lease in an {} header", headers::LEASE))
                     .remember(request),
             ),
         }
     }
+}
+
+/// The largest offset accepted: 2^53 bytes (9 PB), far beyond any output, small enough that
+/// no offset arithmetic can overflow and every offset is exact in JSON numbers.
+const MAX_OFFSET: u64 = 1 << 53;
+
+fn offset(value: Option<&str>) -> Result<u64, ApiError> {
+    query::number("offset", value, 0, (0, MAX_OFFSET), " of bytes")
+}
+
+fn stream(value: Option<&str>) -> Result<Stream, ApiError> {
+    Ok(query::parsed("stream", value, str::parse::<Stream>)?.unwrap_or(Stream::Stdout))
 }
 
 /// A chunk of live output, the raw bytes as the body: `offset` is where they start in the
@@ -61,35 +75,39 @@ impl<'r> FromRequest<'r> for LeaseHeader {
 #[post("/tasks/<id>/output?<stream>&<offset>&<skip>", data = "<data>")]
 #[allow(clippy::too_many_arguments)]
 async fn upload(
+    _query: StrictQuery,
     _auth: AgentAuth,
     lease: LeaseHeader,
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
     id: &str,
-    stream: &str,
-    offset: &str,
-    skip: Option<bool>,
+    stream: Option<&str>,
+    offset: Option<&str>,
+    skip: Option<&str>,
     limits: &Limits,
     data: Data<'_>,
-) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(id)?;
-    let stream: Stream = stream.parse()?;
-    let offset = parse_offset(offset)?;
+) -> Result<Json<OutputAck>, ApiError> {
+    let lease = Lease { task: parse_id(id)?, token: lease.0 };
+    let stream = self::stream(stream)?;
+    let offset = self::offset(offset)?;
+    let skip = query::flag("skip", skip, false)?;
     let bytes = read_within(data, limits.get("output").unwrap_or(64.kibibytes())).await?;
     if bytes.is_empty() {
         return Err(ApiError::Invalid("a chunk must hold at least one byte".into()));
     }
-    let chunk = Chunk { stream, offset, data: &bytes, skip: skip.unwrap_or(false) };
-    match store::append(db, id, lease.0, chunk, i64::from(config.max_output_bytes)).await? {
+    let chunk = Chunk { stream, offset, data: &bytes, skip };
+    let cap = OutputCap::new(config.max_output_bytes as usize);
+    match store::append(db, &lease, chunk, cap).await? {
         Appended::Stored { next } => {
-            dispatcher.events().wake(id, Woken::Output);
-            Ok(Json(json!({ "next_offset": next })))
+            dispatcher.events().wake(lease.task, Woken::Output);
+            Ok(Json(OutputAck { next_offset: next }))
         }
         Appended::Gap { expected } => Err(ApiError::OffsetGap { expected_offset: expected }),
-        Appended::NotCurrent => Err(ApiError::Conflict(format!(
-            "task {id} is not running under this lease: another attempt owns it, or it ended"
-        ))),
+        Appended::NotCurrent => Err(ApiError::LeaseNotCurrent {
+            id: lease.task,
+            why: "another attempt owns it, or it has ended".into(),
+        }),
     }
 }
 
@@ -102,10 +120,10 @@ impl<'r> Responder<'r, 'static> for OutputRead {
         Response::build()
             .status(Status::Ok)
             .header(ContentType::Binary)
-            .header(Header::new("Taskexec-Next-Offset", read.next.to_string()))
-            .header(Header::new("Taskexec-Dropped", read.dropped.to_string()))
-            .header(Header::new("Taskexec-Total", read.total.to_string()))
-            .header(Header::new("Taskexec-Ended", read.ended.to_string()))
+            .header(Header::new(headers::NEXT_OFFSET, read.next.to_string()))
+            .header(Header::new(headers::DROPPED, read.dropped.to_string()))
+            .header(Header::new(headers::TOTAL, read.total.to_string()))
+            .header(Header::new(headers::ENDED, read.ended.to_string()))
             .sized_body(read.data.len(), Cursor::new(read.data))
             .ok()
     }
@@ -115,7 +133,9 @@ impl<'r> Responder<'r, 'static> for OutputRead {
 /// task has ended. When there is nothing new yet and the task is still running, waits up to
 /// `wait` seconds for more.
 #[get("/tasks/<id>/output?<stream>&<offset>&<wait>")]
+#[allow(clippy::too_many_arguments)]
 async fn read(
+    _query: StrictQuery,
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
@@ -126,13 +146,13 @@ async fn read(
     mut shutdown: Shutdown,
 ) -> Result<OutputRead, ApiError> {
     let id = parse_id(id)?;
-    let stream: Stream = stream.unwrap_or("stdout").parse()?;
-    let offset = offset.map(parse_offset).transpose()?.unwrap_or(0);
-    let wait = Duration::from_secs(parse_wait(wait, 0, config.pick_wait_max_secs)?);
+    let stream = self::stream(stream)?;
+    let offset = self::offset(offset)?;
+    let wait = Duration::from_secs(query::wait_secs(wait, 0, config.pick_wait_max_secs)?);
     let look = || async {
         let read = store::read(db, id, stream, offset, MAX_READ)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no task with id {id}")))?;
+            .ok_or_else(|| ApiError::task_not_found(id))?;
         let news = !read.data.is_empty() || read.dropped > 0 || read.ended;
         Ok((read, news))
     };
@@ -142,41 +162,46 @@ async fn read(
     Ok(OutputRead(read))
 }
 
-/// The largest offset accepted: 2^53 bytes (9 PB), far beyond any output, small enough that
-/// no offset arithmetic can overflow and every offset is exact in JSON numbers.
-const MAX_OFFSET: i64 = 1 << 53;
-
-fn parse_offset(text: &str) -> Result<i64, ApiError> {
-    text.parse().ok().filter(|o| (0..=MAX_OFFSET).contains(o)).ok_or_else(|| {
-        ApiError::BadRequest(format!("`offset` must be a byte offset from 0 to {MAX_OFFSET}"))
-    })
+/// The last line of a followed log: how the task ended.
+fn ending(standing: &Standing) -> String {
+    let how = match (standing.status, standing.exit_code, &standing.error) {
+        (TaskStatus::Finished, Some(code), _) => format!("finished, exit code {code}"),
+        (TaskStatus::Failed, _, Some(error)) => format!("failed: {error}"),
+        (TaskStatus::Cancelled, _, _) => "cancelled".to_owned(),
+        (status, _, _) => status.to_string(),
+    };
+    format!("\n[taskexec: task {how}]\n")
 }
 
 /// stdout and stderr combined, in the order the agent sent them, as `text/plain`. With
-/// `follow=true` the response goes on (chunked) until the task ends, like `tail -f`. Bytes
-/// that were dropped (a flood) are replaced by a line that says how many.
+/// `follow=true` the response goes on (chunked) until the task ends, like `tail -f`, and then
+/// says how it ended. Bytes that were dropped (a flood) are replaced by a line that says how
+/// many.
 #[get("/tasks/<id>/log?<follow>")]
 async fn log(
+    _query: StrictQuery,
     db: &Db,
     dispatcher: &State<Dispatcher>,
     id: &str,
-    follow: Option<bool>,
+    follow: Option<&str>,
     shutdown: Shutdown,
 ) -> Result<(ContentType, ByteStream![Vec<u8>]), ApiError> {
     let id = parse_id(id)?;
-    store::log(db, id, i64::MAX)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no task with id {id}")))?;
+    let follow = query::flag("follow", follow, false)?;
+    store::log(db, id, i64::MAX).await?.ok_or_else(|| ApiError::task_not_found(id))?;
     let (pool, events) = (db.pool().clone(), dispatcher.events().clone());
-    let follow = follow.unwrap_or(false);
     let stream = ByteStream! {
         let mut shutdown = shutdown;
-        let (mut after, mut next_stdout, mut next_stderr) = (0i64, 0i64, 0i64);
+        let (mut after, mut next) = (0i64, [0u64; 2]);
         let mut last_sent = Instant::now();
         loop {
             let watch = events.watch(id);
-            let Ok(Some((chunks, ended))) = store::log(&pool, id, after).await else { break };
+            let Ok(Some((chunks, standing))) = store::log(&pool, id, after).await else { break };
             if chunks.is_empty() {
+                let ended = standing.status.is_terminal();
+                if ended && follow {
+                    yield ending(&standing).into_bytes();
+                }
                 if ended || !follow || last_sent.elapsed() >= FOLLOW_IDLE {
                     break;
                 }
@@ -190,26 +215,22 @@ async fn log(
             last_sent = Instant::now();
             for chunk in chunks {
                 after = chunk.seq;
-                let seen = if chunk.stream == Stream::Stdout { next_stdout } else { next_stderr };
-                if chunk.start == 0 && seen > 0 {
+                let seen = &mut next[chunk.stream.index()];
+                if chunk.start == 0 && *seen > 0 {
                     // A new attempt (the task was requeued) starts its streams again.
                     yield b"\n[taskexec: the task started again]\n".to_vec();
-                    next_stdout = 0;
-                    next_stderr = 0;
+                    next = [0, 0];
                 }
-                let next = match chunk.stream {
-                    Stream::Stdout => &mut next_stdout,
-                    Stream::Stderr => &mut next_stderr,
-                };
-                if chunk.start > *next {
+                let seen = &mut next[chunk.stream.index()];
+                if chunk.start > *seen {
                     let marker = format!(
                         "\n[taskexec: {} bytes of {} dropped here]\n",
-                        chunk.start - *next,
-                        chunk.stream.as_str()
+                        chunk.start - *seen,
+                        chunk.stream
                     );
                     yield marker.into_bytes();
                 }
-                *next = chunk.start + chunk.data.len() as i64;
+                *seen = chunk.start + chunk.data.len() as u64;
                 yield chunk.data;
             }
         }

@@ -2,52 +2,21 @@
 //! `max_output_bytes / 2`) and a window of its latest bytes; the chunks in between are
 //! deleted as the window moves. Offsets are absolute, so a reader knows what it missed.
 
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use uuid::Uuid;
+use taskexec_protocol::output::OutputText;
+use taskexec_protocol::{LeaseToken, OutputCap, Stream, TaskId, TaskStatus};
 
-use crate::error::ApiError;
-use crate::tasks::model::TaskStatus;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, Serialize, Deserialize)]
-#[sqlx(type_name = "output_stream", rename_all = "lowercase")]
-#[serde(rename_all = "lowercase")]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-impl FromStr for Stream {
-    type Err = ApiError;
-
-    fn from_str(s: &str) -> Result<Stream, ApiError> {
-        match s {
-            "stdout" => Ok(Stream::Stdout),
-            "stderr" => Ok(Stream::Stderr),
-            _ => Err(ApiError::BadRequest(format!("`stream` must be stdout or stderr, not {s:?}"))),
-        }
-    }
-}
-
-impl Stream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Stdout => "stdout",
-            Stream::Stderr => "stderr",
-        }
-    }
-}
+use crate::db::{DbError, Op};
+use crate::tasks::lease::Lease;
 
 /// What became of an uploaded chunk.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Appended {
     /// Stored (or already stored: a retry); the stream now ends at `next`.
-    Stored { next: i64 },
+    Stored { next: u64 },
     /// The chunk starts past the end of the stream without saying it skips: resend from
     /// `expected`.
-    Gap { expected: i64 },
+    Gap { expected: u64 },
     /// The lease is not the current one, or the task is not running.
     NotCurrent,
 }
@@ -57,80 +26,88 @@ pub enum Appended {
 /// allowed once the first half is complete.
 pub struct Chunk<'a> {
     pub stream: Stream,
-    pub offset: i64,
+    pub offset: u64,
     pub data: &'a [u8],
     pub skip: bool,
 }
 
-/// Appends a chunk, idempotently by offset, fenced by the lease. One short transaction: the
-/// task row is locked so that the stream's length and its chunks move together.
+/// Appends a chunk under `lease`, idempotently by offset. One short transaction: the task row
+/// is locked so that the stream's length and its chunks move together.
 pub async fn append(
     pool: &PgPool,
-    id: Uuid,
-    lease: Uuid,
+    lease: &Lease,
     chunk: Chunk<'_>,
-    max_output_bytes: i64,
-) -> sqlx::Result<Appended> {
-    let head_limit = max_output_bytes / 2;
-    let tail_limit = max_output_bytes - head_limit;
-    let mut tx = pool.begin().await?;
-    let total: Option<i64> = sqlx::query_scalar(match chunk.stream {
-        Stream::Stdout => "SELECT stdout_bytes FROM tasks WHERE id = $1 AND lease = $2 AND status = 'in_progress' FOR UPDATE",
-        Stream::Stderr => "SELECT stderr_bytes FROM tasks WHERE id = $1 AND lease = $2 AND status = 'in_progress' FOR UPDATE",
-    })
-    .bind(id)
-    .bind(lease)
+    cap: OutputCap,
+) -> Result<Appended, DbError> {
+    const OP: &str = "append output";
+    let (head_limit, tail_limit) = (cap.head_limit() as i64, cap.tail_limit() as i64);
+    let mut tx = pool.begin().await.op(OP)?;
+    let total = sqlx::query_scalar!(
+        r#"SELECT CASE $3::output_stream WHEN 'stdout' THEN stdout_bytes ELSE stderr_bytes END
+                  AS "total!"
+             FROM tasks WHERE id = $1 AND lease = $2 AND status = 'in_progress' FOR UPDATE"#,
+        lease.task as TaskId,
+        lease.token as LeaseToken,
+        chunk.stream as Stream,
+    )
     .fetch_optional(&mut *tx)
-    .await?;
+    .await
+    .op(OP)?;
     let Some(total) = total else { return Ok(Appended::NotCurrent) };
-    let end = chunk.offset + chunk.data.len() as i64;
+    let offset = chunk.offset as i64;
+    let end = offset + chunk.data.len() as i64;
     if end <= total {
-        return Ok(Appended::Stored { next: total });
+        return Ok(Appended::Stored { next: total as u64 });
     }
-    if chunk.offset > total && !(chunk.skip && total >= head_limit) {
-        return Ok(Appended::Gap { expected: total });
+    if offset > total && !(chunk.skip && total >= head_limit) {
+        return Ok(Appended::Gap { expected: total as u64 });
     }
     // What is new: past what is stored (a retry may overlap it).
-    let start = chunk.offset.max(total);
-    let data = &chunk.data[(start - chunk.offset) as usize..];
+    let start = offset.max(total);
+    let data = &chunk.data[(start - offset) as usize..];
     // The part that completes the first half is kept for good; the rest joins the window.
     let head_len = (head_limit - start).clamp(0, data.len() as i64) as usize;
     for (at, part) in [(start, &data[..head_len]), (start + head_len as i64, &data[head_len..])] {
         if !part.is_empty() {
             // A chunk left by an earlier attempt (uploaded as the reaper requeued it) is replaced.
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO task_output (task_id, stream, start, data) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (task_id, stream, start) DO UPDATE SET data = EXCLUDED.data",
+                lease.task as TaskId,
+                chunk.stream as Stream,
+                at,
+                part,
             )
-            .bind(id)
-            .bind(chunk.stream)
-            .bind(at)
-            .bind(part)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .op(OP)?;
         }
     }
-    sqlx::query(
+    sqlx::query!(
         "DELETE FROM task_output
-          WHERE task_id = $1 AND stream = $2 AND start >= $3
-            AND start + length(data) <= $4",
+          WHERE task_id = $1 AND stream = $2 AND start >= $3 AND start + length(data) <= $4",
+        lease.task as TaskId,
+        chunk.stream as Stream,
+        head_limit,
+        end - tail_limit,
     )
-    .bind(id)
-    .bind(chunk.stream)
-    .bind(head_limit)
-    .bind(end - tail_limit)
     .execute(&mut *tx)
-    .await?;
-    sqlx::query(match chunk.stream {
-        Stream::Stdout => "UPDATE tasks SET stdout_bytes = $2 WHERE id = $1",
-        Stream::Stderr => "UPDATE tasks SET stderr_bytes = $2 WHERE id = $1",
-    })
-    .bind(id)
-    .bind(end)
+    .await
+    .op(OP)?;
+    sqlx::query!(
+        "UPDATE tasks
+            SET stdout_bytes = CASE WHEN $2::output_stream = 'stdout' THEN $3 ELSE stdout_bytes END,
+                stderr_bytes = CASE WHEN $2::output_stream = 'stderr' THEN $3 ELSE stderr_bytes END
+          WHERE id = $1",
+        lease.task as TaskId,
+        chunk.stream as Stream,
+        end,
+    )
     .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Appended::Stored { next: end })
+    .await
+    .op(OP)?;
+    tx.commit().await.op(OP)?;
+    Ok(Appended::Stored { next: end as u64 })
 }
 
 /// Bytes of a stream from an offset.
@@ -138,11 +115,11 @@ pub async fn append(
 pub struct Read {
     pub data: Vec<u8>,
     /// Where the next read starts.
-    pub next: i64,
+    pub next: u64,
     /// Bytes between the requested offset and the first byte returned that are not kept.
-    pub dropped: i64,
+    pub dropped: u64,
     /// The stream's length so far.
-    pub total: i64,
+    pub total: u64,
     /// The task has ended and `next` is the end of the stream: nothing more will come.
     pub ended: bool,
 }
@@ -150,33 +127,40 @@ pub struct Read {
 /// Up to `max` bytes of `stream` from `offset`. `None` when the task does not exist.
 pub async fn read(
     pool: &PgPool,
-    id: Uuid,
+    id: TaskId,
     stream: Stream,
-    offset: i64,
+    offset: u64,
     max: usize,
-) -> sqlx::Result<Option<Read>> {
-    let task: Option<(TaskStatus, i64)> = sqlx::query_as(match stream {
-        Stream::Stdout => "SELECT status, stdout_bytes FROM tasks WHERE id = $1",
-        Stream::Stderr => "SELECT status, stderr_bytes FROM tasks WHERE id = $1",
-    })
-    .bind(id)
+) -> Result<Option<Read>, DbError> {
+    let task = sqlx::query!(
+        r#"SELECT status AS "status: TaskStatus",
+                  CASE $2::output_stream WHEN 'stdout' THEN stdout_bytes ELSE stderr_bytes END
+                      AS "total!"
+             FROM tasks WHERE id = $1"#,
+        id as TaskId,
+        stream as Stream,
+    )
     .fetch_optional(pool)
-    .await?;
-    let Some((status, total)) = task else { return Ok(None) };
-    let chunks: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+    .await
+    .op("read a stream's length")?;
+    let Some(task) = task else { return Ok(None) };
+    let total = task.total as u64;
+    let chunks = sqlx::query!(
         "SELECT start, data FROM task_output
           WHERE task_id = $1 AND stream = $2 AND start + length(data) > $3 AND start < $4
           ORDER BY start LIMIT 8",
+        id as TaskId,
+        stream as Stream,
+        offset as i64,
+        total as i64,
     )
-    .bind(id)
-    .bind(stream)
-    .bind(offset)
-    .bind(total)
     .fetch_all(pool)
-    .await?;
+    .await
+    .op("read output")?;
     let (mut cursor, mut data, mut dropped) = (offset.min(total), Vec::new(), 0);
-    for (at, bytes) in chunks {
-        if at + (bytes.len() as i64) <= cursor {
+    for chunk in chunks {
+        let (at, bytes) = (chunk.start as u64, chunk.data);
+        if at + (bytes.len() as u64) <= cursor {
             continue; // overlaps what was already taken (a window edge)
         }
         if at > cursor {
@@ -189,44 +173,122 @@ pub async fn read(
         let from = (cursor - at) as usize;
         let take = (bytes.len() - from).min(max - data.len());
         data.extend_from_slice(&bytes[from..from + take]);
-        cursor += take as i64;
+        cursor += take as u64;
         if data.len() >= max {
             break;
         }
     }
-    let terminal = !matches!(status, TaskStatus::Queued | TaskStatus::InProgress);
-    Ok(Some(Read { data, next: cursor, dropped, total, ended: terminal && cursor >= total }))
+    let ended = task.status.is_terminal() && cursor >= total;
+    Ok(Some(Read { data, next: cursor, dropped, total, ended }))
+}
+
+/// The output uploaded for an attempt, as text by the cap's rule.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Uploaded {
+    /// Fewer bytes than asked for are uploaded so far.
+    Incomplete,
+    /// Bytes the text needs are not there (a gap the agent skipped where it may not).
+    Missing,
+    Text(OutputText),
+}
+
+/// The text of the first `length` bytes of `stream` as uploaded under `lease`: its first half
+/// and the window of its last half, by the same rule as the agent's buffers.
+pub async fn uploaded_text(
+    pool: &PgPool,
+    lease: &Lease,
+    stream: Stream,
+    length: u64,
+    cap: OutputCap,
+) -> Result<Uploaded, DbError> {
+    if length == 0 {
+        return Ok(Uploaded::Text(cap.text(&[], &[], 0)));
+    }
+    let chunks = sqlx::query!(
+        "SELECT o.start, o.data FROM task_output o JOIN tasks t ON t.id = o.task_id
+          WHERE o.task_id = $1 AND t.lease = $2 AND o.stream = $3 AND o.start < $4
+          ORDER BY o.start",
+        lease.task as TaskId,
+        lease.token as LeaseToken,
+        stream as Stream,
+        length as i64,
+    )
+    .fetch_all(pool)
+    .await
+    .op("read uploaded output")?;
+    let head_end = length.min(cap.head_limit() as u64);
+    let tail_start = length.saturating_sub(cap.tail_limit() as u64).max(head_end);
+    let (mut head, mut tail) = (Vec::new(), Vec::new());
+    let mut reached = 0u64;
+    for chunk in chunks {
+        let (start, end) = (chunk.start as u64, chunk.start as u64 + chunk.data.len() as u64);
+        reached = reached.max(end);
+        for (buffer, from, to) in [(&mut head, 0, head_end), (&mut tail, tail_start, length)] {
+            // The part of the chunk in [from, to), if it continues the buffer exactly.
+            let (lo, hi) = (start.max(from + buffer.len() as u64), end.min(to));
+            if lo < hi && start <= lo {
+                if lo != from + buffer.len() as u64 {
+                    return Ok(Uploaded::Missing);
+                }
+                buffer.extend_from_slice(&chunk.data[(lo - start) as usize..(hi - start) as usize]);
+            }
+        }
+    }
+    if reached < length {
+        return Ok(Uploaded::Incomplete);
+    }
+    if head.len() as u64 != head_end || tail.len() as u64 != length - tail_start {
+        return Ok(Uploaded::Missing);
+    }
+    Ok(Uploaded::Text(cap.text(&head, &tail, tail_start - head_end)))
 }
 
 /// A chunk of either stream, in arrival order.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct LogChunk {
     pub seq: i64,
     pub stream: Stream,
     /// The offset of the chunk's first byte in its stream.
-    pub start: i64,
+    pub start: u64,
     pub data: Vec<u8>,
 }
 
-/// Chunks of both streams that arrived after `after` (a `seq`), oldest first, and whether the
-/// task has ended (read before the chunks, so that none that arrive before the end are missed).
+/// How a task stands, for the end of its log.
+#[derive(Debug, Clone)]
+pub struct Standing {
+    pub status: TaskStatus,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+}
+
+/// Chunks of both streams that arrived after `after` (a `seq`), oldest first, and how the
+/// task stands (read before the chunks, so that none that arrive before its end are missed).
 pub async fn log(
     pool: &PgPool,
-    id: Uuid,
+    id: TaskId,
     after: i64,
-) -> sqlx::Result<Option<(Vec<LogChunk>, bool)>> {
-    let status: Option<TaskStatus> = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    let Some(status) = status else { return Ok(None) };
-    let chunks = sqlx::query_as(
-        "SELECT seq, stream, start, data FROM task_output
-          WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT 16",
+) -> Result<Option<(Vec<LogChunk>, Standing)>, DbError> {
+    let standing = sqlx::query_as!(
+        Standing,
+        r#"SELECT status AS "status: TaskStatus", exit_code, error FROM tasks WHERE id = $1"#,
+        id as TaskId,
     )
-    .bind(id)
-    .bind(after)
+    .fetch_optional(pool)
+    .await
+    .op("read a task's standing")?;
+    let Some(standing) = standing else { return Ok(None) };
+    let chunks = sqlx::query!(
+        r#"SELECT seq, stream AS "stream: Stream", start, data FROM task_output
+            WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT 16"#,
+        id as TaskId,
+        after,
+    )
     .fetch_all(pool)
-    .await?;
-    Ok(Some((chunks, !matches!(status, TaskStatus::Queued | TaskStatus::InProgress))))
+    .await
+    .op("read a task's log")?;
+    let chunks = chunks
+        .into_iter()
+        .map(|c| LogChunk { seq: c.seq, stream: c.stream, start: c.start as u64, data: c.data })
+        .collect();
+    Ok(Some((chunks, standing)))
 }

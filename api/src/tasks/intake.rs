@@ -6,10 +6,9 @@
 use rocket::fairing::AdHoc;
 use rocket_db_pools::Database;
 use sqlx::PgPool;
+use taskexec_protocol::{NewTask, Task};
 use tokio::sync::{mpsc, oneshot};
-use uuid::Uuid;
 
-use super::model::Task;
 use super::store::{self, NewRow};
 use crate::error::ApiError;
 use crate::Db;
@@ -18,7 +17,7 @@ use crate::Db;
 const MAX_BATCH: usize = 256;
 
 struct Submission {
-    command: String,
+    task: NewTask,
     timeout_secs: u32,
     reply: oneshot::Sender<Result<Task, ApiError>>,
 }
@@ -33,10 +32,10 @@ impl Intake {
     ///
     /// # Errors
     /// `Unavailable` when the database cannot be reached (or the server is stopping).
-    pub async fn submit(&self, command: String, timeout_secs: u32) -> Result<Task, ApiError> {
+    pub async fn submit(&self, task: NewTask, timeout_secs: u32) -> Result<Task, ApiError> {
         let (reply, answer) = oneshot::channel();
         self.submissions
-            .send(Submission { command, timeout_secs, reply })
+            .send(Submission { task, timeout_secs, reply })
             .map_err(|_| ApiError::Unavailable)?;
         answer.await.map_err(|_| ApiError::Unavailable)?
     }
@@ -60,10 +59,8 @@ async fn run(pool: PgPool, mut submissions: mpsc::UnboundedReceiver<Submission>)
 }
 
 async fn insert(pool: &PgPool, batch: Vec<Submission>) {
-    let rows: Vec<NewRow<'_>> = batch
-        .iter()
-        .map(|s| NewRow { id: Uuid::new_v4(), command: &s.command, timeout_secs: s.timeout_secs })
-        .collect();
+    let rows: Vec<NewRow<'_>> =
+        batch.iter().map(|s| NewRow { task: &s.task, timeout_secs: s.timeout_secs }).collect();
     let inserted = store::insert_many(pool, &rows).await.map_err(ApiError::from);
     match inserted {
         Ok(tasks) => {
@@ -79,14 +76,15 @@ async fn insert(pool: &PgPool, batch: Vec<Submission>) {
     }
 }
 
-/// Runs the intake from ignite until the server stops.
+/// Runs the intake from ignite until the server stops. The launch fails without a pool.
 pub fn stage() -> AdHoc {
-    AdHoc::on_ignite("Intake", |rocket| async {
+    AdHoc::try_on_ignite("Intake", |rocket| async {
         let Some(pool) = Db::fetch(&rocket).map(|db| db.pool().clone()) else {
-            return rocket;
+            log::error!("the intake cannot start without its database pool");
+            return Err(rocket);
         };
         let (sender, receiver) = mpsc::unbounded_channel();
         tokio::spawn(run(pool, receiver));
-        rocket.manage(Intake { submissions: sender })
+        Ok(rocket.manage(Intake { submissions: sender }))
     })
 }

@@ -1,26 +1,33 @@
 //! The task endpoints: user endpoints to submit and read tasks, agent endpoints to pick and
-//! finish them.
+//! report on them.
 
+use std::io::{self, Cursor, SeekFrom};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use rocket::http::ContentType;
 use rocket::response::status::Created;
+use rocket::response::{self, Responder};
 use rocket::serde::json::Json;
-use rocket::{get, post, routes, Responder, Route, Shutdown, State};
+use rocket::tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
+use rocket::{get, post, routes, Request, Response, Route, Shutdown, State};
 use serde::Serialize;
-use serde_json::Value;
-use uuid::Uuid;
+use taskexec_protocol::{
+    FinishReport, HeartbeatReply, LeaseBody, OutputCap, Stream, Task, TaskId, TaskStatus,
+};
 
 use super::intake::Intake;
-use super::model::{
-    FinishReport, HeartbeatReply, LeaseBody, NewTask, NewTaskBody, NewTaskLimits, Picked, Task,
-    TaskStatus,
-};
+use super::lease::Lease;
+use super::model::{self, NewTaskBody, NewTaskLimits};
 use super::store::{self, Aborted};
 use crate::auth::{AgentAuth, AgentName};
 use crate::body::JsonBody;
 use crate::config::AppConfig;
-use crate::dispatch::{Dispatcher, Woken, RECHECK};
+use crate::dispatch::{Delivery, Dispatcher, Handover, Woken, RECHECK};
 use crate::error::ApiError;
+use crate::output::store::{self as output, Uploaded};
+use crate::query::{self, StrictQuery};
 use crate::Db;
 
 pub fn routes() -> Vec<Route> {
@@ -29,6 +36,7 @@ pub fn routes() -> Vec<Route> {
 
 #[post("/tasks", data = "<body>")]
 async fn create(
+    _query: StrictQuery,
     intake: &State<Intake>,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
@@ -38,54 +46,58 @@ async fn create(
         max_command_bytes: config.max_command_bytes,
         max_timeout_secs: config.max_timeout_secs,
     };
-    let new = NewTask::from_json(body.0 .0, &limits)?;
+    let new = model::new_task(body.0 .0, &limits)?;
     let timeout_secs = new.timeout_secs.unwrap_or(config.default_timeout_secs);
-    let task = intake.submit(new.command, timeout_secs).await?;
+    let task = intake.submit(new, timeout_secs).await?;
     dispatcher.task_queued();
     let location = format!("/tasks/{}", task.id);
     Ok(Created::new(location).body(Json(task)))
 }
 
+/// A page of the list; each task without `stdout` and `stderr` (fetch a task for those).
 #[derive(Serialize)]
 struct Page {
-    /// Tasks without `stdout` and `stderr` (fetch a task for those).
-    tasks: Vec<Value>,
+    tasks: Vec<Summary>,
     /// Pass as `cursor` to get the next (older) page; null on the last page.
     next: Option<String>,
 }
 
+/// A task as lists show it: without its output fields.
+struct Summary(Task);
+
+impl Serialize for Summary {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut value = serde_json::to_value(&self.0).map_err(serde::ser::Error::custom)?;
+        if let serde_json::Value::Object(fields) = &mut value {
+            fields.remove("stdout");
+            fields.remove("stderr");
+        }
+        value.serialize(serializer)
+    }
+}
+
 #[get("/tasks?<status>&<limit>&<cursor>")]
 async fn list(
+    _query: StrictQuery,
     db: &Db,
     config: &State<AppConfig>,
     status: Option<&str>,
     limit: Option<&str>,
     cursor: Option<&str>,
 ) -> Result<Json<Page>, ApiError> {
-    let status = status.map(str::parse::<TaskStatus>).transpose()?;
-    let limit = match limit {
-        None => config.list_limit_default,
-        Some(text) => text
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=config.list_limit_max).contains(n))
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "`limit` must be a whole number from 1 to {}",
-                    config.list_limit_max
-                ))
-            })?,
-    };
-    let before = cursor.map(cursor::decode).transpose()?;
+    let status = query::parsed("status", status, str::parse::<TaskStatus>)?;
+    let bounds = (1, u64::from(config.list_limit_max));
+    let limit = query::number("limit", limit, config.list_limit_default.into(), bounds, "")?;
+    let before = query::parsed("cursor", cursor, cursor::decode)?;
     // One row more than asked tells whether another page exists.
-    let mut tasks = store::list(db, status, before, i64::from(limit) + 1).await?;
+    let mut tasks = store::list(db, status, before, limit as i64 + 1).await?;
     let next = if tasks.len() > limit as usize {
         tasks.truncate(limit as usize);
         tasks.last().map(|t| cursor::encode(t.seq))
     } else {
         None
     };
-    let tasks = tasks.iter().map(summary).collect();
+    let tasks = tasks.into_iter().map(|listed| Summary(listed.task)).collect();
     Ok(Json(Page { tasks, next }))
 }
 
@@ -93,6 +105,7 @@ async fn list(
 /// so that a user can submit and then wait in two calls.
 #[get("/tasks/<id>?<wait>")]
 async fn show(
+    _query: StrictQuery,
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
@@ -101,11 +114,11 @@ async fn show(
     mut shutdown: Shutdown,
 ) -> Result<Json<Task>, ApiError> {
     let id = parse_id(id)?;
-    let wait = Duration::from_secs(parse_wait(wait, 0, config.pick_wait_max_secs)?);
+    let wait = Duration::from_secs(query::wait_secs(wait, 0, config.pick_wait_max_secs)?);
     let deadline = tokio::time::Instant::now() + wait;
     let look = || async {
-        let task = store::get(db, id).await?.ok_or_else(|| not_found(id))?;
-        let ended = !matches!(task.status, TaskStatus::Queued | TaskStatus::InProgress);
+        let task = store::get(db, id).await?.ok_or_else(|| ApiError::task_not_found(id))?;
+        let ended = task.status.is_terminal();
         Ok((task, ended))
     };
     let events = dispatcher.events();
@@ -113,7 +126,7 @@ async fn show(
     Ok(Json(task))
 }
 
-#[derive(Responder)]
+#[derive(rocket::Responder)]
 enum AbortResponse {
     /// A queued task, cancelled at once.
     Cancelled(Json<Task>),
@@ -125,6 +138,7 @@ enum AbortResponse {
 /// Cancels a queued task at once, or asks the agent of a running one to stop it.
 #[post("/tasks/<id>/abort")]
 async fn abort(
+    _query: StrictQuery,
     db: &Db,
     dispatcher: &State<Dispatcher>,
     id: &str,
@@ -137,18 +151,15 @@ async fn abort(
         }
         Some(Aborted::Requested(task)) => Ok(AbortResponse::Requested(Json(task))),
         None => {
-            let task = store::get(db, id).await?.ok_or_else(|| not_found(id))?;
-            Err(ApiError::Conflict(format!(
-                "task {id} is {}; only a queued or running task can be aborted",
-                task.status.as_str()
-            )))
+            let task = store::get(db, id).await?.ok_or_else(|| ApiError::task_not_found(id))?;
+            Err(ApiError::TaskEnded { id, status: task.status })
         }
     }
 }
 
-#[derive(Responder)]
+#[derive(rocket::Responder)]
 enum PickResponse {
-    Task(Json<Picked>),
+    Task(Box<Handed>),
     #[response(status = 204)]
     Nothing(()),
 }
@@ -156,6 +167,7 @@ enum PickResponse {
 /// Hands the oldest queued task to the agent, waiting up to `wait` seconds for one to arrive.
 #[get("/tasks/pick?<wait>")]
 async fn pick(
+    _query: StrictQuery,
     _auth: AgentAuth,
     agent: AgentName,
     wait: Option<&str>,
@@ -163,24 +175,12 @@ async fn pick(
     dispatcher: &State<Dispatcher>,
     shutdown: Shutdown,
 ) -> Result<PickResponse, ApiError> {
-    let wait = match wait {
-        None => config.pick_wait_default_secs,
-        Some(text) => {
-            text.parse::<u64>().ok().filter(|w| *w <= config.pick_wait_max_secs).ok_or_else(
-                || {
-                    ApiError::BadRequest(format!(
-                        "`wait` must be a whole number of seconds from 0 to {}",
-                        config.pick_wait_max_secs
-                    ))
-                },
-            )?
-        }
-    };
+    let wait = query::wait_secs(wait, config.pick_wait_default_secs, config.pick_wait_max_secs)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut reply = dispatcher.park(agent.0, deadline)?;
     // The dispatcher answers by the deadline unless the database holds it up; the margin keeps
     // this response inside the agent's read timeout even then.
-    let picked = tokio::select! {
+    let handed = tokio::select! {
         biased;
         answer = &mut reply => answer.unwrap_or(None),
         _ = shutdown => None,
@@ -188,14 +188,68 @@ async fn pick(
     };
     // Giving up: close the channel so that the dispatcher puts back anything it claims from
     // now on, and deliver what it may have sent in the meantime rather than drop it.
-    let picked = picked.or_else(|| {
+    let handed = handed.or_else(|| {
         reply.close();
         reply.try_recv().ok().flatten()
     });
-    Ok(match picked {
-        Some(picked) => PickResponse::Task(Json(picked)),
+    Ok(match handed {
+        Some(handover) => PickResponse::Task(Box::new(Handed(handover))),
         None => PickResponse::Nothing(()),
     })
+}
+
+/// A pick's task as JSON. Its delivery is signed only when the server reads the body to its
+/// end, which it does only after the connection took the response: an agent that has gone
+/// (its connection closed while the pick was parked) never takes it, and the task goes back
+/// to the queue at once.
+struct Handed(Handover);
+
+impl<'r> Responder<'r, 'static> for Handed {
+    fn respond_to(self, _: &'r Request<'_>) -> response::Result<'static> {
+        let Handover { assignment, delivery } = self.0;
+        let body = serde_json::to_vec(&assignment).map_err(|e| {
+            log::error!("task {}: the assignment could not be encoded: {e}", assignment.task.id);
+            rocket::http::Status::InternalServerError
+        })?;
+        let size = body.len();
+        let signed = Signed { bytes: Cursor::new(body), delivery: Some(delivery) };
+        Response::build().header(ContentType::JSON).sized_body(size, signed).ok()
+    }
+}
+
+/// A body that signs its delivery when it has been read to the end.
+struct Signed {
+    bytes: Cursor<Vec<u8>>,
+    delivery: Option<Delivery>,
+}
+
+impl AsyncRead for Signed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.bytes).poll_read(cx, buf))?;
+        if buf.filled().len() == before && buf.remaining() > 0 {
+            // The end: every byte went to a connection that was alive to take them.
+            if let Some(delivery) = this.delivery.take() {
+                delivery.delivered();
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncSeek for Signed {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
+        Pin::new(&mut self.get_mut().bytes).start_seek(position)
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        Pin::new(&mut self.get_mut().bytes).poll_complete(cx)
+    }
 }
 
 /// Extends the lease of the attempt, then holds the request up to `wait` seconds (at most a
@@ -203,7 +257,9 @@ async fn pick(
 /// An agent that heartbeats again as soon as this returns learns of an abort within
 /// milliseconds, without a busy poll.
 #[post("/tasks/<id>/heartbeat?<wait>", data = "<body>")]
+#[allow(clippy::too_many_arguments)]
 async fn heartbeat(
+    _query: StrictQuery,
     _auth: AgentAuth,
     db: &Db,
     config: &State<AppConfig>,
@@ -213,20 +269,17 @@ async fn heartbeat(
     body: JsonBody<LeaseBody>,
     shutdown: Shutdown,
 ) -> Result<Json<HeartbeatReply>, ApiError> {
-    let id = parse_id(id)?;
+    let lease = Lease { task: parse_id(id)?, token: body.0.lease };
     let max_hold = u64::from(config.heartbeat_hold_secs());
-    let mut hold = Duration::from_secs(parse_wait(wait, 0, max_hold)?);
+    let mut hold = Duration::from_secs(query::wait_secs(wait, 0, max_hold)?);
     if !dispatcher.is_listening() {
         // No notification can arrive: come back soon and look at the database again.
         hold = hold.min(Duration::from_secs(1));
     }
     // Watch before reading, so that an abort requested in between is not missed.
-    let watch = dispatcher.events().watch(id);
-    let lease = body.0.lease;
-    let Some((abort, lease_expires_at)) =
-        store::heartbeat(db, id, lease, config.lease_secs).await?
-    else {
-        return Err(not_current(db, id, lease).await);
+    let watch = dispatcher.events().watch(lease.task);
+    let Some(beat) = lease.heartbeat(db, config.lease_secs).await? else {
+        return Err(not_current(db, lease).await);
     };
     // Output events come and go; an abort answers at once, the attempt's end ends the hold.
     let abort_or_end = async {
@@ -237,18 +290,20 @@ async fn heartbeat(
             }
         }
     };
-    let abort = abort
+    let abort = beat.abort
         || tokio::select! {
             abort = abort_or_end => abort,
             _ = tokio::time::sleep(hold) => false,
             _ = shutdown => false,
         };
+    let lease_expires_at = beat.lease_expires_at;
     Ok(Json(HeartbeatReply { abort, lease_expires_at, lease_secs: config.lease_secs }))
 }
 
 /// Hands the task back to the queue without counting the attempt (an agent that is draining).
 #[post("/tasks/<id>/release", data = "<body>")]
 async fn release(
+    _query: StrictQuery,
     _auth: AgentAuth,
     db: &Db,
     config: &State<AppConfig>,
@@ -256,13 +311,11 @@ async fn release(
     id: &str,
     body: JsonBody<LeaseBody>,
 ) -> Result<Json<Task>, ApiError> {
-    let id = parse_id(id)?;
-    let lease = body.0.lease;
-    let task = store::release(db, id, lease, config.max_attempts).await?;
-    let Some(task) = task else {
-        return Err(not_current(db, id, lease).await);
+    let lease = Lease { task: parse_id(id)?, token: body.0.lease };
+    let Some(task) = lease.release(db, config.max_attempts).await? else {
+        return Err(not_current(db, lease).await);
     };
-    dispatcher.events().wake(id, Woken::Ended);
+    dispatcher.events().wake(lease.task, Woken::Ended);
     if task.status == TaskStatus::Queued {
         dispatcher.task_queued();
     }
@@ -270,9 +323,12 @@ async fn release(
 }
 
 /// Records the result of the attempt the lease identifies. A repeat of an accepted finish
-/// (an agent retrying after a lost response) answers 200 without writing again.
+/// (an agent retrying after a lost response) answers 200 without writing again. A finish that
+/// states the stream lengths must report exactly the text of the uploaded output, so that the
+/// task's text and `/output` can never disagree.
 #[post("/tasks/<id>/finish", data = "<report>")]
 async fn finish(
+    _query: StrictQuery,
     _auth: AgentAuth,
     db: &Db,
     config: &State<AppConfig>,
@@ -280,94 +336,88 @@ async fn finish(
     id: &str,
     report: JsonBody<FinishReport>,
 ) -> Result<Json<Task>, ApiError> {
-    let id = parse_id(id)?;
-    let outcome = report.0.validate(config.max_output_bytes as usize)?;
-    if let Some(task) = store::finish(db, id, &outcome).await? {
+    let lease = Lease { task: parse_id(id)?, token: report.0.lease };
+    let cap = OutputCap::new(config.max_output_bytes as usize);
+    let mut outcome = model::outcome(report.0, cap)?;
+    if let Some(lengths) = outcome.lengths {
+        for stream in Stream::ALL {
+            let length = lengths[stream.index()];
+            let reported = match stream {
+                Stream::Stdout => &mut outcome.stdout,
+                Stream::Stderr => &mut outcome.stderr,
+            };
+            match output::uploaded_text(db, &lease, stream, length, cap).await? {
+                // The finish below answers how much is uploaded.
+                Uploaded::Incomplete => {}
+                Uploaded::Text(text) if text.text == reported.text => *reported = text,
+                Uploaded::Text(_) | Uploaded::Missing => {
+                    return Err(ApiError::OutputMismatch(stream))
+                }
+            }
+        }
+    }
+    if let Some(task) = lease.finish(db, &outcome).await? {
         // The attempt is over: its parked heartbeat need not wait out its hold.
-        dispatcher.events().wake(id, Woken::Ended);
+        dispatcher.events().wake(lease.task, Woken::Ended);
         return Ok(Json(task));
     }
     // A repeat of the report that ended this very attempt is answered as it was; another
     // report for the same attempt is a conflict; a report whose stream lengths the uploads do
     // not add up to yet says where they stand.
-    if let Some((task, Some(lease))) = store::get_with_lease(db, id).await? {
-        if lease == outcome.lease && task.status == TaskStatus::InProgress {
+    if let Some((task, Some(current))) = store::get_with_lease(db, lease.task).await? {
+        if current == lease.token && task.status == TaskStatus::InProgress {
             return Err(ApiError::OutputIncomplete {
-                stdout_bytes: task.stdout_bytes,
-                stderr_bytes: task.stderr_bytes,
+                stdout_bytes: task.stdout_bytes.max(0) as u64,
+                stderr_bytes: task.stderr_bytes.max(0) as u64,
             });
         }
-        if lease == outcome.lease && task.status != TaskStatus::InProgress {
+        if current == lease.token {
             if outcome.is_recorded_in(&task) {
                 return Ok(Json(task));
             }
-            return Err(ApiError::Conflict(format!(
-                "task {id} was already reported {} with a different result",
-                task.status.as_str()
-            )));
+            return Err(ApiError::ReportConflict { id: lease.task, status: task.status });
         }
     }
-    Err(not_current(db, id, outcome.lease).await)
+    Err(not_current(db, lease).await)
 }
 
 /// Why a write fenced by `lease` changed nothing: 404, or 409 naming the reason.
-async fn not_current(db: &Db, id: Uuid, lease: Uuid) -> ApiError {
+async fn not_current(db: &Db, lease: Lease) -> ApiError {
+    let id = lease.task;
     match store::get_with_lease(db, id).await {
         Err(e) => e.into(),
-        Ok(None) => not_found(id),
-        Ok(Some((_, current))) if current != Some(lease) => ApiError::Conflict(format!(
-            "task {id} is not leased with this token: another attempt owns it"
-        )),
-        Ok(Some((task, _))) => {
-            ApiError::Conflict(format!("task {id} is {}, not in progress", task.status.as_str()))
+        Ok(None) => ApiError::task_not_found(id),
+        Ok(Some((task, None))) => {
+            let why = format!("no attempt holds it (it is {})", task.status);
+            ApiError::LeaseNotCurrent { id, why }
         }
+        Ok(Some((_, Some(current)))) if current != lease.token => {
+            ApiError::LeaseNotCurrent { id, why: "another attempt owns it".into() }
+        }
+        Ok(Some((task, _))) => ApiError::LeaseNotCurrent {
+            id,
+            why: format!("the attempt has ended ({})", task.status),
+        },
     }
 }
 
-/// A `wait` query parameter: whole seconds from 0 to `max`, `default` when absent.
-pub(crate) fn parse_wait(wait: Option<&str>, default: u64, max: u64) -> Result<u64, ApiError> {
-    let Some(text) = wait else { return Ok(default) };
-    text.parse::<u64>().ok().filter(|w| *w <= max).ok_or_else(|| {
-        ApiError::BadRequest(format!("`wait` must be a whole number of seconds from 0 to {max}"))
-    })
-}
-
-/// A task as lists show it: without its output.
-fn summary(task: &Task) -> Value {
-    let mut value = serde_json::to_value(task).unwrap_or_default();
-    if let Value::Object(fields) = &mut value {
-        fields.remove("stdout");
-        fields.remove("stderr");
-    }
-    value
-}
-
-pub(crate) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id)
-        .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a task id (a UUID)")))
-}
-
-fn not_found(id: Uuid) -> ApiError {
-    ApiError::NotFound(format!("no task with id {id}"))
+pub(crate) fn parse_id(id: &str) -> Result<TaskId, ApiError> {
+    id.parse().map_err(|_| ApiError::Malformed(format!("{id:?} is not a task id (a UUID)")))
 }
 
 /// The list cursor: opaque to clients, the `seq` of the last task of the page underneath.
 mod cursor {
-    use crate::error::ApiError;
-
     const PREFIX: &str = "s";
 
     pub fn encode(seq: i64) -> String {
         format!("{PREFIX}{seq:x}")
     }
 
-    pub fn decode(cursor: &str) -> Result<i64, ApiError> {
+    pub fn decode(cursor: &str) -> Result<i64, String> {
         cursor
             .strip_prefix(PREFIX)
             .and_then(|hex| i64::from_str_radix(hex, 16).ok())
             .filter(|seq| *seq > 0)
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!("{cursor:?} is not a cursor from this API"))
-            })
+            .ok_or_else(|| format!("{cursor:?} is not a cursor from this API"))
     }
 }

@@ -1,240 +1,252 @@
-//! All SQL about tasks. Each function is one short statement: no transaction is ever held
-//! open while a command runs, and every agent write is fenced by the lease in its WHERE clause.
+//! All SQL about tasks but the fenced writes of an attempt (those are [`Lease`]'s). Each
+//! function is one short statement, checked against the schema at compile time: no transaction
+//! is ever held open while a command runs.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, QueryBuilder};
-use uuid::Uuid;
+use sqlx::{PgExecutor, PgPool};
+use taskexec_protocol::{LeaseToken, NewTask, Task, TaskId, TaskStatus};
 
-use super::model::{task_columns, Outcome, Task, TaskStatus};
+use super::lease::Lease;
+use crate::db::{DbError, Op};
 
 /// The channel that carries "a task may be queued" hints. Payload-free: a hint only says
 /// "look", the claim decides what there is.
-macro_rules! channel {
-    () => {
-        "taskexec_tasks"
-    };
-}
-pub const CHANNEL: &str = channel!();
+pub const CHANNEL: &str = "taskexec_tasks";
 
 /// The channel that carries abort requests; the payload is the task id.
-macro_rules! abort_channel {
-    () => {
-        "taskexec_aborts"
+pub const ABORT_CHANNEL: &str = "taskexec_aborts";
+
+/// Builds a `Task` from a row that has all of its columns (a `query!` record), so that
+/// statements returning a task and something more share one conversion.
+macro_rules! task_from {
+    ($row:expr) => {
+        Task {
+            id: $row.id,
+            command: $row.command,
+            status: $row.status,
+            created_at: $row.created_at,
+            started_at: $row.started_at,
+            running_at: $row.running_at,
+            finished_at: $row.finished_at,
+            exit_code: $row.exit_code,
+            stdout: $row.stdout,
+            stderr: $row.stderr,
+            stdout_lossy: $row.stdout_lossy,
+            stderr_lossy: $row.stderr_lossy,
+            stdout_truncated: $row.stdout_truncated,
+            stderr_truncated: $row.stderr_truncated,
+            stdout_bytes: $row.stdout_bytes,
+            stderr_bytes: $row.stderr_bytes,
+            error: $row.error,
+            agent: $row.agent,
+            attempts: $row.attempts,
+            timeout_secs: $row.timeout_secs,
+            abort_requested_at: $row.abort_requested_at,
+        }
     };
 }
-pub const ABORT_CHANNEL: &str = abort_channel!();
+pub(crate) use task_from;
 
-/// Inserts a queued task.
-pub async fn insert(pool: &PgPool, command: &str, timeout_secs: u32) -> sqlx::Result<Task> {
-    let new = NewRow { id: Uuid::new_v4(), command, timeout_secs };
-    let mut made = insert_many(pool, &[new]).await?;
-    made.pop().ok_or(sqlx::Error::RowNotFound)
+/// A new task as inserted: queued, with the table's defaults.
+fn queued(id: TaskId, new: &NewTask, timeout_secs: u32, created_at: DateTime<Utc>) -> Task {
+    Task {
+        id,
+        command: new.command.clone(),
+        status: TaskStatus::Queued,
+        created_at,
+        started_at: None,
+        running_at: None,
+        finished_at: None,
+        exit_code: None,
+        stdout: None,
+        stderr: None,
+        stdout_lossy: false,
+        stderr_lossy: false,
+        stdout_truncated: false,
+        stderr_truncated: false,
+        stdout_bytes: 0,
+        stderr_bytes: 0,
+        error: None,
+        agent: None,
+        attempts: 0,
+        timeout_secs: timeout_secs as i32,
+        abort_requested_at: None,
+    }
 }
 
-/// A task to insert.
+/// A task to insert, with its timeout decided.
 pub struct NewRow<'a> {
-    pub id: Uuid,
-    pub command: &'a str,
+    pub task: &'a NewTask,
     pub timeout_secs: u32,
 }
 
 /// Inserts queued tasks in one statement, and returns them in the order given. Only what the
-/// database generates comes back (the time and the creation order): echoing the rest, the
-/// command above all, would only cost.
-pub async fn insert_many(pool: &PgPool, rows: &[NewRow<'_>]) -> sqlx::Result<Vec<Task>> {
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    let commands: Vec<&str> = rows.iter().map(|r| r.command).collect();
+/// database generates comes back (the time): echoing the rest, the command above all, would
+/// only cost.
+pub async fn insert_many(pool: &PgPool, rows: &[NewRow<'_>]) -> Result<Vec<Task>, DbError> {
+    let ids: Vec<TaskId> = rows.iter().map(|_| TaskId::random()).collect();
+    let uuids: Vec<_> = ids.iter().map(|id| *id.as_uuid()).collect();
+    let commands: Vec<&str> = rows.iter().map(|r| r.task.command.as_str()).collect();
     let timeouts: Vec<i32> = rows.iter().map(|r| r.timeout_secs as i32).collect();
-    let generated: Vec<(Uuid, DateTime<Utc>, i64)> = sqlx::query_as(
-        "INSERT INTO tasks (id, command, timeout_secs)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[])
-         RETURNING id, created_at, seq",
+    let generated = sqlx::query!(
+        r#"INSERT INTO tasks (id, command, timeout_secs)
+           SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[])
+           RETURNING id AS "id: TaskId", created_at"#,
+        &uuids,
+        &commands as &[&str],
+        &timeouts,
     )
-    .bind(&ids)
-    .bind(&commands)
-    .bind(&timeouts)
     .fetch_all(pool)
-    .await?;
-    let generated: HashMap<Uuid, (DateTime<Utc>, i64)> =
-        generated.into_iter().map(|(id, at, seq)| (id, (at, seq))).collect();
-    rows.iter()
-        .map(|row| {
-            let &(created_at, seq) = generated.get(&row.id).ok_or(sqlx::Error::RowNotFound)?;
-            Ok(Task::queued(row.id, row.command.to_owned(), row.timeout_secs, created_at, seq))
+    .await
+    .op("insert tasks")?;
+    let created: HashMap<TaskId, DateTime<Utc>> =
+        generated.into_iter().map(|row| (row.id, row.created_at)).collect();
+    ids.iter()
+        .zip(rows)
+        .map(|(id, row)| {
+            let created_at = created.get(id).copied().ok_or(sqlx::Error::RowNotFound);
+            Ok(queued(*id, row.task, row.timeout_secs, created_at.op("insert tasks")?))
         })
         .collect()
 }
 
-pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Task>> {
-    let sql = concat!("SELECT ", task_columns!(), " FROM tasks WHERE id = $1");
-    sqlx::query_as(sql).bind(id).fetch_optional(pool).await
+/// Inserts one queued task (tests and tools; the API goes through the intake).
+pub async fn insert(pool: &PgPool, command: &str, timeout_secs: u32) -> Result<Task, DbError> {
+    let new = NewTask::new(command);
+    let mut made = insert_many(pool, &[NewRow { task: &new, timeout_secs }]).await?;
+    made.pop().ok_or(sqlx::Error::RowNotFound).op("insert a task")
+}
+
+pub async fn get(pool: &PgPool, id: TaskId) -> Result<Option<Task>, DbError> {
+    sqlx::query_as!(
+        Task,
+        r#"SELECT id AS "id: TaskId", command, status AS "status: TaskStatus", created_at,
+                  started_at, running_at, finished_at, exit_code, stdout, stderr, stdout_lossy,
+                  stderr_lossy, stdout_truncated, stderr_truncated, stdout_bytes, stderr_bytes,
+                  error, agent, attempts, timeout_secs, abort_requested_at
+             FROM tasks WHERE id = $1"#,
+        id as TaskId,
+    )
+    .fetch_optional(pool)
+    .await
+    .op("load a task")
+}
+
+/// A task of a list, and its place in creation order (the list cursor is made from it).
+pub struct Listed {
+    pub task: Task,
+    pub seq: i64,
 }
 
 /// Newest first: tasks with `seq` below `before`, optionally of one status; without their
-/// output (`stdout` and `stderr` are `None`).
+/// output (`stdout` and `stderr` are `None`: they can weigh megabytes per task). One statement
+/// per shape, so that each gets a plan that uses its index.
 pub async fn list(
     pool: &PgPool,
     status: Option<TaskStatus>,
     before: Option<i64>,
     limit: i64,
-) -> sqlx::Result<Vec<Task>> {
-    // Built per shape rather than with `$1 IS NULL OR ...`, so every shape gets a plan that
-    // uses its index.
-    let mut query =
-        QueryBuilder::new(concat!("SELECT ", task_columns!(summary), " FROM tasks WHERE true"));
-    if let Some(status) = status {
-        query.push(" AND status = ").push_bind(status);
+) -> Result<Vec<Listed>, DbError> {
+    let before = before.unwrap_or(i64::MAX);
+    macro_rules! listed {
+        ($rows:expr) => {
+            $rows.into_iter().map(|row| Listed { seq: row.seq, task: task_from!(row) }).collect()
+        };
     }
-    if let Some(before) = before {
-        query.push(" AND seq < ").push_bind(before);
-    }
-    query.push(" ORDER BY seq DESC LIMIT ").push_bind(limit);
-    query.build_query_as().fetch_all(pool).await
+    let Some(status) = status else {
+        let rows = sqlx::query!(
+            r#"SELECT id AS "id: TaskId", command, status AS "status: TaskStatus", created_at,
+                      started_at, running_at, finished_at, exit_code, NULL::text AS stdout,
+                      NULL::text AS stderr, stdout_lossy, stderr_lossy, stdout_truncated,
+                      stderr_truncated, stdout_bytes, stderr_bytes, error, agent, attempts,
+                      timeout_secs, abort_requested_at, seq
+                 FROM tasks WHERE seq < $1 ORDER BY seq DESC LIMIT $2"#,
+            before,
+            limit,
+        )
+        .fetch_all(pool)
+        .await
+        .op("list tasks")?;
+        return Ok(listed!(rows));
+    };
+    let rows = sqlx::query!(
+        r#"SELECT id AS "id: TaskId", command, status AS "status: TaskStatus", created_at,
+                  started_at, running_at, finished_at, exit_code, NULL::text AS stdout,
+                  NULL::text AS stderr, stdout_lossy, stderr_lossy, stdout_truncated,
+                  stderr_truncated, stdout_bytes, stderr_bytes, error, agent, attempts,
+                  timeout_secs, abort_requested_at, seq
+             FROM tasks WHERE status = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"#,
+        status as TaskStatus,
+        before,
+        limit,
+    )
+    .fetch_all(pool)
+    .await
+    .op("list tasks of a status")?;
+    Ok(listed!(rows))
 }
 
-/// A task claimed for the waiter at `slot` (0-based) of the batch.
-#[derive(Debug, sqlx::FromRow)]
+/// A task claimed for the waiter at `slot` (0-based) of the batch, with its lease.
+#[derive(Debug)]
 pub struct Claimed {
-    #[sqlx(flatten)]
     pub task: Task,
-    pub lease: Uuid,
+    pub lease: Lease,
     pub lease_expires_at: DateTime<Utc>,
-    pub slot: i64,
+    pub slot: usize,
 }
 
 /// Claims up to `agents.len()` queued tasks in one statement, oldest first, and assigns the
-/// oldest to `agents[0]`, the next to `agents[1]`, and so on, each with a lease of
+/// oldest to `agents[0]`, the next to `agents[1]`, and so on, each with a fresh lease of
 /// `lease_secs`. Rows that another claimer holds are skipped, never waited for, so concurrent
 /// claimers never receive the same task.
 pub async fn claim(
     pool: &PgPool,
     agents: &[String],
     lease_secs: u32,
-) -> sqlx::Result<Vec<Claimed>> {
+) -> Result<Vec<Claimed>, DbError> {
     // FOR UPDATE cannot sit beside a window function, hence the inner `locked` query.
-    let sql = concat!(
-        "WITH locked AS (
-             SELECT id, seq FROM tasks WHERE status = 'queued'
-             ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED
-         ),
-         numbered AS (SELECT id, row_number() OVER (ORDER BY seq) AS slot FROM locked),
-         waiters AS (SELECT agent, slot FROM unnest($1::text[]) WITH ORDINALITY AS w(agent, slot))
-         UPDATE tasks t
-            SET status = 'in_progress', started_at = now(), attempts = t.attempts + 1,
-                lease = gen_random_uuid(), agent = waiters.agent,
-                lease_expires_at = now() + $3 * interval '1 second'
-           FROM numbered JOIN waiters USING (slot)
-          WHERE t.id = numbered.id
-         RETURNING ",
-        task_columns!("t."),
-        ", t.lease, t.lease_expires_at, numbered.slot - 1 AS slot"
-    );
-    let mut claimed: Vec<Claimed> = sqlx::query_as(sql)
-        .bind(agents)
-        .bind(agents.len() as i64)
-        .bind(lease_secs as f64)
-        .fetch_all(pool)
-        .await?;
+    let rows = sqlx::query!(
+        r#"WITH locked AS (
+               SELECT id, seq FROM tasks WHERE status = 'queued'
+               ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED
+           ),
+           numbered AS (SELECT id, row_number() OVER (ORDER BY seq) AS slot FROM locked),
+           waiters AS (
+               SELECT agent, slot FROM unnest($1::text[]) WITH ORDINALITY AS w(agent, slot)
+           )
+           UPDATE tasks t
+              SET status = 'in_progress', started_at = now(), attempts = t.attempts + 1,
+                  lease = gen_random_uuid(), agent = waiters.agent,
+                  lease_expires_at = now() + $3 * interval '1 second'
+             FROM numbered JOIN waiters USING (slot)
+            WHERE t.id = numbered.id
+           RETURNING t.id AS "id: TaskId", t.command, t.status AS "status: TaskStatus",
+                     t.created_at, t.started_at, t.running_at, t.finished_at, t.exit_code,
+                     t.stdout, t.stderr, t.stdout_lossy, t.stderr_lossy, t.stdout_truncated,
+                     t.stderr_truncated, t.stdout_bytes, t.stderr_bytes, t.error, t.agent,
+                     t.attempts, t.timeout_secs, t.abort_requested_at,
+                     t.lease AS "lease!: LeaseToken", t.lease_expires_at AS "lease_expires_at!",
+                     numbered.slot - 1 AS "slot!""#,
+        agents,
+        agents.len() as i64,
+        f64::from(lease_secs),
+    )
+    .fetch_all(pool)
+    .await
+    .op("claim queued tasks")?;
+    let mut claimed: Vec<Claimed> = rows
+        .into_iter()
+        .map(|row| Claimed {
+            lease: Lease { task: row.id, token: row.lease },
+            lease_expires_at: row.lease_expires_at,
+            slot: usize::try_from(row.slot).unwrap_or(usize::MAX),
+            task: task_from!(row),
+        })
+        .collect();
     claimed.sort_by_key(|c| c.slot);
     Ok(claimed)
-}
-
-/// Ends the current attempt of the tasks in a `fate` CTE (columns `id`, `fate`): `refunded`
-/// and `requeued` go back to the queue as if never picked (`refunded` also gives the attempt
-/// back) with their output cleared; `cancelled` is cancelled; any other fate fails the task.
-/// Each caller adds its `error` and its counters. Shared by the reaper and the release so that
-/// both leave a task in the same state for the same fate.
-macro_rules! end_attempt {
-    () => {
-        "cleared AS (
-             DELETE FROM task_output o USING fate
-              WHERE o.task_id = fate.id AND fate.fate IN ('refunded', 'requeued')
-         )
-         UPDATE tasks t SET
-             status = CASE WHEN fate IN ('refunded', 'requeued') THEN 'queued'
-                           WHEN fate = 'cancelled' THEN 'cancelled'
-                           ELSE 'failed' END::task_status,
-             finished_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE now() END,
-             started_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.started_at END,
-             running_at = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.running_at END,
-             agent = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.agent END,
-             lease = CASE WHEN fate IN ('refunded', 'requeued') THEN NULL ELSE t.lease END,
-             lease_expires_at = NULL,
-             attempts = CASE WHEN fate = 'refunded' THEN t.attempts - 1 ELSE t.attempts END,
-             stdout_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stdout_bytes END,
-             stderr_bytes = CASE WHEN fate IN ('refunded', 'requeued') THEN 0 ELSE t.stderr_bytes END"
-    };
-}
-
-/// Hands a task back to the queue: an agent that is draining. The attempt is refunded up to
-/// `max_attempts` times per task; past that it counts, and a task out of attempts fails, so a
-/// command that makes its agent hand it back cannot loop forever. A task whose abort was
-/// requested is cancelled instead, since that is what its user asked for. Fenced by the lease.
-pub async fn release(
-    pool: &PgPool,
-    id: Uuid,
-    lease: Uuid,
-    max_attempts: u32,
-) -> sqlx::Result<Option<Task>> {
-    let sql = concat!(
-        "WITH fate AS (
-             SELECT id,
-                    CASE WHEN abort_requested_at IS NOT NULL THEN 'cancelled'
-                         WHEN releases < $3 THEN 'refunded'
-                         WHEN attempts < $3 THEN 'requeued'
-                         ELSE 'exhausted' END AS fate
-               FROM tasks WHERE id = $1 AND lease = $2 AND status = 'in_progress'
-         ), ",
-        end_attempt!(),
-        ",
-             error = CASE fate WHEN 'cancelled' THEN 'aborted before it ran to the end'
-                               WHEN 'exhausted' THEN 'handed back by its agents too often'
-                               ELSE NULL END,
-             releases = t.releases + 1
-           FROM fate WHERE t.id = fate.id
-         RETURNING ",
-        task_columns!("t.")
-    );
-    sqlx::query_as(sql).bind(id).bind(lease).bind(max_attempts as i32).fetch_optional(pool).await
-}
-
-/// Undoes a claim whose pick had gone before the task could be handed over: the task is
-/// queued again as if it had never been picked. Fenced by the lease.
-pub async fn unclaim(pool: &PgPool, id: Uuid, lease: Uuid) -> sqlx::Result<bool> {
-    let done = sqlx::query(
-        "UPDATE tasks SET status = 'queued', started_at = NULL, agent = NULL, lease = NULL,
-                lease_expires_at = NULL, attempts = attempts - 1
-          WHERE id = $1 AND lease = $2 AND status = 'in_progress' AND running_at IS NULL
-            AND abort_requested_at IS NULL",
-    )
-    .bind(id)
-    .bind(lease)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Extends the lease of the current attempt by `lease_secs` and says whether an abort is
-/// pending. `None` when the lease is not current (the agent has been fenced off).
-pub async fn heartbeat(
-    pool: &PgPool,
-    id: Uuid,
-    lease: Uuid,
-    lease_secs: u32,
-) -> sqlx::Result<Option<(bool, DateTime<Utc>)>> {
-    sqlx::query_as(
-        "UPDATE tasks SET lease_expires_at = now() + $3 * interval '1 second',
-                running_at = coalesce(running_at, now())
-          WHERE id = $1 AND lease = $2 AND status = 'in_progress'
-         RETURNING abort_requested_at IS NOT NULL, lease_expires_at",
-    )
-    .bind(id)
-    .bind(lease)
-    .bind(lease_secs as f64)
-    .fetch_optional(pool)
-    .await
 }
 
 /// What an abort did.
@@ -249,155 +261,158 @@ pub enum Aborted {
 /// (the notification goes out when the statement commits). One statement, so that a task the
 /// reaper requeues meanwhile is handled as what it is now. `None` when the task is neither
 /// queued nor running.
-pub async fn abort(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Aborted>> {
-    let sql = concat!(
-        "WITH aborted AS (
-             UPDATE tasks SET
-                 status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-                 finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
-                 abort_requested_at = CASE WHEN status = 'in_progress'
-                                           THEN coalesce(abort_requested_at, now()) END
-              WHERE id = $1 AND status IN ('queued', 'in_progress')
-             RETURNING *
-         )
-         SELECT ",
-        task_columns!(),
-        ", CASE WHEN status = 'in_progress' THEN pg_notify('",
-        abort_channel!(),
-        "', id::text) END IS NOT NULL AS notified FROM aborted"
-    );
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        #[sqlx(flatten)]
-        task: Task,
-    }
-    let row: Option<Row> = sqlx::query_as(sql).bind(id).fetch_optional(pool).await?;
-    Ok(row.map(|Row { task }| match task.status {
-        TaskStatus::Cancelled => Aborted::Cancelled(task),
-        _ => Aborted::Requested(task),
+pub async fn abort(pool: &PgPool, id: TaskId) -> Result<Option<Aborted>, DbError> {
+    let row = sqlx::query!(
+        r#"WITH aborted AS (
+               UPDATE tasks SET
+                   status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+                   finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+                   abort_requested_at = CASE WHEN status = 'in_progress'
+                                             THEN coalesce(abort_requested_at, now()) END
+                WHERE id = $1 AND status IN ('queued', 'in_progress')
+               RETURNING *
+           )
+           SELECT id AS "id!: TaskId", command AS "command!",
+                  status AS "status!: TaskStatus", created_at AS "created_at!", started_at,
+                  running_at, finished_at, exit_code, stdout, stderr,
+                  stdout_lossy AS "stdout_lossy!", stderr_lossy AS "stderr_lossy!",
+                  stdout_truncated AS "stdout_truncated!", stderr_truncated AS "stderr_truncated!",
+                  stdout_bytes AS "stdout_bytes!", stderr_bytes AS "stderr_bytes!", error, agent,
+                  attempts AS "attempts!", timeout_secs AS "timeout_secs!", abort_requested_at,
+                  CASE WHEN status = 'in_progress' THEN pg_notify($2, id::text) END
+                      IS NOT NULL AS "notified!"
+             FROM aborted"#,
+        id as TaskId,
+        ABORT_CHANNEL,
+    )
+    .fetch_optional(pool)
+    .await
+    .op("abort a task")?;
+    Ok(row.map(|row| {
+        let task = task_from!(row);
+        match task.status {
+            TaskStatus::Cancelled => Aborted::Cancelled(task),
+            _ => Aborted::Requested(task),
+        }
     }))
 }
 
-/// Records the result of the attempt that `outcome.lease` identifies, if it is still the
-/// current, unfinished one. `None` means nothing was written.
-pub async fn finish(pool: &PgPool, id: Uuid, outcome: &Outcome) -> sqlx::Result<Option<Task>> {
-    let sql = concat!(
-        "UPDATE tasks
-            SET status = CASE WHEN $10 AND abort_requested_at IS NOT NULL
-                              THEN 'cancelled'::task_status ELSE $3 END,
-                exit_code = $4, error = $5, stdout = $6, stderr = $7,
-                stdout_lossy = $8, stderr_lossy = $9, finished_at = now(),
-                stdout_truncated = $13, stderr_truncated = $14,
-                lease_expires_at = NULL
-          WHERE id = $1 AND lease = $2 AND status = 'in_progress'
-            AND ($11::bigint IS NULL OR stdout_bytes >= $11)
-            AND ($12::bigint IS NULL OR stderr_bytes >= $12)
-         RETURNING ",
-        task_columns!()
-    );
-    sqlx::query_as(sql)
-        .bind(id)
-        .bind(outcome.lease)
-        .bind(outcome.status)
-        .bind(outcome.exit_code)
-        .bind(&outcome.error)
-        .bind(&outcome.stdout)
-        .bind(&outcome.stderr)
-        .bind(outcome.stdout_lossy)
-        .bind(outcome.stderr_lossy)
-        .bind(outcome.aborted)
-        .bind(outcome.stdout_bytes)
-        .bind(outcome.stderr_bytes)
-        .bind(outcome.stdout_truncated)
-        .bind(outcome.stderr_truncated)
-        .fetch_optional(pool)
-        .await
-}
-
-/// The task and its current lease, to explain why a fenced write changed nothing.
-pub async fn get_with_lease(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<(Task, Option<Uuid>)>> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        #[sqlx(flatten)]
-        task: Task,
-        lease: Option<Uuid>,
-    }
-    let sql = concat!("SELECT ", task_columns!(), ", lease FROM tasks WHERE id = $1");
-    let row: Option<Row> = sqlx::query_as(sql).bind(id).fetch_optional(pool).await?;
-    Ok(row.map(|r| (r.task, r.lease)))
+/// The task and its current lease token, to explain why a fenced write changed nothing.
+pub async fn get_with_lease(
+    pool: &PgPool,
+    id: TaskId,
+) -> Result<Option<(Task, Option<LeaseToken>)>, DbError> {
+    let row = sqlx::query!(
+        r#"SELECT id AS "id: TaskId", command, status AS "status: TaskStatus", created_at,
+                  started_at, running_at, finished_at, exit_code, stdout, stderr, stdout_lossy,
+                  stderr_lossy, stdout_truncated, stderr_truncated, stdout_bytes, stderr_bytes,
+                  error, agent, attempts, timeout_secs, abort_requested_at,
+                  lease AS "lease: LeaseToken"
+             FROM tasks WHERE id = $1"#,
+        id as TaskId,
+    )
+    .fetch_optional(pool)
+    .await
+    .op("load a task and its lease")?;
+    Ok(row.map(|row| {
+        let lease = row.lease;
+        (task_from!(row), lease)
+    }))
 }
 
 /// Tells every listening API process that a task may be waiting.
-pub async fn notify(pool: &PgPool) -> sqlx::Result<()> {
-    sqlx::query(concat!("NOTIFY ", channel!())).execute(pool).await.map(|_| ())
+pub async fn notify(db: impl PgExecutor<'_>) -> Result<(), DbError> {
+    sqlx::query!("SELECT pg_notify($1, '')", CHANNEL)
+        .execute(db)
+        .await
+        .map(|_| ())
+        .op("notify the dispatchers")
 }
 
-/// What one reaper pass did.
+/// How an attempt ended other than by its agent's finish (the `attempt_fate` enum of the
+/// schema, where `end_attempt` applies it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type)]
+#[sqlx(type_name = "attempt_fate", rename_all = "snake_case")]
+pub enum Fate {
+    /// Back to the queue, the attempt given back (a pick never confirmed, a hand-back).
+    Refunded,
+    /// Back to the queue, the attempt counted (an expired lease).
+    Requeued,
+    /// Its abort was requested: cancelled.
+    Cancelled,
+    /// Its lease expired on the last attempt: failed, "agent lost".
+    Lost,
+    /// Still running past timeout + grace + lease: failed.
+    TimedOut,
+    /// Handed back too often: failed.
+    Exhausted,
+}
+
+impl Fate {
+    /// Whether the task goes back to the queue.
+    pub fn requeues(self) -> bool {
+        matches!(self, Fate::Refunded | Fate::Requeued)
+    }
+}
+
+/// What one reaper pass did: the fate of each attempt it ended.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reaped {
-    /// Expired leases whose task went back to the queue.
-    pub requeued: u64,
-    /// Of those, picks never confirmed by their agent, whose attempt was refunded.
-    pub refunded: u64,
-    /// Expired leases on the last allowed attempt: failed, "agent lost".
-    pub lost: u64,
-    /// Expired leases of tasks whose abort was requested: cancelled.
-    pub cancelled: u64,
-    /// Tasks still running past timeout + grace + lease: failed, "timed out".
-    pub timed_out: u64,
-    /// Every task whose attempt the pass ended.
-    pub ended: Vec<Uuid>,
+    pub ended: Vec<(TaskId, Fate)>,
+}
+
+impl Reaped {
+    /// How many attempts met `fate`.
+    pub fn count(&self, fate: Fate) -> usize {
+        self.ended.iter().filter(|(_, f)| *f == fate).count()
+    }
+
+    /// Tasks that went back to the queue (refunded or requeued).
+    pub fn requeued(&self) -> usize {
+        self.ended.iter().filter(|(_, f)| f.requeues()).count()
+    }
 }
 
 /// One pass of the reaper, in one statement over running tasks that no one else holds (SKIP
 /// LOCKED), so that reapers in several API processes handle each expiry once. A task is
 /// failed when it overran its timeout by `overrun_secs` (grace plus lease), whatever its
 /// lease; otherwise, once its lease has expired, it is cancelled if its abort was requested,
-/// requeued with the attempt refunded if its agent never confirmed the pick (up to
-/// `max_attempts` times), failed as "agent lost" on its last attempt, or else requeued.
-pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> sqlx::Result<Reaped> {
-    let fates: Vec<(Uuid, String)> = sqlx::query_as(concat!(
-        "WITH due AS (
-             SELECT id, attempts, lost_picks, running_at, abort_requested_at,
-                    started_at + (timeout_secs + $2) * interval '1 second' < now() AS overran
-               FROM tasks
-              WHERE status = 'in_progress'
-                AND (lease_expires_at < now()
-                     OR started_at + (timeout_secs + $2) * interval '1 second' < now())
-              FOR UPDATE SKIP LOCKED
-         ),
-         fate AS (
-             SELECT id,
-                    CASE WHEN overran THEN 'timed_out'
-                         WHEN abort_requested_at IS NOT NULL THEN 'cancelled'
-                         WHEN running_at IS NULL AND lost_picks < $1 THEN 'refunded'
-                         WHEN attempts >= $1 THEN 'lost'
-                         ELSE 'requeued' END AS fate
-               FROM due
-         ), ",
-        end_attempt!(),
-        ",
-             error = CASE fate
-                         WHEN 'timed_out'
-                         THEN 'timed out after ' || t.timeout_secs || ' s; its agent did not stop it'
-                         WHEN 'cancelled' THEN 'aborted; its agent was lost'
-                         WHEN 'lost' THEN 'agent lost'
-                     END,
-             lost_picks = CASE WHEN fate = 'refunded' THEN t.lost_picks + 1 ELSE t.lost_picks END
-           FROM fate WHERE t.id = fate.id
-         RETURNING t.id, fate"
-    ))
-    .bind(max_attempts as i32)
-    .bind(overrun_secs as f64)
+/// refunded if its agent never confirmed the pick (up to `max_attempts` times), failed as
+/// "agent lost" on its last attempt, or else requeued.
+pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> Result<Reaped, DbError> {
+    let rows = sqlx::query!(
+        r#"WITH due AS (
+               SELECT id, attempts, lost_picks, running_at, abort_requested_at, timeout_secs,
+                      started_at + (timeout_secs + $2) * interval '1 second' < now() AS overran
+                 FROM tasks
+                WHERE status = 'in_progress'
+                  AND (lease_expires_at < now()
+                       OR started_at + (timeout_secs + $2) * interval '1 second' < now())
+                FOR UPDATE SKIP LOCKED
+           ),
+           fated AS (
+               SELECT id, timeout_secs,
+                      CASE WHEN overran THEN 'timed_out'
+                           WHEN abort_requested_at IS NOT NULL THEN 'cancelled'
+                           WHEN running_at IS NULL AND lost_picks < $1 THEN 'refunded'
+                           WHEN attempts >= $1 THEN 'lost'
+                           ELSE 'requeued' END::attempt_fate AS fate
+                 FROM due
+           )
+           SELECT ended.id AS "id!: TaskId", fated.fate AS "fate!: Fate"
+             FROM fated,
+                  LATERAL end_attempt(fated.id, fated.fate,
+                      CASE fated.fate
+                          WHEN 'timed_out' THEN 'timed out after ' || fated.timeout_secs
+                                                || ' s; its agent did not stop it'
+                          WHEN 'cancelled' THEN 'aborted; its agent was lost'
+                          WHEN 'lost' THEN 'agent lost'
+                      END, false) AS ended"#,
+        max_attempts as i32,
+        overrun_secs as i32,
+    )
     .fetch_all(pool)
-    .await?;
-    let count = |name: &str| fates.iter().filter(|(_, fate)| fate == name).count() as u64;
-    Ok(Reaped {
-        ended: fates.iter().map(|(id, _)| *id).collect(),
-        requeued: count("requeued") + count("refunded"),
-        refunded: count("refunded"),
-        lost: count("lost"),
-        cancelled: count("cancelled"),
-        timed_out: count("timed_out"),
-    })
+    .await
+    .op("reap expired leases")?;
+    Ok(Reaped { ended: rows.into_iter().map(|row| (row.id, row.fate)).collect() })
 }

@@ -1,0 +1,154 @@
+//! The lease of an attempt, as a value: the task and the token a pick handed out. Its methods
+//! are the only writes to a running attempt, and each is fenced by the token in its WHERE
+//! clause, so that an agent whose lease is no longer current changes nothing. (Output uploads,
+//! the other fenced write, take a `&Lease` too: see `output::store::append`.)
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgExecutor, PgPool};
+use taskexec_protocol::{LeaseToken, Task, TaskId, TaskStatus};
+
+use super::model::Outcome;
+use super::store::task_from;
+use crate::db::{DbError, Op};
+
+/// The capability to write to one attempt of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub task: TaskId,
+    pub token: LeaseToken,
+}
+
+/// What a heartbeat learned.
+#[derive(Debug, Clone, Copy)]
+pub struct Beat {
+    /// A user asked to abort the task.
+    pub abort: bool,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+impl Lease {
+    /// Extends the lease by `lease_secs` and says whether an abort is pending; the first
+    /// heartbeat also records that the command runs. `None` when the lease is not current.
+    pub async fn heartbeat(&self, pool: &PgPool, lease_secs: u32) -> Result<Option<Beat>, DbError> {
+        let row = sqlx::query!(
+            r#"UPDATE tasks SET lease_expires_at = now() + $3 * interval '1 second',
+                      running_at = coalesce(running_at, now())
+                WHERE id = $1 AND lease = $2 AND status = 'in_progress'
+               RETURNING abort_requested_at IS NOT NULL AS "abort!",
+                         lease_expires_at AS "lease_expires_at!""#,
+            self.task as TaskId,
+            self.token as LeaseToken,
+            f64::from(lease_secs),
+        )
+        .fetch_optional(pool)
+        .await
+        .op("extend a lease")?;
+        Ok(row.map(|row| Beat { abort: row.abort, lease_expires_at: row.lease_expires_at }))
+    }
+
+    /// Records the outcome of the attempt, if it is still the current, unfinished one and the
+    /// uploads reach the lengths the outcome states. `None` means nothing was written.
+    pub async fn finish(&self, pool: &PgPool, outcome: &Outcome) -> Result<Option<Task>, DbError> {
+        let [stdout_bytes, stderr_bytes] = outcome.lengths.map_or([None, None], |lengths| {
+            lengths.map(|n| Some(i64::try_from(n).unwrap_or(i64::MAX)))
+        });
+        let row = sqlx::query!(
+            r#"UPDATE tasks SET
+                      status = CASE WHEN $3 AND abort_requested_at IS NOT NULL
+                                    THEN 'cancelled'::task_status ELSE $4 END,
+                      exit_code = $5, error = $6,
+                      stdout = $7, stdout_lossy = $8, stdout_truncated = $9,
+                      stderr = $10, stderr_lossy = $11, stderr_truncated = $12,
+                      finished_at = now(), lease_expires_at = NULL,
+                      running_at = coalesce(running_at,
+                          CASE WHEN $15::float8 IS NOT NULL
+                               THEN greatest(started_at, now() - $15 * interval '1 millisecond')
+                          END)
+                WHERE id = $1 AND lease = $2 AND status = 'in_progress'
+                  AND ($13::bigint IS NULL OR stdout_bytes >= $13)
+                  AND ($14::bigint IS NULL OR stderr_bytes >= $14)
+               RETURNING id AS "id: TaskId", command, status AS "status: TaskStatus",
+                         created_at, started_at, running_at, finished_at, exit_code, stdout,
+                         stderr, stdout_lossy, stderr_lossy, stdout_truncated, stderr_truncated,
+                         stdout_bytes, stderr_bytes, error, agent, attempts, timeout_secs,
+                         abort_requested_at"#,
+            self.task as TaskId,
+            self.token as LeaseToken,
+            outcome.aborted,
+            outcome.status as TaskStatus,
+            outcome.exit_code,
+            outcome.error,
+            outcome.stdout.text,
+            outcome.stdout.lossy,
+            outcome.stdout.truncated,
+            outcome.stderr.text,
+            outcome.stderr.lossy,
+            outcome.stderr.truncated,
+            stdout_bytes,
+            stderr_bytes,
+            outcome.ran_for_ms.map(|ms| ms as f64),
+        )
+        .fetch_optional(pool)
+        .await
+        .op("record a finish")?;
+        Ok(row.map(|row| task_from!(row)))
+    }
+
+    /// Hands the task back to the queue: an agent that is draining. The attempt is refunded up
+    /// to `max_attempts` times per task; past that it counts, and a task out of attempts fails,
+    /// so a command that makes its agent hand it back cannot loop forever. A task whose abort
+    /// was requested is cancelled instead, since that is what its user asked for.
+    pub async fn release(&self, pool: &PgPool, max_attempts: u32) -> Result<Option<Task>, DbError> {
+        let row = sqlx::query!(
+            r#"WITH current AS (
+                   SELECT id,
+                          CASE WHEN abort_requested_at IS NOT NULL THEN 'cancelled'
+                               WHEN releases < $3 THEN 'refunded'
+                               WHEN attempts < $3 THEN 'requeued'
+                               ELSE 'exhausted' END::attempt_fate AS fate
+                     FROM tasks WHERE id = $1 AND lease = $2 AND status = 'in_progress'
+                      FOR UPDATE
+               )
+               SELECT t.id AS "id!: TaskId", t.command AS "command!",
+                      t.status AS "status!: TaskStatus", t.created_at AS "created_at!",
+                      t.started_at, t.running_at, t.finished_at, t.exit_code, t.stdout, t.stderr,
+                      t.stdout_lossy AS "stdout_lossy!", t.stderr_lossy AS "stderr_lossy!",
+                      t.stdout_truncated AS "stdout_truncated!",
+                      t.stderr_truncated AS "stderr_truncated!",
+                      t.stdout_bytes AS "stdout_bytes!", t.stderr_bytes AS "stderr_bytes!",
+                      t.error, t.agent, t.attempts AS "attempts!",
+                      t.timeout_secs AS "timeout_secs!", t.abort_requested_at
+                 FROM current,
+                      LATERAL end_attempt(current.id, current.fate,
+                          CASE current.fate
+                              WHEN 'cancelled' THEN 'aborted before it ran to the end'
+                              WHEN 'exhausted' THEN 'handed back by its agents too often'
+                          END, true) AS t"#,
+            self.task as TaskId,
+            self.token as LeaseToken,
+            max_attempts as i32,
+        )
+        .fetch_optional(pool)
+        .await
+        .op("hand a task back")?;
+        Ok(row.map(|row| task_from!(row)))
+    }
+
+    /// Undoes a claim whose pick had gone before the task reached it: the task is queued again
+    /// as if it had never been picked. False when the attempt has moved on (the agent got it
+    /// after all and confirmed it, or an abort came first).
+    pub async fn unclaim(&self, db: impl PgExecutor<'_>) -> Result<bool, DbError> {
+        let done = sqlx::query!(
+            "UPDATE tasks SET status = 'queued', started_at = NULL, agent = NULL, lease = NULL,
+                    lease_expires_at = NULL, attempts = attempts - 1
+              WHERE id = $1 AND lease = $2 AND status = 'in_progress' AND running_at IS NULL
+                AND abort_requested_at IS NULL",
+            self.task as TaskId,
+            self.token as LeaseToken,
+        )
+        .execute(db)
+        .await
+        .op("put back an undelivered pick")?;
+        Ok(done.rows_affected() == 1)
+    }
+}

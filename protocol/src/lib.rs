@@ -1,0 +1,17 @@
+//! The taskexec wire protocol, written once and used by the API, the agent, the tests and the
+//! benchmark: what a task looks like, what a pick hands out and on which terms, what an agent
+//! reports, how live output is addressed, what an error says, and the rule by which output is
+//! capped. Types carry the rules: a [`TaskId`] is not a [`LeaseToken`], a [`TaskStatus`] knows
+//! whether it is terminal, a [`ProblemType`] is matched as a value, not a string.
+
+mod ids;
+pub mod lease;
+pub mod output;
+mod problem;
+mod task;
+
+pub use ids::{LeaseToken, ParseIdError, TaskId};
+pub use lease::{Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseTerms};
+pub use output::{OutputAck, OutputCap, Stream};
+pub use problem::{Problem, ProblemType};
+pub use task::{NewTask, Task, TaskPage, TaskStatus, UnknownStatus};
