@@ -28,12 +28,14 @@ build:
 	cargo build --workspace --bins
 
 # All tests against a real PostgreSQL: $DATABASE_URL, else the server on 127.0.0.1:5432,
-# else a throwaway cluster started from the installed PostgreSQL binaries.
+# else a throwaway cluster started from the installed PostgreSQL binaries. Also checks that
+# the offline query data in .sqlx/ is current. Every failure is reported, then a summary.
 test: build
-	scripts/with-postgres cargo test --workspace
+	scripts/with-postgres scripts/test
 
-# The whole system natively, without Docker: PostgreSQL (as for `make test`), the API on
-# port 3500 and two agents. Ctrl-C stops everything.
+# The whole system natively, without Docker: the API on port 3500 and two agents, on a
+# database of its own (taskexec_dev) on the PostgreSQL that `make test` would use. Ctrl-C
+# stops the agents, then the API.
 dev: build
 	scripts/with-postgres scripts/dev
 
