@@ -453,7 +453,7 @@ async fn a_finish_records_an_exit_code_or_an_error() {
     let finished = app
         .finish(
             ran.task.id,
-            &FinishReport { stdout: "ok\n".into(), ..FinishReport::exited(ran.lease, 0) },
+            &FinishReport { stdout: Some("ok\n".into()), ..FinishReport::exited(ran.lease, 0) },
         )
         .await
         .unwrap();
@@ -522,7 +522,8 @@ async fn a_repeated_finish_answers_200_and_is_recorded_once() {
     app.submit("echo x").await;
     let picked = app.pick("a", 0).await.unwrap().unwrap();
     let id = picked.task.id;
-    let report = FinishReport { stdout: "x\n".into(), ..FinishReport::exited(picked.lease, 0) };
+    let report =
+        FinishReport { stdout: Some("x\n".into()), ..FinishReport::exited(picked.lease, 0) };
     let first = app.finish(id, &report).await.unwrap();
 
     let again = app.finish(id, &report).await.unwrap();
@@ -546,7 +547,7 @@ async fn bad_finish_reports_are_refused_without_effect() {
         (FinishReport::exited(lease, -1), "between 0 and 255"),
         (FinishReport { exit_code: None, ..FinishReport::exited(lease, 0) }, "give `exit_code`"),
         (FinishReport { error: Some("both".into()), ..FinishReport::exited(lease, 0) }, "not both"),
-        (FinishReport { stdout: "a\u{0}b".into(), ..FinishReport::exited(lease, 0) }, "NUL"),
+        (FinishReport { stdout: Some("a\u{0}b".into()), ..FinishReport::exited(lease, 0) }, "NUL"),
     ];
     for (report, needle) in typed {
         let failure = app.finish(id, &report).await.unwrap_err();

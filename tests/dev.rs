@@ -20,6 +20,30 @@ struct Dev {
 
 impl Dev {
     async fn start() -> Dev {
+        let (mut dev, mut lines) = Dev::spawn().await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while dev.pids.is_empty() {
+            let line = tokio::time::timeout_at(deadline, lines.next_line())
+                .await
+                .expect("scripts/dev says it is running")
+                .unwrap()
+                .expect("scripts/dev ended early");
+            if line.starts_with("taskexec is running") {
+                let port = dev.api.base.rsplit(':').next().unwrap().parse::<i32>().unwrap();
+                dev.pids = line
+                    .split(|c: char| !c.is_ascii_digit())
+                    .filter_map(|n| n.parse::<i32>().ok())
+                    .filter(|n| *n != port)
+                    .collect();
+            }
+        }
+        assert_eq!(dev.pids.len(), 3, "the API and two agents");
+        dev.api.until_parked(2).await;
+        dev
+    }
+
+    /// `scripts/dev` started, and its output's lines.
+    async fn spawn() -> (Dev, tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) {
         binary("taskexec-api");
         let db = TestDb::create().await;
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -39,27 +63,9 @@ impl Dev {
             .kill_on_drop(true)
             .spawn()
             .expect("start scripts/dev");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut pids = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while pids.is_empty() {
-            let line = tokio::time::timeout_at(deadline, lines.next_line())
-                .await
-                .expect("scripts/dev says it is running")
-                .unwrap()
-                .expect("scripts/dev ended early");
-            if line.starts_with("taskexec is running") {
-                pids = line
-                    .split(|c: char| !c.is_ascii_digit())
-                    .filter_map(|n| n.parse::<i32>().ok())
-                    .filter(|n| *n != i32::from(port))
-                    .collect();
-            }
-        }
-        assert_eq!(pids.len(), 3, "the API and two agents");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let api = Api::new(&format!("http://127.0.0.1:{port}"), TOKEN);
-        api.until_parked(2).await;
-        Dev { child, api, pids, db }
+        (Dev { child, api, pids: Vec::new(), db }, lines)
     }
 
     /// SIGINT to the script's process group, as Ctrl-C in its terminal.
@@ -131,6 +137,19 @@ async fn a_second_ctrl_c_hands_the_task_back_and_exits_at_once() {
     let took = exits_within(&mut dev, Duration::from_secs(5)).await;
     println!("FIGURE make dev, two Ctrl-C: stopped after {took:?}");
     assert_eq!(dev.task_in_database(id).await, (TaskStatus::Queued, 0), "handed back");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ctrl_c_while_starting_stops_what_was_started() {
+    let (mut dev, mut lines) = Dev::spawn().await;
+    while !lines.next_line().await.unwrap().expect("a line").starts_with("dev: database") {}
+
+    dev.interrupt();
+
+    exits_within(&mut dev, Duration::from_secs(20)).await;
+    let port = dev.api.base.rsplit(':').next().unwrap().to_owned();
+    let listening = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok();
+    assert!(!listening, "the API outlived scripts/dev");
 }
 
 #[tokio::test(flavor = "multi_thread")]

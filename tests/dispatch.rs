@@ -160,7 +160,7 @@ async fn reapers_racing_on_one_database_handle_each_expired_lease_once() {
         store::insert(&pool, &format!("echo {n}"), 60).await.unwrap();
     }
     let agents: Vec<String> = (0..200).map(|n| format!("lost-{n}")).collect();
-    assert_eq!(store::claim(&pool, &agents, 30).await.unwrap().len(), 200);
+    assert_eq!(store::claim(&pool, &agents, &TERMS).await.unwrap().len(), 200);
     sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
         .execute(&pool)
         .await
@@ -192,7 +192,7 @@ async fn an_expired_lease_on_the_last_attempt_fails_the_task_as_agent_lost() {
     let (_db, pool) = migrated().await;
     let task = store::insert(&pool, "echo x", 60).await.unwrap();
     for attempt in 1..=3 {
-        let claimed = store::claim(&pool, &["a".to_owned()], 30).await.unwrap();
+        let claimed = store::claim(&pool, &["a".to_owned()], &TERMS).await.unwrap();
         assert_eq!(claimed[0].task.attempts, attempt);
         // The agent confirmed the pick with a heartbeat, then vanished.
         sqlx::query(
@@ -217,7 +217,7 @@ async fn picks_never_confirmed_are_refunded_but_only_max_attempts_times() {
     let task = store::insert(&pool, "echo x", 60).await.unwrap();
     let mut fates = Vec::new();
     for _ in 0..6 {
-        store::claim(&pool, &["gone".to_owned()], 30).await.unwrap();
+        store::claim(&pool, &["gone".to_owned()], &TERMS).await.unwrap();
         sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
             .execute(&pool)
             .await
@@ -239,7 +239,7 @@ async fn hand_backs_are_refunded_only_max_attempts_times_then_fail_the_task() {
     let task = store::insert(&pool, "kill -TERM $agent", 60).await.unwrap();
     let mut statuses = Vec::new();
     loop {
-        let claimed = store::claim(&pool, &["draining".to_owned()], 30).await.unwrap();
+        let claimed = store::claim(&pool, &["draining".to_owned()], &TERMS).await.unwrap();
         let Some(claimed) = claimed.into_iter().next() else { break };
         let released = claimed.lease.release(&pool, 3).await.unwrap().unwrap();
         statuses.push((released.status, released.attempts));

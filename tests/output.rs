@@ -204,7 +204,7 @@ async fn a_retried_chunk_is_stored_once_and_a_gap_says_where_to_resend_from() {
     assert_eq!(short.kind(), Some(ProblemType::OutputIncomplete));
     assert_eq!((short.problem.stdout_bytes, short.problem.stderr_bytes), (Some(12), Some(0)));
     let whole = FinishReport {
-        stdout: "hello world!".into(),
+        stdout: Some("hello world!".into()),
         stdout_bytes: Some(12),
         stderr_bytes: Some(0),
         ..FinishReport::exited(lease, 0)
@@ -223,7 +223,7 @@ async fn a_finish_whose_text_disagrees_with_the_uploaded_output_is_refused() {
     let lease = picked.lease;
     app.upload(task.id, lease, Stream::Stdout, 0, false, b"hello\n").await.unwrap();
     let report = |stdout: &str| FinishReport {
-        stdout: stdout.into(),
+        stdout: Some(stdout.into()),
         stdout_bytes: Some(6),
         stderr_bytes: Some(0),
         ..FinishReport::exited(lease, 0)
@@ -245,6 +245,91 @@ async fn a_finish_whose_text_disagrees_with_the_uploaded_output_is_refused() {
     let stored = app.get(task.id).await.unwrap();
     assert_eq!(streamed, b"hello\n");
     assert_eq!(stored.stdout.as_deref().map(str::as_bytes), Some(streamed.as_slice()));
+}
+
+/// A task picked by hand, with `bytes` uploaded to its stdout at offset 0.
+async fn picked_with_stdout(app: &TestApp, bytes: &[u8]) -> (TaskId, LeaseToken) {
+    let task = app.submit("echo by hand").await;
+    let picked = app.pick("manual", 0).await.unwrap().expect("the queued task");
+    assert_eq!(picked.task.id, task.id);
+    let mut offset = 0;
+    for chunk in bytes.chunks(1000) {
+        let ack = app.upload(task.id, picked.lease, Stream::Stdout, offset, false, chunk).await;
+        offset = ack.unwrap().next_offset;
+    }
+    (task.id, picked.lease)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finish_must_state_exactly_the_lengths_of_the_uploads() {
+    let app = TestApp::spawn().await;
+    let (id, lease) = picked_with_stdout(&app, b"hello\nworld\n").await;
+    let stating = |stdout_bytes: Option<u64>, stderr_bytes: Option<u64>| FinishReport {
+        stdout: Some("hello\n".into()),
+        stdout_bytes,
+        stderr_bytes,
+        ..FinishReport::exited(lease, 0)
+    };
+
+    let fewer = app.finish(id, &stating(Some(6), Some(0))).await.unwrap_err();
+    let none = app.finish(id, &stating(None, None)).await.unwrap_err();
+    let more = app.finish(id, &stating(Some(20), Some(0))).await.unwrap_err();
+
+    for refused in [&fewer, &none, &more] {
+        assert_eq!(refused.kind(), Some(ProblemType::OutputIncomplete), "{refused}");
+        assert_eq!(
+            (refused.problem.stdout_bytes, refused.problem.stderr_bytes),
+            (Some(12), Some(0))
+        );
+    }
+    let task = app.get(id).await.unwrap();
+    assert_eq!(task.status, TaskStatus::InProgress, "nothing was recorded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finish_without_texts_gets_the_texts_of_its_uploads() {
+    let app = TestApp::spawn_with(|f| f.merge(("max_output_bytes", 2048))).await;
+    // A head of 1,024 bytes and 3,000 more: the server keeps the head and the last 1,024.
+    let bytes: Vec<u8> = (0..4024u32).map(|n| b'a' + (n % 26) as u8).collect();
+    let (id, lease) = picked_with_stdout(&app, &bytes).await;
+    let report = |stdout: Option<String>| FinishReport {
+        stdout,
+        stdout_bytes: Some(4024),
+        stderr_bytes: Some(0),
+        ..FinishReport::exited(lease, 0)
+    };
+
+    let made_up = app.finish(id, &report(Some("anything I like".into()))).await.unwrap_err();
+    let task = app.finish(id, &report(None)).await.unwrap();
+
+    assert_eq!(made_up.kind(), Some(ProblemType::OutputMismatch), "{made_up}");
+    let text = task.stdout.unwrap();
+    let head = std::str::from_utf8(&bytes[..1024]).unwrap();
+    let tail = std::str::from_utf8(&bytes[3000..]).unwrap();
+    assert_eq!(text, format!("{head}\n[taskexec: 1976 bytes of output dropped here]\n{tail}"));
+    assert!(task.stdout_truncated && !task.stdout_lossy);
+    assert_eq!(task.stdout_bytes, 4024);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_keeps_the_output_cap_its_pick_gave_whatever_process_takes_its_finish() {
+    let app = TestApp::spawn_with(|f| f.merge(("max_output_bytes", 4096))).await;
+    let other = TestApp::spawn_on(app.db.clone(), |f| f.merge(("max_output_bytes", 2048))).await;
+    let bytes = vec![b'x'; 3000];
+    let (id, lease) = picked_with_stdout(&app, &bytes).await;
+
+    // The agent capped by its pick's terms (4,096): all 3,000 bytes, whole.
+    let report = FinishReport {
+        stdout: Some("x".repeat(3000)),
+        stdout_bytes: Some(3000),
+        stderr_bytes: Some(0),
+        ..FinishReport::exited(lease, 0)
+    };
+    let task = other.finish(id, &report).await.unwrap();
+
+    assert_eq!(task.stdout.as_deref(), Some("x".repeat(3000).as_str()));
+    assert!(!task.stdout_truncated);
+    assert_eq!(app.output_all(id, Stream::Stdout).await, bytes);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -342,7 +427,8 @@ async fn lists_leave_the_output_out() {
     let app = TestApp::spawn().await;
     let task = app.submit("echo x").await;
     let picked = app.pick("manual", 0).await.unwrap().expect("the queued task");
-    let report = FinishReport { stdout: "x\n".into(), ..FinishReport::exited(picked.lease, 0) };
+    let report =
+        FinishReport { stdout: Some("x\n".into()), ..FinishReport::exited(picked.lease, 0) };
     app.finish(task.id, &report).await.unwrap();
 
     let page = app.list("").await.unwrap();

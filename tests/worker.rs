@@ -54,8 +54,8 @@ async fn a_command_that_ends_before_its_first_heartbeat_still_has_running_at() {
     assert_eq!(picked.task.id, quick.id);
     assert_eq!(picked.task.running_at, None, "not running before a heartbeat");
 
-    // No heartbeat: the command ran for 5 ms and ended.
-    let report = FinishReport { ran_for_ms: Some(5), ..FinishReport::exited(picked.lease, 0) };
+    // No heartbeat: the command started 5 ms before the report and ended.
+    let report = FinishReport { started_ms_ago: Some(5), ..FinishReport::exited(picked.lease, 0) };
     let quick = app.finish(quick.id, &report).await.unwrap();
 
     assert_eq!(quick.status, TaskStatus::Finished);
@@ -63,7 +63,7 @@ async fn a_command_that_ends_before_its_first_heartbeat_still_has_running_at() {
     let (running, finished) = (quick.running_at.unwrap(), quick.finished_at.unwrap());
     assert!(
         finished - running <= chrono::Duration::milliseconds(5),
-        "running_at is the finish less what it ran for: {quick:?}"
+        "running_at is the finish less how long ago it started: {quick:?}"
     );
     assert_eq!(app.get(quick.id).await.unwrap(), quick, "as stored");
 

@@ -41,8 +41,8 @@ pub enum ApiError {
     /// A chunk of output starts past the end of its stream: resend from `expected_offset`.
     #[error("the chunk starts past the end of the stream; resend from offset {expected_offset}")]
     OffsetGap { expected_offset: u64 },
-    /// A finish states stream lengths that the uploaded output does not reach yet.
-    #[error("the output uploaded so far is stdout {stdout_bytes} and stderr {stderr_bytes} bytes; upload the rest first")]
+    /// A finish states stream lengths other than those of the uploaded output.
+    #[error("the output uploaded for this attempt is stdout {stdout_bytes} and stderr {stderr_bytes} bytes so far; upload the rest, and state the lengths of the uploads")]
     OutputIncomplete { stdout_bytes: u64, stderr_bytes: u64 },
     /// A finish whose text is not the text of the output uploaded for the attempt.
     #[error("the reported {0} is not the text of the {0} uploaded for this attempt")]

@@ -68,12 +68,13 @@ pub struct FinishReport {
     pub lease: LeaseToken,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
-    /// The output as text, capped by [`crate::OutputCap::text`]. When the report states the
-    /// stream lengths, this must be exactly the text of the uploaded bytes.
-    #[serde(default)]
-    pub stdout: String,
-    #[serde(default)]
-    pub stderr: String,
+    /// The output as text, capped by [`crate::OutputCap::text`]. When the streams were
+    /// uploaded, the server makes the task's text from the uploaded bytes by the same rule, and
+    /// a text given here must be exactly that one (an agent may leave it out: a smaller body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
     #[serde(default)]
     pub stdout_lossy: bool,
     #[serde(default)]
@@ -82,8 +83,8 @@ pub struct FinishReport {
     #[serde(default)]
     pub aborted: bool,
     /// The length of each stream as uploaded: the finish is refused (409, with the lengths
-    /// the server has) until the uploads add up to them. Left out when the uploads were given
-    /// up.
+    /// the server has) until they are the lengths of the uploads. Left out only when nothing
+    /// was uploaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,10 +94,11 @@ pub struct FinishReport {
     pub stdout_truncated: bool,
     #[serde(default)]
     pub stderr_truncated: bool,
-    /// How long the command ran, in milliseconds, when it started at all. A command that ends
-    /// before the first heartbeat gets its `running_at` from this.
+    /// How long before this report was sent the command started, in milliseconds, when it
+    /// started at all. A command that ends before its first heartbeat gets its `running_at`
+    /// from this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ran_for_ms: Option<u64>,
+    pub started_ms_ago: Option<u64>,
 }
 
 impl FinishReport {
@@ -115,8 +117,8 @@ impl FinishReport {
             lease,
             exit_code: None,
             error: None,
-            stdout: String::new(),
-            stderr: String::new(),
+            stdout: None,
+            stderr: None,
             stdout_lossy: false,
             stderr_lossy: false,
             aborted: false,
@@ -124,7 +126,7 @@ impl FinishReport {
             stderr_bytes: None,
             stdout_truncated: false,
             stderr_truncated: false,
-            ran_for_ms: None,
+            started_ms_ago: None,
         }
     }
 }

@@ -280,20 +280,16 @@ impl Attempt {
     }
 }
 
-/// Sends `report`, halving its output when the API takes less than this agent keeps (413).
+/// Sends `report`. When the API takes less than this agent keeps (413), the texts are left
+/// out: the server makes them from the uploaded output, by the same rule.
 pub fn finish_within_limits(
     attempt: &Attempt,
     report: &mut FinishReport,
 ) -> Result<(), ClientError> {
     let sent = attempt.finish(report);
     if sent.as_ref().is_err_and(ClientError::is_too_large) {
-        // Shrunk, the text is no longer that of the uploaded output: state no lengths.
-        for text in [&mut report.stdout, &mut report.stderr] {
-            let half = taskexec_protocol::OutputCap::new(text.len() / 2);
-            *text = half.shrink(text).0;
-        }
-        report.stdout_bytes = None;
-        report.stderr_bytes = None;
+        report.stdout = None;
+        report.stderr = None;
     }
     sent
 }

@@ -29,8 +29,8 @@ pub struct Execution {
     pub exit: Exit,
     pub stdout: Captured,
     pub stderr: Captured,
-    /// How long the command ran, if it started.
-    pub ran_for: Option<Duration>,
+    /// When the command started, if it did.
+    pub started: Option<Instant>,
 }
 
 /// How long to wait for the output pipes to close once the command has exited and its process
@@ -156,13 +156,12 @@ impl Running {
         if !self.guarded {
             self.signal(libc::SIGKILL);
         }
-        let ran_for = self.started.elapsed();
         let deadline = Instant::now() + DRAIN_GRACE;
         Execution {
             exit,
             stdout: self.stdout.collect(deadline),
             stderr: self.stderr.collect(deadline),
-            ran_for: Some(ran_for),
+            started: Some(self.started),
         }
     }
 }
@@ -174,7 +173,7 @@ impl Execution {
             exit: Exit::NotStarted(why),
             stdout: Captured::new(cap),
             stderr: Captured::new(cap),
-            ran_for: None,
+            started: None,
         }
     }
 }

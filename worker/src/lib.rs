@@ -167,8 +167,8 @@ impl Worker {
             lease: attempt.lease(),
             exit_code,
             error,
-            stdout: stdout.text,
-            stderr: stderr.text,
+            stdout: Some(stdout.text),
+            stderr: Some(stderr.text),
             stdout_lossy: stdout.lossy,
             stderr_lossy: stderr.lossy,
             aborted,
@@ -176,7 +176,7 @@ impl Worker {
             stderr_bytes: Some(lengths[1]),
             stdout_truncated: stdout.truncated,
             stderr_truncated: stderr.truncated,
-            ran_for_ms: execution.ran_for.map(|ran| ran.as_millis() as u64),
+            started_ms_ago: None,
         };
         let mut streamer = streamer;
         self.retry(id, "finish", stop, || {
@@ -184,11 +184,16 @@ impl Worker {
             if let Some(streamer) = &mut streamer {
                 streamer.send_due(Some(lengths))?;
                 if !streamer.uploaded() {
-                    // The API would not take the output: the finish then states no lengths.
-                    report.stdout_bytes = None;
-                    report.stderr_bytes = None;
+                    // The API would not take all of the output: the finish states what it has,
+                    // and it makes the texts from that.
+                    let [stdout, stderr] = streamer.sent();
+                    (report.stdout_bytes, report.stderr_bytes) = (Some(stdout), Some(stderr));
+                    (report.stdout, report.stderr) = (None, None);
                 }
             }
+            // Measured at each send: a retried finish must not make the command look later.
+            report.started_ms_ago =
+                execution.started.map(|at| at.elapsed().as_millis().min(u64::MAX.into()) as u64);
             let sent = client::finish_within_limits(attempt, &mut report);
             if let (Err(ClientError::OutputIncomplete { stdout, stderr }), Some(streamer)) =
                 (&sent, &mut streamer)

@@ -129,14 +129,20 @@ impl Streamer {
         self.gone = true;
     }
 
-    /// The lengths the finish may state: none once the uploads were given up.
+    /// Whether the uploads went on to the end; once given up, the finish states what the
+    /// server has (`sent`) and lets it make the text from that.
     pub fn uploaded(&self) -> bool {
         !self.gone
     }
 
+    /// Where the server's copy of each stream ends, as far as this agent knows.
+    pub fn sent(&self) -> [u64; 2] {
+        self.sent
+    }
+
     /// Starts again from where the server says its copies end.
     pub fn rewind(&mut self, stdout: u64, stderr: u64) {
-        if self.sent == [stdout, stderr] {
+        if self.sent == [stdout, stderr] && !self.gone {
             self.give_up(&"the finish and the uploads disagree on the lengths");
         }
         self.sent = [stdout, stderr];

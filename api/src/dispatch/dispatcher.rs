@@ -248,6 +248,9 @@ impl DispatchLoop {
         let mut connection = None;
         let mut put_back = 0;
         loop {
+            // Read before draining: a delivery that comes back sends its lease before it stops
+            // counting, so when none was in flight here, the drain below has them all.
+            let in_flight = self.in_flight.load(Ordering::Acquire);
             while let Ok(lease) = self.undelivered.try_recv() {
                 self.returning.push(lease);
             }
@@ -264,7 +267,7 @@ impl DispatchLoop {
                     }
                 }
             }
-            if self.in_flight.load(Ordering::Acquire) == 0 {
+            if in_flight == 0 {
                 break;
             }
             tokio::select! {
@@ -333,7 +336,7 @@ impl DispatchLoop {
             self.waiters.iter().take(batch).map(|w| w.agent.clone()).collect();
         self.last_claim = Instant::now();
         round.queried = true;
-        let claimed = match store::claim(&self.pool, &agents, self.terms.lease_secs).await {
+        let claimed = match store::claim(&self.pool, &agents, &self.terms).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 log::warn!("claim for {batch} parked picks failed: {e}");

@@ -31,20 +31,26 @@ pub struct Chunk<'a> {
     pub skip: bool,
 }
 
-/// Appends a chunk under `lease`, idempotently by offset. One short transaction: the task row
-/// is locked so that the stream's length and its chunks move together.
+/// The cap of an attempt: the one its pick's terms gave the agent, or `default` (the server's
+/// setting) for an attempt picked before the cap was recorded.
+fn attempt_cap(recorded: Option<i32>, default: OutputCap) -> OutputCap {
+    recorded.map_or(default, |cap| OutputCap::new(cap as usize))
+}
+
+/// Appends a chunk under `lease`, idempotently by offset, keeping the stream by the attempt's
+/// cap. One short transaction: the task row is locked so that the stream's length and its
+/// chunks move together.
 pub async fn append(
     pool: &PgPool,
     lease: &Lease,
     chunk: Chunk<'_>,
-    cap: OutputCap,
+    default_cap: OutputCap,
 ) -> Result<Appended, DbError> {
     const OP: &str = "append output";
-    let (head_limit, tail_limit) = (cap.head_limit() as i64, cap.tail_limit() as i64);
     let mut tx = pool.begin().await.op(OP)?;
-    let total = sqlx::query_scalar!(
+    let row = sqlx::query!(
         r#"SELECT CASE $3::output_stream WHEN 'stdout' THEN stdout_bytes ELSE stderr_bytes END
-                  AS "total!"
+                  AS "total!", output_cap
              FROM tasks WHERE id = $1 AND lease = $2 AND status = 'in_progress' FOR UPDATE"#,
         lease.task as TaskId,
         lease.token as LeaseToken,
@@ -53,7 +59,9 @@ pub async fn append(
     .fetch_optional(&mut *tx)
     .await
     .op(OP)?;
-    let Some(total) = total else { return Ok(Appended::NotCurrent) };
+    let Some(row) = row else { return Ok(Appended::NotCurrent) };
+    let (total, cap) = (row.total, attempt_cap(row.output_cap, default_cap));
+    let (head_limit, tail_limit) = (cap.head_limit() as i64, cap.tail_limit() as i64);
     let offset = chunk.offset as i64;
     let end = offset + chunk.data.len() as i64;
     if end <= total {
@@ -182,27 +190,46 @@ pub async fn read(
     Ok(Some(Read { data, next: cursor, dropped, total, ended }))
 }
 
-/// The output uploaded for an attempt, as text by the cap's rule.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Uploaded {
-    /// Fewer bytes than asked for are uploaded so far.
-    Incomplete,
-    /// Bytes the text needs are not there (a gap the agent skipped where it may not).
-    Missing,
-    Text(OutputText),
+/// What an attempt has uploaded: each stream's length, and the cap it is kept by.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptOutput {
+    pub lengths: [u64; 2],
+    pub cap: OutputCap,
 }
 
-/// The text of the first `length` bytes of `stream` as uploaded under `lease`: its first half
-/// and the window of its last half, by the same rule as the agent's buffers.
+/// The uploads of the attempt `lease` holds; `None` when it is not the current, running one.
+pub async fn attempt_output(
+    pool: &PgPool,
+    lease: &Lease,
+    default_cap: OutputCap,
+) -> Result<Option<AttemptOutput>, DbError> {
+    let row = sqlx::query!(
+        "SELECT stdout_bytes, stderr_bytes, output_cap FROM tasks
+          WHERE id = $1 AND lease = $2 AND status = 'in_progress'",
+        lease.task as TaskId,
+        lease.token as LeaseToken,
+    )
+    .fetch_optional(pool)
+    .await
+    .op("read an attempt's output lengths")?;
+    Ok(row.map(|row| AttemptOutput {
+        lengths: [row.stdout_bytes, row.stderr_bytes].map(|n| n.max(0) as u64),
+        cap: attempt_cap(row.output_cap, default_cap),
+    }))
+}
+
+/// The text of `stream` as uploaded under `lease`, `length` bytes long: its first half and the
+/// window of its last half, by the cap's rule, as the agent's buffers keep it. `None` when
+/// bytes the text needs are not there (skipped where a skip was not allowed).
 pub async fn uploaded_text(
     pool: &PgPool,
     lease: &Lease,
     stream: Stream,
     length: u64,
     cap: OutputCap,
-) -> Result<Uploaded, DbError> {
+) -> Result<Option<OutputText>, DbError> {
     if length == 0 {
-        return Ok(Uploaded::Text(cap.text(&[], &[], 0)));
+        return Ok(Some(cap.text(&[], &[], 0)));
     }
     let chunks = sqlx::query!(
         "SELECT o.start, o.data FROM task_output o JOIN tasks t ON t.id = o.task_id
@@ -219,28 +246,24 @@ pub async fn uploaded_text(
     let head_end = length.min(cap.head_limit() as u64);
     let tail_start = length.saturating_sub(cap.tail_limit() as u64).max(head_end);
     let (mut head, mut tail) = (Vec::new(), Vec::new());
-    let mut reached = 0u64;
     for chunk in chunks {
         let (start, end) = (chunk.start as u64, chunk.start as u64 + chunk.data.len() as u64);
-        reached = reached.max(end);
         for (buffer, from, to) in [(&mut head, 0, head_end), (&mut tail, tail_start, length)] {
-            // The part of the chunk in [from, to), if it continues the buffer exactly.
-            let (lo, hi) = (start.max(from + buffer.len() as u64), end.min(to));
-            if lo < hi && start <= lo {
-                if lo != from + buffer.len() as u64 {
-                    return Ok(Uploaded::Missing);
+            // The part of the chunk in [from, to) that the buffer needs next.
+            let needed = from + buffer.len() as u64;
+            let (lo, hi) = (start.max(needed), end.min(to));
+            if lo < hi {
+                if lo != needed {
+                    return Ok(None);
                 }
                 buffer.extend_from_slice(&chunk.data[(lo - start) as usize..(hi - start) as usize]);
             }
         }
     }
-    if reached < length {
-        return Ok(Uploaded::Incomplete);
-    }
     if head.len() as u64 != head_end || tail.len() as u64 != length - tail_start {
-        return Ok(Uploaded::Missing);
+        return Ok(None);
     }
-    Ok(Uploaded::Text(cap.text(&head, &tail, tail_start - head_end)))
+    Ok(Some(cap.text(&head, &tail, tail_start - head_end)))
 }
 
 /// A chunk of either stream, in arrival order.

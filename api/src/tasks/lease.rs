@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
+use taskexec_protocol::output::OutputText;
 use taskexec_protocol::{LeaseToken, Task, TaskId, TaskStatus};
 
 use super::model::Outcome;
@@ -46,12 +47,18 @@ impl Lease {
         Ok(row.map(|row| Beat { abort: row.abort, lease_expires_at: row.lease_expires_at }))
     }
 
-    /// Records the outcome of the attempt, if it is still the current, unfinished one and the
-    /// uploads reach the lengths the outcome states. `None` means nothing was written.
-    pub async fn finish(&self, pool: &PgPool, outcome: &Outcome) -> Result<Option<Task>, DbError> {
-        let [stdout_bytes, stderr_bytes] = outcome.lengths.map_or([None, None], |lengths| {
-            lengths.map(|n| Some(i64::try_from(n).unwrap_or(i64::MAX)))
-        });
+    /// Records the outcome of the attempt with the output's texts, if it is still the current,
+    /// unfinished one and its uploads are exactly `lengths` long (they were checked against
+    /// them; an upload since then leaves the finish to be tried again). `None` means nothing
+    /// was written.
+    pub async fn finish(
+        &self,
+        pool: &PgPool,
+        outcome: &Outcome,
+        [stdout, stderr]: &[OutputText; 2],
+        lengths: [u64; 2],
+    ) -> Result<Option<Task>, DbError> {
+        let [stdout_bytes, stderr_bytes] = lengths.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
         let row = sqlx::query!(
             r#"UPDATE tasks SET
                       status = CASE WHEN $3 AND abort_requested_at IS NOT NULL
@@ -65,8 +72,7 @@ impl Lease {
                                THEN greatest(started_at, now() - $15 * interval '1 millisecond')
                           END)
                 WHERE id = $1 AND lease = $2 AND status = 'in_progress'
-                  AND ($13::bigint IS NULL OR stdout_bytes >= $13)
-                  AND ($14::bigint IS NULL OR stderr_bytes >= $14)
+                  AND stdout_bytes = $13 AND stderr_bytes = $14
                RETURNING id AS "id: TaskId", command, status AS "status: TaskStatus",
                          created_at, started_at, running_at, finished_at, exit_code, stdout,
                          stderr, stdout_lossy, stderr_lossy, stdout_truncated, stderr_truncated,
@@ -78,15 +84,15 @@ impl Lease {
             outcome.status as TaskStatus,
             outcome.exit_code,
             outcome.error,
-            outcome.stdout.text,
-            outcome.stdout.lossy,
-            outcome.stdout.truncated,
-            outcome.stderr.text,
-            outcome.stderr.lossy,
-            outcome.stderr.truncated,
+            stdout.text,
+            stdout.lossy,
+            stdout.truncated,
+            stderr.text,
+            stderr.lossy,
+            stderr.truncated,
             stdout_bytes,
             stderr_bytes,
-            outcome.ran_for_ms.map(|ms| ms as f64),
+            outcome.started_ms_ago.map(|ms| ms as f64),
         )
         .fetch_optional(pool)
         .await

@@ -5,7 +5,7 @@ use rocket::data::ByteUnit;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use taskexec_protocol::output::OutputText;
-use taskexec_protocol::{FinishReport, LeaseBody, NewTask, OutputCap, Task, TaskStatus};
+use taskexec_protocol::{FinishReport, LeaseBody, NewTask, Task, TaskStatus};
 
 use crate::body::Limited;
 
@@ -143,9 +143,9 @@ impl Limited for LeaseBody {
 /// The most of an agent's `error` text that is kept.
 const MAX_ERROR_BYTES: usize = 4096;
 
-/// The longest a command can have run, in milliseconds: a day past the longest timeout is
-/// already a lie.
-const MAX_RAN_FOR_MS: u64 = 2 * 86_400_000;
+/// The longest ago a command can have started, in milliseconds: two days is already a lie
+/// (timeouts end at one).
+const MAX_STARTED_MS_AGO: u64 = 2 * 86_400_000;
 
 /// A report that passed validation: what will be written.
 #[derive(Debug)]
@@ -153,24 +153,23 @@ pub struct Outcome {
     pub status: TaskStatus,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
-    /// Each stream's text, as reported (and, when lengths are stated, as uploaded).
-    pub stdout: OutputText,
-    pub stderr: OutputText,
+    /// Each stream's text as reported, if it was. The server's own text of the uploads wins;
+    /// a reported one must equal it (or, with nothing uploaded, is capped and kept).
+    pub reported: [Option<OutputText>; 2],
     /// Record the task as `cancelled`, if an abort was indeed requested.
     pub aborted: bool,
-    /// The stream lengths the report states: the uploads must add up to them.
+    /// The stream lengths the report states: they must be the lengths of the uploads.
     pub lengths: Option<[u64; 2]>,
-    /// How long the command ran, when it started.
-    pub ran_for_ms: Option<u64>,
+    /// How long before the report the command started, when it did.
+    pub started_ms_ago: Option<u64>,
 }
 
-/// Checks an agent's report. Output beyond the cap per stream is cut to its first and last
-/// halves.
+/// Checks an agent's report.
 ///
 /// # Errors
 /// `Rejected` for a report that cannot be true: both or neither of an exit code and an error,
 /// an exit code outside 0 to 255, NUL characters, half-stated lengths.
-pub fn outcome(report: FinishReport, cap: OutputCap) -> Result<Outcome, Rejected> {
+pub fn outcome(report: FinishReport) -> Result<Outcome, Rejected> {
     let (status, exit_code, error) = match (report.exit_code, report.error) {
         (Some(code), None) if (0..=255).contains(&code) => (TaskStatus::Finished, Some(code), None),
         (Some(_), None) => return Err(rejected("`exit_code` must be between 0 and 255")),
@@ -183,7 +182,7 @@ pub fn outcome(report: FinishReport, cap: OutputCap) -> Result<Outcome, Rejected
         _ => return Err(rejected("give `exit_code` (the command ran) or a non-empty `error`")),
     };
     for (name, text) in [("stdout", &report.stdout), ("stderr", &report.stderr)] {
-        if text.contains('\0') {
+        if text.as_deref().is_some_and(|t| t.contains('\0')) {
             return Err(rejected(format!(
                 "`{name}` holds NUL characters; replace them and set `{name}_lossy`"
             )));
@@ -197,34 +196,39 @@ pub fn outcome(report: FinishReport, cap: OutputCap) -> Result<Outcome, Rejected
         (None, None) => None,
         _ => return Err(rejected("state both `stdout_bytes` and `stderr_bytes`, or neither")),
     };
-    if report.ran_for_ms.is_some_and(|ms| ms > MAX_RAN_FOR_MS) {
-        return Err(rejected(format!("`ran_for_ms` must be at most {MAX_RAN_FOR_MS}")));
+    if report.started_ms_ago.is_some_and(|ms| ms > MAX_STARTED_MS_AGO) {
+        return Err(rejected(format!("`started_ms_ago` must be at most {MAX_STARTED_MS_AGO}")));
     }
-    let text = |text: String, lossy: bool, truncated: bool| {
-        let (text, cut) = cap.shrink(&text);
-        OutputText { text, lossy, truncated: truncated || cut }
+    let text = |text: Option<String>, lossy: bool, truncated: bool| {
+        text.map(|text| OutputText { text, lossy, truncated })
     };
     Ok(Outcome {
         status,
         exit_code,
         error,
-        stdout: text(report.stdout, report.stdout_lossy, report.stdout_truncated),
-        stderr: text(report.stderr, report.stderr_lossy, report.stderr_truncated),
+        reported: [
+            text(report.stdout, report.stdout_lossy, report.stdout_truncated),
+            text(report.stderr, report.stderr_lossy, report.stderr_truncated),
+        ],
         aborted: report.aborted,
         lengths,
-        ran_for_ms: report.ran_for_ms,
+        started_ms_ago: report.started_ms_ago,
     })
 }
 
 impl Outcome {
     /// Whether `task` holds exactly this report: a retry of a finish already accepted.
     pub fn is_recorded_in(&self, task: &Task) -> bool {
+        let [stdout, stderr] = &self.reported;
+        let same =
+            |reported: &Option<OutputText>, text: &Option<String>, lossy: bool| match reported {
+                None => true,
+                Some(r) => Some(&r.text) == text.as_ref() && r.lossy == lossy,
+            };
         task.exit_code == self.exit_code
             && task.error == self.error
-            && task.stdout.as_deref() == Some(self.stdout.text.as_str())
-            && task.stderr.as_deref() == Some(self.stderr.text.as_str())
-            && task.stdout_lossy == self.stdout.lossy
-            && task.stderr_lossy == self.stderr.lossy
+            && same(stdout, &task.stdout, task.stdout_lossy)
+            && same(stderr, &task.stderr, task.stderr_lossy)
     }
 }
 
@@ -286,48 +290,39 @@ mod tests {
         }
     }
 
-    fn cap() -> OutputCap {
-        OutputCap::new(1 << 20)
-    }
-
     #[test]
     fn an_exit_code_finishes_and_an_error_fails() {
-        assert_eq!(outcome(report(Some(3), None), cap()).unwrap().status, TaskStatus::Finished);
-        let failed = outcome(report(None, Some("killed by signal 9")), cap()).unwrap();
+        assert_eq!(outcome(report(Some(3), None)).unwrap().status, TaskStatus::Finished);
+        let failed = outcome(report(None, Some("killed by signal 9"))).unwrap();
         assert_eq!(failed.status, TaskStatus::Failed);
     }
 
     #[test]
     fn impossible_reports_are_refused() {
-        assert!(outcome(report(Some(256), None), cap()).is_err());
-        assert!(outcome(report(Some(-1), None), cap()).is_err());
-        assert!(outcome(report(Some(0), Some("both")), cap()).is_err());
-        assert!(outcome(report(None, None), cap()).is_err());
-        assert!(outcome(report(None, Some("  ")), cap()).is_err());
-        let nul = FinishReport { stdout: "a\0b".into(), ..report(Some(0), None) };
-        assert!(outcome(nul, cap()).is_err());
-        assert!(outcome(report(None, Some("bad\0error")), cap()).is_err());
+        assert!(outcome(report(Some(256), None)).is_err());
+        assert!(outcome(report(Some(-1), None)).is_err());
+        assert!(outcome(report(Some(0), Some("both"))).is_err());
+        assert!(outcome(report(None, None)).is_err());
+        assert!(outcome(report(None, Some("  "))).is_err());
+        let nul = FinishReport { stdout: Some("a\0b".into()), ..report(Some(0), None) };
+        assert!(outcome(nul).is_err());
+        assert!(outcome(report(None, Some("bad\0error"))).is_err());
         let half = FinishReport { stdout_bytes: Some(1), ..report(Some(0), None) };
-        assert!(outcome(half, cap()).is_err());
+        assert!(outcome(half).is_err());
     }
 
     #[test]
-    fn output_over_the_limit_keeps_both_ends_and_says_so() {
-        let long = format!("{}{}", "a".repeat(600), "z".repeat(600));
-        let long = FinishReport { stdout: long, ..report(Some(0), None) };
-        let stdout = outcome(long, OutputCap::new(512)).unwrap().stdout;
-        assert!(stdout.truncated);
-        assert!(
-            stdout.text.starts_with(&"a".repeat(256)) && stdout.text.ends_with(&"z".repeat(256))
-        );
-        assert!(stdout.text.contains("[taskexec: 688 bytes of output dropped here]"));
-        assert!(!outcome(report(Some(0), None), OutputCap::new(512)).unwrap().stdout.truncated);
+    fn a_reported_text_is_kept_as_given_and_one_left_out_stays_out() {
+        let given = FinishReport { stdout: Some("a".repeat(600)), ..report(Some(0), None) };
+        let [stdout, stderr] = outcome(given).unwrap().reported;
+        assert_eq!(stdout.unwrap().text, "a".repeat(600), "capped later, by the attempt's cap");
+        assert_eq!(stderr, None);
     }
 
     #[test]
     fn a_long_error_is_cut_on_a_char_boundary() {
         let long = "é".repeat(MAX_ERROR_BYTES);
-        let kept = outcome(report(None, Some(&long)), cap()).unwrap().error.unwrap();
+        let kept = outcome(report(None, Some(&long))).unwrap().error.unwrap();
         assert!(kept.len() <= MAX_ERROR_BYTES && kept.chars().all(|c| c == 'é'));
     }
 }

@@ -13,20 +13,21 @@ use rocket::serde::json::Json;
 use rocket::tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 use rocket::{get, post, routes, Request, Response, Route, Shutdown, State};
 use serde::Serialize;
+use taskexec_protocol::output::OutputText;
 use taskexec_protocol::{
     FinishReport, HeartbeatReply, LeaseBody, OutputCap, Stream, Task, TaskId, TaskStatus,
 };
 
 use super::intake::Intake;
 use super::lease::Lease;
-use super::model::{self, NewTaskBody, NewTaskLimits};
+use super::model::{self, NewTaskBody, NewTaskLimits, Outcome};
 use super::store::{self, Aborted};
 use crate::auth::{AgentAuth, AgentName};
 use crate::body::JsonBody;
 use crate::config::AppConfig;
 use crate::dispatch::{Delivery, Dispatcher, Handover, Woken, RECHECK};
 use crate::error::ApiError;
-use crate::output::store::{self as output, Uploaded};
+use crate::output::store::{self as output, AttemptOutput};
 use crate::query::{self, StrictQuery};
 use crate::Db;
 
@@ -323,9 +324,10 @@ async fn release(
 }
 
 /// Records the result of the attempt the lease identifies. A repeat of an accepted finish
-/// (an agent retrying after a lost response) answers 200 without writing again. A finish that
-/// states the stream lengths must report exactly the text of the uploaded output, so that the
-/// task's text and `/output` can never disagree.
+/// (an agent retrying after a lost response) answers 200 without writing again. The task's
+/// text is made from the uploaded output by the cap's rule: the stated lengths must be the
+/// uploads' lengths, and a reported text must be that text, so that the task's text and
+/// `/output` can never disagree.
 #[post("/tasks/<id>/finish", data = "<report>")]
 async fn finish(
     _query: StrictQuery,
@@ -337,33 +339,19 @@ async fn finish(
     report: JsonBody<FinishReport>,
 ) -> Result<Json<Task>, ApiError> {
     let lease = Lease { task: parse_id(id)?, token: report.0.lease };
-    let cap = OutputCap::new(config.max_output_bytes as usize);
-    let mut outcome = model::outcome(report.0, cap)?;
-    if let Some(lengths) = outcome.lengths {
-        for stream in Stream::ALL {
-            let length = lengths[stream.index()];
-            let reported = match stream {
-                Stream::Stdout => &mut outcome.stdout,
-                Stream::Stderr => &mut outcome.stderr,
-            };
-            match output::uploaded_text(db, &lease, stream, length, cap).await? {
-                // The finish below answers how much is uploaded.
-                Uploaded::Incomplete => {}
-                Uploaded::Text(text) if text.text == reported.text => *reported = text,
-                Uploaded::Text(_) | Uploaded::Missing => {
-                    return Err(ApiError::OutputMismatch(stream))
-                }
-            }
+    let default_cap = OutputCap::new(config.max_output_bytes as usize);
+    let outcome = model::outcome(report.0)?;
+    if let Some(uploads) = output::attempt_output(db, &lease, default_cap).await? {
+        let texts = output_texts(db, &lease, &outcome, uploads).await?;
+        if let Some(task) = lease.finish(db, &outcome, &texts, uploads.lengths).await? {
+            // The attempt is over: its parked heartbeat need not wait out its hold.
+            dispatcher.events().wake(lease.task, Woken::Ended);
+            return Ok(Json(task));
         }
     }
-    if let Some(task) = lease.finish(db, &outcome).await? {
-        // The attempt is over: its parked heartbeat need not wait out its hold.
-        dispatcher.events().wake(lease.task, Woken::Ended);
-        return Ok(Json(task));
-    }
-    // A repeat of the report that ended this very attempt is answered as it was; another
-    // report for the same attempt is a conflict; a report whose stream lengths the uploads do
-    // not add up to yet says where they stand.
+    // Nothing written. A repeat of the report that ended this very attempt is answered as it
+    // was; another report for the same attempt is a conflict; an upload that came in between
+    // the check and the write leaves the finish to be sent again.
     if let Some((task, Some(current))) = store::get_with_lease(db, lease.task).await? {
         if current == lease.token && task.status == TaskStatus::InProgress {
             return Err(ApiError::OutputIncomplete {
@@ -379,6 +367,46 @@ async fn finish(
         }
     }
     Err(not_current(db, lease).await)
+}
+
+/// The texts a finish records: made from the uploads when there are any, which the stated
+/// lengths must match exactly and a reported text must equal; the reported text (or none)
+/// when nothing was uploaded and no lengths are stated.
+async fn output_texts(
+    db: &Db,
+    lease: &Lease,
+    outcome: &Outcome,
+    uploads: AttemptOutput,
+) -> Result<[OutputText; 2], ApiError> {
+    let uploaded_nothing = uploads.lengths == [0, 0];
+    if outcome.lengths.unwrap_or([0, 0]) != uploads.lengths {
+        let [stdout_bytes, stderr_bytes] = uploads.lengths;
+        return Err(ApiError::OutputIncomplete { stdout_bytes, stderr_bytes });
+    }
+    let mut texts = [uploads.cap.text(&[], &[], 0), uploads.cap.text(&[], &[], 0)];
+    for stream in Stream::ALL {
+        let reported = &outcome.reported[stream.index()];
+        let text = if outcome.lengths.is_none() && uploaded_nothing {
+            // An agent that does not stream: its text as it reported it, capped.
+            match reported {
+                Some(reported) => {
+                    let (text, cut) = uploads.cap.shrink(&reported.text);
+                    OutputText { text, truncated: reported.truncated || cut, ..*reported }
+                }
+                None => uploads.cap.text(&[], &[], 0),
+            }
+        } else {
+            let length = uploads.lengths[stream.index()];
+            let uploaded = output::uploaded_text(db, lease, stream, length, uploads.cap).await?;
+            match (uploaded, reported) {
+                (Some(text), Some(reported)) if text.text == reported.text => text,
+                (Some(text), None) => text,
+                _ => return Err(ApiError::OutputMismatch(stream)),
+            }
+        };
+        texts[stream.index()] = text;
+    }
+    Ok(texts)
 }
 
 /// Why a write fenced by `lease` changed nothing: 404, or 409 naming the reason.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
-use taskexec_protocol::{LeaseToken, NewTask, Task, TaskId, TaskStatus};
+use taskexec_protocol::{LeaseTerms, LeaseToken, NewTask, Task, TaskId, TaskStatus};
 
 use super::lease::Lease;
 use crate::db::{DbError, Op};
@@ -198,13 +198,13 @@ pub struct Claimed {
 }
 
 /// Claims up to `agents.len()` queued tasks in one statement, oldest first, and assigns the
-/// oldest to `agents[0]`, the next to `agents[1]`, and so on, each with a fresh lease of
-/// `lease_secs`. Rows that another claimer holds are skipped, never waited for, so concurrent
-/// claimers never receive the same task.
+/// oldest to `agents[0]`, the next to `agents[1]`, and so on, each with a fresh lease on
+/// `terms` (its length, and the output cap the attempt is kept by). Rows that another claimer
+/// holds are skipped, never waited for, so concurrent claimers never receive the same task.
 pub async fn claim(
     pool: &PgPool,
     agents: &[String],
-    lease_secs: u32,
+    terms: &LeaseTerms,
 ) -> Result<Vec<Claimed>, DbError> {
     // FOR UPDATE cannot sit beside a window function, hence the inner `locked` query.
     let rows = sqlx::query!(
@@ -219,7 +219,7 @@ pub async fn claim(
            UPDATE tasks t
               SET status = 'in_progress', started_at = now(), attempts = t.attempts + 1,
                   lease = gen_random_uuid(), agent = waiters.agent,
-                  lease_expires_at = now() + $3 * interval '1 second'
+                  lease_expires_at = now() + $3 * interval '1 second', output_cap = $4
              FROM numbered JOIN waiters USING (slot)
             WHERE t.id = numbered.id
            RETURNING t.id AS "id: TaskId", t.command, t.status AS "status: TaskStatus",
@@ -231,7 +231,8 @@ pub async fn claim(
                      numbered.slot - 1 AS "slot!""#,
         agents,
         agents.len() as i64,
-        f64::from(lease_secs),
+        f64::from(terms.lease_secs),
+        terms.max_output_bytes as i32,
     )
     .fetch_all(pool)
     .await
