@@ -190,80 +190,81 @@ pub async fn read(
     Ok(Some(Read { data, next: cursor, dropped, total, ended }))
 }
 
-/// What an attempt has uploaded: each stream's length, and the cap it is kept by.
-#[derive(Debug, Clone, Copy)]
-pub struct AttemptOutput {
+/// What an attempt has uploaded, as a finish needs it: each stream's length, the cap the
+/// attempt is kept by, and each stream's chunks up to the length the finish states.
+#[derive(Debug)]
+pub struct Uploads {
     pub lengths: [u64; 2],
     pub cap: OutputCap,
+    chunks: [Vec<(u64, Vec<u8>)>; 2],
 }
 
-/// The uploads of the attempt `lease` holds; `None` when it is not the current, running one.
-pub async fn attempt_output(
+/// The uploads of the attempt `lease` holds, with each stream's chunks below `stated` (the
+/// lengths its finish states), in one statement; `None` when the attempt is not the current,
+/// running one.
+pub async fn uploads(
     pool: &PgPool,
     lease: &Lease,
+    stated: [u64; 2],
     default_cap: OutputCap,
-) -> Result<Option<AttemptOutput>, DbError> {
-    let row = sqlx::query!(
-        "SELECT stdout_bytes, stderr_bytes, output_cap FROM tasks
-          WHERE id = $1 AND lease = $2 AND status = 'in_progress'",
+) -> Result<Option<Uploads>, DbError> {
+    let rows = sqlx::query!(
+        r#"SELECT t.stdout_bytes, t.stderr_bytes, t.output_cap,
+                  o.stream AS "stream?: Stream", o.start AS "start?", o.data AS "data?"
+             FROM tasks t
+             LEFT JOIN task_output o
+                    ON o.task_id = t.id
+                   AND o.start < CASE o.stream WHEN 'stdout' THEN $3::bigint ELSE $4::bigint END
+            WHERE t.id = $1 AND t.lease = $2 AND t.status = 'in_progress'
+            ORDER BY o.start"#,
         lease.task as TaskId,
         lease.token as LeaseToken,
-    )
-    .fetch_optional(pool)
-    .await
-    .op("read an attempt's output lengths")?;
-    Ok(row.map(|row| AttemptOutput {
-        lengths: [row.stdout_bytes, row.stderr_bytes].map(|n| n.max(0) as u64),
-        cap: attempt_cap(row.output_cap, default_cap),
-    }))
-}
-
-/// The text of `stream` as uploaded under `lease`, `length` bytes long: its first half and the
-/// window of its last half, by the cap's rule, as the agent's buffers keep it. `None` when
-/// bytes the text needs are not there (skipped where a skip was not allowed).
-pub async fn uploaded_text(
-    pool: &PgPool,
-    lease: &Lease,
-    stream: Stream,
-    length: u64,
-    cap: OutputCap,
-) -> Result<Option<OutputText>, DbError> {
-    if length == 0 {
-        return Ok(Some(cap.text(&[], &[], 0)));
-    }
-    let chunks = sqlx::query!(
-        "SELECT o.start, o.data FROM task_output o JOIN tasks t ON t.id = o.task_id
-          WHERE o.task_id = $1 AND t.lease = $2 AND o.stream = $3 AND o.start < $4
-          ORDER BY o.start",
-        lease.task as TaskId,
-        lease.token as LeaseToken,
-        stream as Stream,
-        length as i64,
+        stated[0] as i64,
+        stated[1] as i64,
     )
     .fetch_all(pool)
     .await
-    .op("read uploaded output")?;
-    let head_end = length.min(cap.head_limit() as u64);
-    let tail_start = length.saturating_sub(cap.tail_limit() as u64).max(head_end);
-    let (mut head, mut tail) = (Vec::new(), Vec::new());
-    for chunk in chunks {
-        let (start, end) = (chunk.start as u64, chunk.start as u64 + chunk.data.len() as u64);
-        for (buffer, from, to) in [(&mut head, 0, head_end), (&mut tail, tail_start, length)] {
-            // The part of the chunk in [from, to) that the buffer needs next.
-            let needed = from + buffer.len() as u64;
-            let (lo, hi) = (start.max(needed), end.min(to));
-            if lo < hi {
-                if lo != needed {
-                    return Ok(None);
-                }
-                buffer.extend_from_slice(&chunk.data[(lo - start) as usize..(hi - start) as usize]);
-            }
+    .op("read an attempt's uploads")?;
+    let Some(first) = rows.first() else { return Ok(None) };
+    let mut uploads = Uploads {
+        lengths: [first.stdout_bytes, first.stderr_bytes].map(|n| n.max(0) as u64),
+        cap: attempt_cap(first.output_cap, default_cap),
+        chunks: [Vec::new(), Vec::new()],
+    };
+    for row in rows {
+        if let (Some(stream), Some(start), Some(data)) = (row.stream, row.start, row.data) {
+            uploads.chunks[stream.index()].push((start as u64, data));
         }
     }
-    if head.len() as u64 != head_end || tail.len() as u64 != length - tail_start {
-        return Ok(None);
+    Ok(Some(uploads))
+}
+
+impl Uploads {
+    /// The text of `stream` as uploaded, `length` bytes long (at most what was read): its first
+    /// half and the window of its last half, by the cap's rule, as the agent's buffers keep it.
+    /// `None` when bytes the text needs are not there (skipped where a skip was not allowed).
+    pub fn text(&self, stream: Stream, length: u64) -> Option<OutputText> {
+        let cap = self.cap;
+        let head_end = length.min(cap.head_limit() as u64);
+        let tail_start = length.saturating_sub(cap.tail_limit() as u64).max(head_end);
+        let (mut head, mut tail) = (Vec::new(), Vec::new());
+        for (start, data) in &self.chunks[stream.index()] {
+            let (start, end) = (*start, *start + data.len() as u64);
+            for (buffer, from, to) in [(&mut head, 0, head_end), (&mut tail, tail_start, length)] {
+                // The part of the chunk in [from, to) that the buffer needs next.
+                let needed = from + buffer.len() as u64;
+                let (lo, hi) = (start.max(needed), end.min(to));
+                if lo < hi {
+                    if lo != needed {
+                        return None;
+                    }
+                    buffer.extend_from_slice(&data[(lo - start) as usize..(hi - start) as usize]);
+                }
+            }
+        }
+        let complete = head.len() as u64 == head_end && tail.len() as u64 == length - tail_start;
+        complete.then(|| cap.text(&head, &tail, tail_start - head_end))
     }
-    Ok(Some(cap.text(&head, &tail, tail_start - head_end)))
 }
 
 /// A chunk of either stream, in arrival order.

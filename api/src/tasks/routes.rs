@@ -27,7 +27,7 @@ use crate::body::JsonBody;
 use crate::config::AppConfig;
 use crate::dispatch::{Delivery, Dispatcher, Handover, Woken, RECHECK};
 use crate::error::ApiError;
-use crate::output::store::{self as output, AttemptOutput};
+use crate::output::store::{self as output, Uploads};
 use crate::query::{self, StrictQuery};
 use crate::Db;
 
@@ -341,13 +341,30 @@ async fn finish(
     let lease = Lease { task: parse_id(id)?, token: report.0.lease };
     let default_cap = OutputCap::new(config.max_output_bytes as usize);
     let outcome = model::outcome(report.0)?;
-    if let Some(uploads) = output::attempt_output(db, &lease, default_cap).await? {
-        let texts = output_texts(db, &lease, &outcome, uploads).await?;
-        if let Some(task) = lease.finish(db, &outcome, &texts, uploads.lengths).await? {
-            // The attempt is over: its parked heartbeat need not wait out its hold.
-            dispatcher.events().wake(lease.task, Woken::Ended);
-            return Ok(Json(task));
+    let recorded = match outcome.lengths {
+        // Nothing uploaded, says the agent (a command without output): the write checks it,
+        // with no read before it.
+        Some([0, 0]) => {
+            let empty = || default_cap.text(&[], &[], 0);
+            if outcome.reported.iter().flatten().any(|text| !text.text.is_empty()) {
+                let stream =
+                    if outcome.reported[0].is_some() { Stream::Stdout } else { Stream::Stderr };
+                return Err(ApiError::OutputMismatch(stream));
+            }
+            lease.finish(db, &outcome, &[empty(), empty()], [0, 0]).await?
         }
+        stated => match output::uploads(db, &lease, stated.unwrap_or([0, 0]), default_cap).await? {
+            Some(uploads) => {
+                let texts = output_texts(&outcome, &uploads)?;
+                lease.finish(db, &outcome, &texts, uploads.lengths).await?
+            }
+            None => None,
+        },
+    };
+    if let Some(task) = recorded {
+        // The attempt is over: its parked heartbeat need not wait out its hold.
+        dispatcher.events().wake(lease.task, Woken::Ended);
+        return Ok(Json(task));
     }
     // Nothing written. A repeat of the report that ended this very attempt is answered as it
     // was; another report for the same attempt is a conflict; an upload that came in between
@@ -370,43 +387,33 @@ async fn finish(
 }
 
 /// The texts a finish records: made from the uploads when there are any, which the stated
-/// lengths must match exactly and a reported text must equal; the reported text (or none)
-/// when nothing was uploaded and no lengths are stated.
-async fn output_texts(
-    db: &Db,
-    lease: &Lease,
-    outcome: &Outcome,
-    uploads: AttemptOutput,
-) -> Result<[OutputText; 2], ApiError> {
-    let uploaded_nothing = uploads.lengths == [0, 0];
+/// lengths must match exactly and a reported text must equal; the reported text (capped) when
+/// nothing was uploaded and no lengths are stated.
+fn output_texts(outcome: &Outcome, uploads: &Uploads) -> Result<[OutputText; 2], ApiError> {
     if outcome.lengths.unwrap_or([0, 0]) != uploads.lengths {
         let [stdout_bytes, stderr_bytes] = uploads.lengths;
         return Err(ApiError::OutputIncomplete { stdout_bytes, stderr_bytes });
     }
-    let mut texts = [uploads.cap.text(&[], &[], 0), uploads.cap.text(&[], &[], 0)];
-    for stream in Stream::ALL {
+    let streaming = outcome.lengths.is_some();
+    let text_of = |stream: Stream| {
         let reported = &outcome.reported[stream.index()];
-        let text = if outcome.lengths.is_none() && uploaded_nothing {
-            // An agent that does not stream: its text as it reported it, capped.
-            match reported {
+        if !streaming {
+            // An agent that does not stream (and uploaded nothing): its text, capped.
+            return Ok(match reported {
                 Some(reported) => {
                     let (text, cut) = uploads.cap.shrink(&reported.text);
                     OutputText { text, truncated: reported.truncated || cut, ..*reported }
                 }
                 None => uploads.cap.text(&[], &[], 0),
-            }
-        } else {
-            let length = uploads.lengths[stream.index()];
-            let uploaded = output::uploaded_text(db, lease, stream, length, uploads.cap).await?;
-            match (uploaded, reported) {
-                (Some(text), Some(reported)) if text.text == reported.text => text,
-                (Some(text), None) => text,
-                _ => return Err(ApiError::OutputMismatch(stream)),
-            }
-        };
-        texts[stream.index()] = text;
-    }
-    Ok(texts)
+            });
+        }
+        match (uploads.text(stream, uploads.lengths[stream.index()]), reported) {
+            (Some(text), Some(reported)) if text.text == reported.text => Ok(text),
+            (Some(text), None) => Ok(text),
+            _ => Err(ApiError::OutputMismatch(stream)),
+        }
+    };
+    Ok([text_of(Stream::Stdout)?, text_of(Stream::Stderr)?])
 }
 
 /// Why a write fenced by `lease` changed nothing: 404, or 409 naming the reason.
