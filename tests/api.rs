@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 use taskexec_protocol::{
-    FinishReport, LeaseToken, NewTask, ProblemType, Task, TaskId, TaskPage, TaskStatus,
+    FinishReport, LeaseToken, NewTask, ProblemType, Stream, Task, TaskId, TaskPage, TaskStatus,
 };
 use taskexec_tests::{assert_problem, Api, PgProxy, TestApp, TestDb, TOKEN};
 use tokio::time::Instant;
@@ -450,13 +450,14 @@ async fn a_finish_records_an_exit_code_or_an_error() {
     let ran = app.pick("a", 0).await.unwrap().unwrap();
     let killed = app.pick("a", 0).await.unwrap().unwrap();
 
-    let finished = app
-        .finish(
-            ran.task.id,
-            &FinishReport { stdout: Some("ok\n".into()), ..FinishReport::exited(ran.lease, 0) },
-        )
-        .await
-        .unwrap();
+    app.upload(ran.task.id, ran.lease, Stream::Stdout, 0, false, b"ok\n").await.unwrap();
+    let report = FinishReport {
+        stdout: Some("ok\n".into()),
+        stdout_bytes: Some(3),
+        stderr_bytes: Some(0),
+        ..FinishReport::exited(ran.lease, 0)
+    };
+    let finished = app.finish(ran.task.id, &report).await.unwrap();
     let failed = app
         .finish(killed.task.id, &FinishReport::failed(killed.lease, "killed by signal 9 (SIGKILL)"))
         .await
@@ -522,8 +523,13 @@ async fn a_repeated_finish_answers_200_and_is_recorded_once() {
     app.submit("echo x").await;
     let picked = app.pick("a", 0).await.unwrap().unwrap();
     let id = picked.task.id;
-    let report =
-        FinishReport { stdout: Some("x\n".into()), ..FinishReport::exited(picked.lease, 0) };
+    app.upload(id, picked.lease, Stream::Stdout, 0, false, b"x\n").await.unwrap();
+    let report = FinishReport {
+        stdout: Some("x\n".into()),
+        stdout_bytes: Some(2),
+        stderr_bytes: Some(0),
+        ..FinishReport::exited(picked.lease, 0)
+    };
     let first = app.finish(id, &report).await.unwrap();
 
     let again = app.finish(id, &report).await.unwrap();

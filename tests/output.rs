@@ -272,18 +272,23 @@ async fn a_finish_must_state_exactly_the_lengths_of_the_uploads() {
     };
 
     let fewer = app.finish(id, &stating(Some(6), Some(0))).await.unwrap_err();
-    let none = app.finish(id, &stating(None, None)).await.unwrap_err();
     let more = app.finish(id, &stating(Some(20), Some(0))).await.unwrap_err();
+    // Stating no lengths takes the uploads' lengths: then the text is not theirs.
+    let none = app.finish(id, &stating(None, None)).await.unwrap_err();
+    let meanwhile = app.get(id).await.unwrap();
+    let taken = app.finish(id, &FinishReport::exited(lease, 0)).await.unwrap();
 
-    for refused in [&fewer, &none, &more] {
+    for refused in [&fewer, &more] {
         assert_eq!(refused.kind(), Some(ProblemType::OutputIncomplete), "{refused}");
         assert_eq!(
             (refused.problem.stdout_bytes, refused.problem.stderr_bytes),
             (Some(12), Some(0))
         );
     }
-    let task = app.get(id).await.unwrap();
-    assert_eq!(task.status, TaskStatus::InProgress, "nothing was recorded");
+    assert_eq!(none.kind(), Some(ProblemType::OutputMismatch), "{none}");
+    assert_eq!(meanwhile.status, TaskStatus::InProgress, "nothing was recorded");
+    assert_eq!(taken.stdout.as_deref(), Some("hello\nworld\n"), "the text of the uploads");
+    assert_eq!(taken.stdout_bytes, 12);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -427,9 +432,8 @@ async fn lists_leave_the_output_out() {
     let app = TestApp::spawn().await;
     let task = app.submit("echo x").await;
     let picked = app.pick("manual", 0).await.unwrap().expect("the queued task");
-    let report =
-        FinishReport { stdout: Some("x\n".into()), ..FinishReport::exited(picked.lease, 0) };
-    app.finish(task.id, &report).await.unwrap();
+    app.upload(task.id, picked.lease, Stream::Stdout, 0, false, b"x\n").await.unwrap();
+    app.finish(task.id, &FinishReport::exited(picked.lease, 0)).await.unwrap();
 
     let page = app.list("").await.unwrap();
     let raw: Value = app.get_json("/tasks").await.unwrap();

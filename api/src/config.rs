@@ -89,7 +89,10 @@ impl AppConfig {
                  an agent that cannot reach the API stops its command before its lease runs out",
             ),
             (self.pick_confirm_secs >= 1, "pick_confirm_secs must be at least 1"),
-            (self.max_output_bytes >= 1024, "max_output_bytes must be at least 1024"),
+            (
+                (1024..=1 << 30).contains(&self.max_output_bytes),
+                "max_output_bytes must be from 1024 (1 KiB) to 1073741824 (1 GiB)",
+            ),
             (self.reaper_interval_secs >= 1, "reaper_interval_secs must be at least 1"),
             (self.max_attempts >= 1, "max_attempts must be at least 1"),
             (self.default_timeout_secs >= 1 && self.default_timeout_secs <= self.max_timeout_secs,

@@ -75,6 +75,11 @@ impl ClientError {
     fn is_too_large(&self) -> bool {
         matches!(self, ClientError::Refused { status: 413, .. })
     }
+
+    /// The finish's text is not the API's text of the uploaded output.
+    pub fn is_output_mismatch(&self) -> bool {
+        matches!(self, ClientError::Refused { kind: Some(ProblemType::OutputMismatch), .. })
+    }
 }
 
 /// Checks the server's numbers before acting on them: the agent does not take them blindly.

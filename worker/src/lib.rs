@@ -194,7 +194,15 @@ impl Worker {
             // Measured at each send: a retried finish must not make the command look later.
             report.started_ms_ago =
                 execution.started.map(|at| at.elapsed().as_millis().min(u64::MAX.into()) as u64);
-            let sent = client::finish_within_limits(attempt, &mut report);
+            let mut sent = client::finish_within_limits(attempt, &mut report);
+            if sent.as_ref().is_err_and(ClientError::is_output_mismatch) && report.stdout.is_some()
+            {
+                // The server's text of the uploads differs from this agent's (its uploads
+                // skipped bytes it still had, say): the server's is the one /output agrees with.
+                log::warn!("task {id}: the API's text of the uploaded output differs; using it");
+                (report.stdout, report.stderr) = (None, None);
+                sent = client::finish_within_limits(attempt, &mut report);
+            }
             if let (Err(ClientError::OutputIncomplete { stdout, stderr }), Some(streamer)) =
                 (&sent, &mut streamer)
             {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use rocket::Shutdown;
 use sqlx::{Connection, PgConnection, PgPool};
 use taskexec_protocol::{Assignment, LeaseTerms};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{sleep_until, Instant};
 
 use super::events::TaskEvents;
@@ -105,22 +105,37 @@ pub struct Delivery(Option<Receipt>);
 struct Receipt {
     lease: Lease,
     returns: mpsc::UnboundedSender<Lease>,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Arc<InFlight>,
+}
+
+/// Handovers neither delivered nor come back yet, and a wake for a dispatcher waiting for them
+/// to settle at shutdown.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    settled: Notify,
+}
+
+impl InFlight {
+    fn settle(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.settled.notify_one();
+    }
 }
 
 impl Delivery {
     fn new(
         lease: Lease,
         returns: mpsc::UnboundedSender<Lease>,
-        in_flight: Arc<AtomicUsize>,
+        in_flight: Arc<InFlight>,
     ) -> Delivery {
-        in_flight.fetch_add(1, Ordering::AcqRel);
+        in_flight.count.fetch_add(1, Ordering::AcqRel);
         Delivery(Some(Receipt { lease, returns, in_flight }))
     }
 
     pub fn delivered(mut self) {
         if let Some(receipt) = self.0.take() {
-            receipt.in_flight.fetch_sub(1, Ordering::AcqRel);
+            receipt.in_flight.settle();
         }
     }
 }
@@ -128,8 +143,9 @@ impl Delivery {
 impl Drop for Delivery {
     fn drop(&mut self) {
         if let Some(receipt) = self.0.take() {
+            // Sent before it stops counting: see `put_back_stragglers`.
             let _ = receipt.returns.send(receipt.lease);
-            receipt.in_flight.fetch_sub(1, Ordering::AcqRel);
+            receipt.in_flight.settle();
         }
     }
 }
@@ -173,7 +189,7 @@ pub struct DispatchLoop {
     /// Handovers that came back, to be put back in the next round.
     returning: Vec<Lease>,
     /// Handovers neither delivered nor come back yet.
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Arc<InFlight>,
     parked: Arc<AtomicUsize>,
     notifier: Notifier,
     terms: LeaseTerms,
@@ -202,7 +218,7 @@ impl DispatchLoop {
             undelivered: undelivered_rx,
             returns: undelivered,
             returning: Vec::new(),
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            in_flight: Arc::default(),
             parked,
             notifier,
             terms,
@@ -250,7 +266,7 @@ impl DispatchLoop {
         loop {
             // Read before draining: a delivery that comes back sends its lease before it stops
             // counting, so when none was in flight here, the drain below has them all.
-            let in_flight = self.in_flight.load(Ordering::Acquire);
+            let in_flight = self.in_flight.count.load(Ordering::Acquire);
             while let Ok(lease) = self.undelivered.try_recv() {
                 self.returning.push(lease);
             }
@@ -272,6 +288,7 @@ impl DispatchLoop {
             }
             tokio::select! {
                 Some(lease) = self.undelivered.recv() => self.returning.push(lease),
+                _ = self.in_flight.settled.notified() => {}
                 _ = sleep_until(deadline) => break,
             }
         }

@@ -219,8 +219,8 @@ pub async fn uploads(
             ORDER BY o.start"#,
         lease.task as TaskId,
         lease.token as LeaseToken,
-        stated[0] as i64,
-        stated[1] as i64,
+        i64::try_from(stated[0]).unwrap_or(i64::MAX),
+        i64::try_from(stated[1]).unwrap_or(i64::MAX),
     )
     .fetch_all(pool)
     .await
@@ -241,29 +241,85 @@ pub async fn uploads(
 
 impl Uploads {
     /// The text of `stream` as uploaded, `length` bytes long (at most what was read): its first
-    /// half and the window of its last half, by the cap's rule, as the agent's buffers keep it.
-    /// `None` when bytes the text needs are not there (skipped where a skip was not allowed).
+    /// half and its last bytes, by the cap's rule, as the agent's buffers keep them. Bytes of
+    /// the last half that the agent skipped (its uploads stopped partway through a flood) count
+    /// as dropped, as `/output` reports them. `None` when the stream does not reach `length`,
+    /// or its first half has a gap (an upload may skip only past the first half).
     pub fn text(&self, stream: Stream, length: u64) -> Option<OutputText> {
         let cap = self.cap;
         let head_end = length.min(cap.head_limit() as u64);
         let tail_start = length.saturating_sub(cap.tail_limit() as u64).max(head_end);
-        let (mut head, mut tail) = (Vec::new(), Vec::new());
+        let mut head = Vec::new();
+        // The present bytes of [tail_start, length) that run without a gap to the last one.
+        let (mut tail, mut tail_from) = (Vec::new(), tail_start);
         for (start, data) in &self.chunks[stream.index()] {
             let (start, end) = (*start, *start + data.len() as u64);
-            for (buffer, from, to) in [(&mut head, 0, head_end), (&mut tail, tail_start, length)] {
-                // The part of the chunk in [from, to) that the buffer needs next.
-                let needed = from + buffer.len() as u64;
-                let (lo, hi) = (start.max(needed), end.min(to));
+            let (lo, hi) = (start.max(head.len() as u64), end.min(head_end));
+            if lo < hi {
+                if lo != head.len() as u64 {
+                    return None;
+                }
+                head.extend_from_slice(&data[(lo - start) as usize..(hi - start) as usize]);
+            }
+            let (lo, hi) = (start.max(tail_start), end.min(length));
+            if lo < hi {
+                let tail_end = tail_from + tail.len() as u64;
+                if lo > tail_end {
+                    (tail, tail_from) = (Vec::new(), lo);
+                }
+                let lo = lo.max(tail_from + tail.len() as u64);
                 if lo < hi {
-                    if lo != needed {
-                        return None;
-                    }
-                    buffer.extend_from_slice(&data[(lo - start) as usize..(hi - start) as usize]);
+                    tail.extend_from_slice(&data[(lo - start) as usize..(hi - start) as usize]);
                 }
             }
         }
-        let complete = head.len() as u64 == head_end && tail.len() as u64 == length - tail_start;
-        complete.then(|| cap.text(&head, &tail, tail_start - head_end))
+        let reaches = if length > head_end { tail_from + tail.len() as u64 } else { head_end };
+        if head.len() as u64 != head_end || reaches != length {
+            return None;
+        }
+        Some(cap.text(&head, &tail, tail_from - head_end))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uploads(chunks: &[(u64, &[u8])]) -> Uploads {
+        let total = chunks.iter().map(|(at, data)| at + data.len() as u64).max().unwrap_or(0);
+        Uploads {
+            lengths: [total, 0],
+            cap: OutputCap::new(10),
+            chunks: [chunks.iter().map(|(at, data)| (*at, data.to_vec())).collect(), Vec::new()],
+        }
+    }
+
+    #[test]
+    fn the_text_of_the_uploads_follows_the_cap_rule() {
+        let whole = uploads(&[(0, b"01234"), (5, b"567")]);
+        assert_eq!(whole.text(Stream::Stdout, 8).unwrap().text, "01234567");
+        // A flood: the head, then the window of the last five bytes.
+        let flood = uploads(&[(0, b"01234"), (12, b"cdefghij")]);
+        let text = flood.text(Stream::Stdout, 20).unwrap();
+        assert_eq!(text.text, "01234\n[taskexec: 10 bytes of output dropped here]\nfghij");
+        assert!(text.truncated);
+    }
+
+    #[test]
+    fn bytes_the_agent_skipped_in_the_last_half_count_as_dropped() {
+        // The window whole, in two chunks; then with a gap the agent skipped.
+        let partial = uploads(&[(0, b"01234"), (15, b"fgh"), (18, b"ij")]);
+        let text = partial.text(Stream::Stdout, 20).unwrap().text;
+        assert_eq!(text, "01234\n[taskexec: 10 bytes of output dropped here]\nfghij");
+        let gapped = uploads(&[(0, b"01234"), (15, b"fg"), (18, b"ij")]);
+        let text = gapped.text(Stream::Stdout, 20).unwrap().text;
+        assert!(text.starts_with("01234\n[taskexec: 13 bytes") && text.ends_with("ij"), "{text}");
+    }
+
+    #[test]
+    fn a_gap_in_the_first_half_or_a_short_stream_has_no_text() {
+        assert_eq!(uploads(&[(0, b"01"), (3, b"34")]).text(Stream::Stdout, 5), None);
+        assert_eq!(uploads(&[(0, b"0123")]).text(Stream::Stdout, 5), None);
     }
 }
 

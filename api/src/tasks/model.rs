@@ -143,8 +143,8 @@ impl Limited for LeaseBody {
 /// The most of an agent's `error` text that is kept.
 const MAX_ERROR_BYTES: usize = 4096;
 
-/// The longest ago a command can have started, in milliseconds: two days is already a lie
-/// (timeouts end at one).
+/// The longest ago a command is taken to have started, in milliseconds (timeouts end at one
+/// day; a finish retried through a long outage must not push `running_at` before its pick).
 const MAX_STARTED_MS_AGO: u64 = 2 * 86_400_000;
 
 /// A report that passed validation: what will be written.
@@ -153,8 +153,7 @@ pub struct Outcome {
     pub status: TaskStatus,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
-    /// Each stream's text as reported, if it was. The server's own text of the uploads wins;
-    /// a reported one must equal it (or, with nothing uploaded, is capped and kept).
+    /// Each stream's text as reported, if it was: it must be the text of the uploads.
     pub reported: [Option<OutputText>; 2],
     /// Record the task as `cancelled`, if an abort was indeed requested.
     pub aborted: bool,
@@ -196,9 +195,6 @@ pub fn outcome(report: FinishReport) -> Result<Outcome, Rejected> {
         (None, None) => None,
         _ => return Err(rejected("state both `stdout_bytes` and `stderr_bytes`, or neither")),
     };
-    if report.started_ms_ago.is_some_and(|ms| ms > MAX_STARTED_MS_AGO) {
-        return Err(rejected(format!("`started_ms_ago` must be at most {MAX_STARTED_MS_AGO}")));
-    }
     let text = |text: Option<String>, lossy: bool, truncated: bool| {
         text.map(|text| OutputText { text, lossy, truncated })
     };
@@ -212,7 +208,8 @@ pub fn outcome(report: FinishReport) -> Result<Outcome, Rejected> {
         ],
         aborted: report.aborted,
         lengths,
-        started_ms_ago: report.started_ms_ago,
+        // Clamped, not refused: a finish retried for days must still be taken.
+        started_ms_ago: report.started_ms_ago.map(|ms| ms.min(MAX_STARTED_MS_AGO)),
     })
 }
 

@@ -325,7 +325,7 @@ async fn release(
 
 /// Records the result of the attempt the lease identifies. A repeat of an accepted finish
 /// (an agent retrying after a lost response) answers 200 without writing again. The task's
-/// text is made from the uploaded output by the cap's rule: the stated lengths must be the
+/// text is made from the uploaded output by the cap's rule: stated lengths must be the
 /// uploads' lengths, and a reported text must be that text, so that the task's text and
 /// `/output` can never disagree.
 #[post("/tasks/<id>/finish", data = "<report>")]
@@ -345,21 +345,26 @@ async fn finish(
         // Nothing uploaded, says the agent (a command without output): the write checks it,
         // with no read before it.
         Some([0, 0]) => {
-            let empty = || default_cap.text(&[], &[], 0);
-            if outcome.reported.iter().flatten().any(|text| !text.text.is_empty()) {
-                let stream =
-                    if outcome.reported[0].is_some() { Stream::Stdout } else { Stream::Stderr };
-                return Err(ApiError::OutputMismatch(stream));
+            let stated = outcome
+                .reported
+                .iter()
+                .position(|t| t.as_ref().is_some_and(|t| !t.text.is_empty()));
+            if let Some(index) = stated {
+                return Err(ApiError::OutputMismatch(Stream::ALL[index]));
             }
+            let empty = || default_cap.text(&[], &[], 0);
             lease.finish(db, &outcome, &[empty(), empty()], [0, 0]).await?
         }
-        stated => match output::uploads(db, &lease, stated.unwrap_or([0, 0]), default_cap).await? {
-            Some(uploads) => {
-                let texts = output_texts(&outcome, &uploads)?;
-                lease.finish(db, &outcome, &texts, uploads.lengths).await?
+        stated => {
+            let upto = stated.unwrap_or([u64::MAX; 2]);
+            match output::uploads(db, &lease, upto, default_cap).await? {
+                Some(uploads) => {
+                    let (texts, lengths) = output_texts(&outcome, &uploads)?;
+                    lease.finish(db, &outcome, &texts, lengths).await?
+                }
+                None => None,
             }
-            None => None,
-        },
+        }
     };
     if let Some(task) = recorded {
         // The attempt is over: its parked heartbeat need not wait out its hold.
@@ -386,34 +391,29 @@ async fn finish(
     Err(not_current(db, lease).await)
 }
 
-/// The texts a finish records: made from the uploads when there are any, which the stated
-/// lengths must match exactly and a reported text must equal; the reported text (capped) when
-/// nothing was uploaded and no lengths are stated.
-fn output_texts(outcome: &Outcome, uploads: &Uploads) -> Result<[OutputText; 2], ApiError> {
-    if outcome.lengths.unwrap_or([0, 0]) != uploads.lengths {
-        let [stdout_bytes, stderr_bytes] = uploads.lengths;
-        return Err(ApiError::OutputIncomplete { stdout_bytes, stderr_bytes });
-    }
-    let streaming = outcome.lengths.is_some();
+/// The texts a finish records, and the lengths it records them for: the texts of the uploads,
+/// always. Stated lengths must be the uploads' lengths (a finish that states none takes
+/// them); a reported text must be the uploads' text.
+fn output_texts(
+    outcome: &Outcome,
+    uploads: &Uploads,
+) -> Result<([OutputText; 2], [u64; 2]), ApiError> {
+    let lengths = match outcome.lengths {
+        Some(stated) if stated != uploads.lengths => {
+            let [stdout_bytes, stderr_bytes] = uploads.lengths;
+            return Err(ApiError::OutputIncomplete { stdout_bytes, stderr_bytes });
+        }
+        stated => stated.unwrap_or(uploads.lengths),
+    };
     let text_of = |stream: Stream| {
         let reported = &outcome.reported[stream.index()];
-        if !streaming {
-            // An agent that does not stream (and uploaded nothing): its text, capped.
-            return Ok(match reported {
-                Some(reported) => {
-                    let (text, cut) = uploads.cap.shrink(&reported.text);
-                    OutputText { text, truncated: reported.truncated || cut, ..*reported }
-                }
-                None => uploads.cap.text(&[], &[], 0),
-            });
-        }
-        match (uploads.text(stream, uploads.lengths[stream.index()]), reported) {
+        match (uploads.text(stream, lengths[stream.index()]), reported) {
             (Some(text), Some(reported)) if text.text == reported.text => Ok(text),
             (Some(text), None) => Ok(text),
             _ => Err(ApiError::OutputMismatch(stream)),
         }
     };
-    Ok([text_of(Stream::Stdout)?, text_of(Stream::Stderr)?])
+    Ok(([text_of(Stream::Stdout)?, text_of(Stream::Stderr)?], lengths))
 }
 
 /// Why a write fenced by `lease` changed nothing: 404, or 409 naming the reason.

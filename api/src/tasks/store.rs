@@ -232,7 +232,7 @@ pub async fn claim(
         agents,
         agents.len() as i64,
         f64::from(terms.lease_secs),
-        terms.max_output_bytes as i32,
+        i32::try_from(terms.max_output_bytes).unwrap_or(i32::MAX),
     )
     .fetch_all(pool)
     .await
