@@ -45,7 +45,7 @@ pub enum ApiError {
     #[error("the output uploaded for this attempt is stdout {stdout_bytes} and stderr {stderr_bytes} bytes so far; upload the rest, and state the lengths of the uploads")]
     OutputIncomplete { stdout_bytes: u64, stderr_bytes: u64 },
     /// A finish whose text is not the text of the output uploaded for the attempt.
-    #[error("the reported {0} is not the text of the {0} uploaded for this attempt")]
+    #[error("the reported {0} is not the text of the {0} uploaded for this attempt (or its uploads leave a gap in the stream's first half)")]
     OutputMismatch(Stream),
     #[error("{0}")]
     PayloadTooLarge(String),
