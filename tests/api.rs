@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use taskexec_protocol::{
     FinishReport, LeaseToken, NewTask, ProblemType, Stream, Task, TaskId, TaskPage, TaskStatus,
 };
-use taskexec_tests::{assert_problem, Api, PgProxy, TestApp, TestDb, TOKEN};
+use taskexec_tests::{assert_problem, Api, PgProxy, TestApp, TestDb, ADMIN_TOKEN, TOKEN};
 use tokio::time::Instant;
 
 /// A server that rescans the queue only once an hour: a parked pick it answers within seconds
@@ -257,22 +257,22 @@ async fn agent_endpoints_require_the_token_and_a_name() {
     let task = app.submit("true").await;
 
     let none = app
-        .request(Method::GET, "/tasks/pick?wait=0")
+        .anonymous(Method::GET, "/tasks/pick?wait=0")
         .header("X-Agent-Name", "a")
         .send()
         .await
         .unwrap();
     let wrong = app
-        .request(Method::GET, "/tasks/pick?wait=0")
+        .anonymous(Method::GET, "/tasks/pick?wait=0")
         .bearer_auth("not-the-token")
         .header("X-Agent-Name", "a")
         .send()
         .await
         .unwrap();
     let unnamed =
-        app.request(Method::GET, "/tasks/pick?wait=0").bearer_auth(TOKEN).send().await.unwrap();
+        app.anonymous(Method::GET, "/tasks/pick?wait=0").bearer_auth(TOKEN).send().await.unwrap();
     let finish = app
-        .request(Method::POST, &format!("/tasks/{}/finish", task.id))
+        .anonymous(Method::POST, &format!("/tasks/{}/finish", task.id))
         .json(&FinishReport::exited(LeaseToken::random(), 0))
         .send()
         .await
@@ -658,7 +658,7 @@ async fn sigterm_to_the_server_ends_parked_picks_with_204_and_exits_0() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let api = Api::new(&format!("http://127.0.0.1:{port}"), TOKEN);
+    let api = Api::new(&format!("http://127.0.0.1:{port}"), ADMIN_TOKEN, TOKEN);
     // The process announces nothing when it listens: try until it answers.
     let deadline = Instant::now() + Duration::from_secs(30);
     while api.request(Method::GET, "/health").send().await.is_err() {

@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use taskexec_protocol::{TaskId, TaskStatus};
-use taskexec_tests::{binary, is_alive, Api, TestDb, TOKEN};
+use taskexec_tests::{binary, is_alive, Api, TestDb, ADMIN_TOKEN, TOKEN};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
@@ -56,6 +56,7 @@ impl Dev {
             .env("DEV_DATABASE", &db.name)
             .env("SERVER_PORT", port.to_string())
             .env("AGENT_TOKEN", TOKEN)
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
             .env("LOG_LEVEL", std::env::var("DEV_LOG").unwrap_or("warn".into()))
             .process_group(0)
             .stdin(Stdio::null())
@@ -64,7 +65,7 @@ impl Dev {
             .spawn()
             .expect("start scripts/dev");
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let api = Api::new(&format!("http://127.0.0.1:{port}"), TOKEN);
+        let api = Api::new(&format!("http://127.0.0.1:{port}"), ADMIN_TOKEN, TOKEN);
         (Dev { child, api, pids: Vec::new(), db }, lines)
     }
 

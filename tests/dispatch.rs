@@ -40,7 +40,7 @@ async fn one_claim_serves_all_parked_picks_oldest_waiter_first() {
         (0..5).map(|n| park(&dispatcher, &format!("agent-{n}"))).collect();
     let mut tasks = Vec::new();
     for n in 0..3 {
-        tasks.push(store::insert(&pool, &format!("echo {n}"), 60).await.unwrap().id);
+        tasks.push(store::insert(&pool, &format!("echo {n}"), 60, "tester").await.unwrap().id);
     }
 
     let round = dispatch.run_once().await;
@@ -80,7 +80,7 @@ async fn a_hundred_parked_picks_and_a_hundred_tasks_pair_up_one_to_one() {
     let (_db, pool) = migrated().await;
     let (_, dispatcher, mut dispatch) = dispatcher(&pool);
     for n in 0..100 {
-        store::insert(&pool, &format!("echo {n}"), 60).await.unwrap();
+        store::insert(&pool, &format!("echo {n}"), 60, "tester").await.unwrap();
     }
     let replies: Vec<Reply> = (0..100).map(|n| park(&dispatcher, &format!("agent-{n}"))).collect();
 
@@ -157,7 +157,7 @@ async fn listeners_until(admin: &PgPool, name: &str, done: impl Fn(&[i32]) -> bo
 async fn reapers_racing_on_one_database_handle_each_expired_lease_once() {
     let (_db, pool) = migrated().await;
     for n in 0..200 {
-        store::insert(&pool, &format!("echo {n}"), 60).await.unwrap();
+        store::insert(&pool, &format!("echo {n}"), 60, "tester").await.unwrap();
     }
     let agents: Vec<String> = (0..200).map(|n| format!("lost-{n}")).collect();
     assert_eq!(store::claim(&pool, &agents, &TERMS).await.unwrap().len(), 200);
@@ -190,7 +190,7 @@ async fn reapers_racing_on_one_database_handle_each_expired_lease_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_lease_on_the_last_attempt_fails_the_task_as_agent_lost() {
     let (_db, pool) = migrated().await;
-    let task = store::insert(&pool, "echo x", 60).await.unwrap();
+    let task = store::insert(&pool, "echo x", 60, "tester").await.unwrap();
     for attempt in 1..=3 {
         let claimed = store::claim(&pool, &["a".to_owned()], &TERMS).await.unwrap();
         assert_eq!(claimed[0].task.attempts, attempt);
@@ -206,7 +206,7 @@ async fn an_expired_lease_on_the_last_attempt_fails_the_task_as_agent_lost() {
         assert_eq!(outcome, if attempt < 3 { (1, 0) } else { (0, 1) });
     }
 
-    let lost = store::get(&pool, task.id).await.unwrap().unwrap();
+    let lost = store::get(&pool, task.id, None).await.unwrap().unwrap();
     assert_eq!(lost.status, TaskStatus::Failed);
     assert_eq!(lost.error.as_deref(), Some("agent lost"));
 }
@@ -214,7 +214,7 @@ async fn an_expired_lease_on_the_last_attempt_fails_the_task_as_agent_lost() {
 #[tokio::test(flavor = "multi_thread")]
 async fn picks_never_confirmed_are_refunded_but_only_max_attempts_times() {
     let (_db, pool) = migrated().await;
-    let task = store::insert(&pool, "echo x", 60).await.unwrap();
+    let task = store::insert(&pool, "echo x", 60, "tester").await.unwrap();
     let mut fates = Vec::new();
     for _ in 0..6 {
         store::claim(&pool, &["gone".to_owned()], &TERMS).await.unwrap();
@@ -228,7 +228,7 @@ async fn picks_never_confirmed_are_refunded_but_only_max_attempts_times() {
 
     // Three refunds (a parked pick whose agent had gone), then three counted attempts.
     assert_eq!(fates, [(1, 1, 0), (1, 1, 0), (1, 1, 0), (0, 1, 0), (0, 1, 0), (0, 0, 1)]);
-    let lost = store::get(&pool, task.id).await.unwrap().unwrap();
+    let lost = store::get(&pool, task.id, None).await.unwrap().unwrap();
     assert_eq!(lost.error.as_deref(), Some("agent lost"));
     assert_eq!(lost.attempts, 3);
 }
@@ -236,7 +236,7 @@ async fn picks_never_confirmed_are_refunded_but_only_max_attempts_times() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hand_backs_are_refunded_only_max_attempts_times_then_fail_the_task() {
     let (_db, pool) = migrated().await;
-    let task = store::insert(&pool, "kill -TERM $agent", 60).await.unwrap();
+    let task = store::insert(&pool, "kill -TERM $agent", 60, "tester").await.unwrap();
     let mut statuses = Vec::new();
     loop {
         let claimed = store::claim(&pool, &["draining".to_owned()], &TERMS).await.unwrap();
@@ -251,6 +251,6 @@ async fn hand_backs_are_refunded_only_max_attempts_times_then_fail_the_task() {
         statuses,
         [(Queued, 0), (Queued, 0), (Queued, 0), (Queued, 1), (Queued, 2), (Failed, 3)]
     );
-    let failed = store::get(&pool, task.id).await.unwrap().unwrap();
+    let failed = store::get(&pool, task.id, None).await.unwrap().unwrap();
     assert_eq!(failed.error.as_deref(), Some("handed back by its agents too often"));
 }

@@ -16,7 +16,7 @@ use serde_json::json;
 use taskexec_protocol::{FinishReport, LeaseToken, NewTask, ProblemType, TaskId, TaskStatus};
 use taskexec_tests::{
     assert_problem, group_members, is_alive, until, Aborted, AgentPool, Api, ApiProcess, PgCluster,
-    TestApp, TestDb, WorkerProcess, TOKEN,
+    TestApp, TestDb, WorkerProcess, ADMIN_TOKEN, TOKEN,
 };
 use tokio::time::Instant;
 
@@ -392,7 +392,7 @@ async fn two_api_servers_one_killed_lose_no_task_and_run_none_twice() {
     let db = TestDb::create().await;
     let a = ApiProcess::start(&db.url, &FAST_ENV).await;
     let b = ApiProcess::start(&db.url, &FAST_ENV).await;
-    let survivor = Api::new(&b.url, TOKEN);
+    let survivor = Api::new(&b.url, ADMIN_TOKEN, TOKEN);
     let dir = scratch();
     let log = dir.join("ran");
     let mut workers = Vec::new();
@@ -560,12 +560,12 @@ async fn an_api_restart_keeps_running_tasks_on_their_lease() {
     let dir = scratch();
     let _worker = WorkerProcess::start_with_url(&api.url, "steady", &[]);
     let command = format!("touch {}/started; sleep 2; echo survived", dir.display());
-    let task = Api::new(&api.url, TOKEN).submit(&command).await;
+    let task = Api::new(&api.url, ADMIN_TOKEN, TOKEN).submit(&command).await;
     until(Duration::from_secs(30), "the task started", || dir.join("started").exists()).await;
 
     let api = api.restart().await;
 
-    let done = Api::new(&api.url, TOKEN).until_done(task.id).await;
+    let done = Api::new(&api.url, ADMIN_TOKEN, TOKEN).until_done(task.id).await;
     assert_eq!(done.status, TaskStatus::Finished, "{done:?}");
     assert_eq!(done.stdout.as_deref(), Some("survived\n"));
     assert_eq!(done.attempts, 1, "the lease held through the restart");

@@ -14,8 +14,10 @@ const DEFAULTS: &str = include_str!("../../Rocket.toml");
 pub const SETTINGS_HELP: &str = "\
 Settings (environment variables; every other setting is in Rocket.toml, with its default and
 unit, and can be overridden with ROCKET_<KEY>, e.g. ROCKET_LEASE_SECS=60):
-  AGENT_TOKEN          the agents' bearer token (required; the server refuses to start
-                       without it)
+  AGENT_TOKEN          the agents' shared bearer token, at least 16 characters (required),
+                       or AGENT_TOKEN_FILE naming a file that holds it
+  ADMIN_TOKEN          an admin's bearer token for bootstrapping (optional), at least 16
+                       characters, or ADMIN_TOKEN_FILE
   DATABASE_URL         postgres://user:password@host:port/database, or in parts:
   DB_USER, DB_PASSWORD, DB_HOST, DB_PORT, DB_NAME
                        [default: postgres://postgres@localhost:5432/postgres]
@@ -24,7 +26,15 @@ unit, and can be overridden with ROCKET_<KEY>, e.g. ROCKET_LEASE_SECS=60):
   ROCKET_CONFIG        the settings file [default: Rocket.toml; built-in defaults without it]
 
 SIGTERM or SIGINT: parked picks answer 204 at once, requests in flight get a short grace,
-then the server exits 0.";
+then the server exits 0.
+
+Tokens (on the same database settings, without a running server):
+  taskexec-api token create --name NAME --role ROLE [--expires 90d] [--agent-name NAME]
+  taskexec-api token list
+  taskexec-api token revoke ID";
+
+/// The shortest shared token (`AGENT_TOKEN`, `ADMIN_TOKEN`) accepted.
+const MIN_SHARED_TOKEN: usize = 16;
 
 /// Where the pool's URL lives in the figment (rocket_db_pools reads it there).
 pub const DATABASE_URL_KEY: &str = "databases.taskexec.url";
@@ -38,6 +48,11 @@ pub struct AppConfig {
     /// A secret: its `Debug` prints no value, and it is read only through `agent_token()`.
     #[serde(default)]
     pub agent_token: Option<SecretString>,
+    /// An admin's bearer token for bootstrapping a deployment (`ADMIN_TOKEN`); optional.
+    #[serde(default)]
+    pub admin_token: Option<SecretString>,
+    /// The most tasks one owner may have queued; a submission beyond gets 429.
+    pub max_queued_per_owner: u64,
     /// Largest accepted command, in bytes.
     pub max_command_bytes: usize,
     /// Page size of `GET /tasks` without `limit`, and the largest `limit`.
@@ -71,6 +86,11 @@ impl AppConfig {
         self.agent_token.as_ref().map_or("", |token| token.expose_secret())
     }
 
+    /// The bootstrap admin token, when one is set.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_ref().map(|token| token.expose_secret())
+    }
+
     /// The longest a heartbeat is held: a third of the lease, so that an agent that heartbeats
     /// again as soon as one returns extends its lease well before it runs out.
     pub fn heartbeat_hold_secs(&self) -> u32 {
@@ -81,7 +101,11 @@ impl AppConfig {
     /// the defaults fit in the limits.
     fn check(&self) -> Result<(), String> {
         let rules = [
-            (!self.agent_token().trim().is_empty(), "AGENT_TOKEN is not set: agents could not authenticate, so the server refuses to start. Set AGENT_TOKEN (or ROCKET_AGENT_TOKEN) to a long random secret."),
+            (!self.agent_token().trim().is_empty(), "AGENT_TOKEN is not set: agents could not authenticate, so the server refuses to start. Set AGENT_TOKEN (or AGENT_TOKEN_FILE) to a long random secret."),
+            (self.agent_token().len() >= MIN_SHARED_TOKEN, "AGENT_TOKEN must be at least 16 characters long"),
+            (self.admin_token().map_or(true, |t| t.len() >= MIN_SHARED_TOKEN), "ADMIN_TOKEN must be at least 16 characters long"),
+            (self.admin_token().map_or(true, |t| t != self.agent_token()), "ADMIN_TOKEN must differ from AGENT_TOKEN"),
+            (self.max_queued_per_owner >= 1, "max_queued_per_owner must be at least 1"),
             (self.lease_secs >= 3, "lease_secs must be at least 3 (heartbeats come every third of it)"),
             (
                 self.kill_grace_secs + 2 <= self.lease_secs.min(self.pick_confirm_secs),
@@ -133,8 +157,17 @@ fn container_env(var: impl Fn(&str) -> Option<String>) -> Figment {
     if let Some(level) = var("LOG_LEVEL") {
         env = env.merge(Serialized::global("logging", level));
     }
-    if let Some(token) = var("AGENT_TOKEN") {
-        env = env.merge(Serialized::global("agent_token", token));
+    for (key, name) in [("agent_token", "AGENT_TOKEN"), ("admin_token", "ADMIN_TOKEN")] {
+        match (var(name), var(&format!("{name}_FILE"))) {
+            (Some(token), _) => env = env.merge(Serialized::global(key, token)),
+            // The file form suits Docker and Kubernetes secrets. An unreadable file leaves the
+            // setting unset, and the check says what is missing.
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(token) => env = env.merge(Serialized::global(key, token.trim().to_owned())),
+                Err(e) => log::error!("{name}_FILE={path:?} cannot be read: {e}"),
+            },
+            (None, None) => {}
+        }
     }
     let url = var("DATABASE_URL").or_else(|| database_url_from_parts(&var));
     if let Some(url) = url {

@@ -24,8 +24,15 @@ pub enum ApiError {
     /// The request is well-formed but its content is not acceptable.
     #[error("{0}")]
     Invalid(String),
-    #[error("a valid agent token is required: send Authorization: Bearer <AGENT_TOKEN>")]
-    Unauthorized,
+    /// No valid token: none, malformed, unknown, revoked or expired.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token whose role may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The owner has as many tasks queued as it may.
+    #[error("{owner} has {max} tasks queued, as many as it may; retry when some have started")]
+    QuotaExceeded { owner: String, max: u64 },
     #[error("{0}")]
     NotFound(String),
     /// An agent write under a lease that is not the task's current one, or whose attempt has
@@ -66,7 +73,9 @@ impl ApiError {
             ApiError::Malformed(_) => ProblemType::BadRequest,
             ApiError::BadParameter { .. } => ProblemType::BadParameter,
             ApiError::Invalid(_) => ProblemType::InvalidRequest,
-            ApiError::Unauthorized => ProblemType::Unauthorized,
+            ApiError::Unauthorized(_) => ProblemType::Unauthorized,
+            ApiError::Forbidden(_) => ProblemType::Forbidden,
+            ApiError::QuotaExceeded { .. } => ProblemType::QuotaExceeded,
             ApiError::NotFound(_) => ProblemType::NotFound,
             ApiError::LeaseNotCurrent { .. } => ProblemType::LeaseNotCurrent,
             ApiError::TaskEnded { .. } => ProblemType::TaskEnded,
@@ -146,6 +155,9 @@ impl From<crate::tasks::model::Rejected> for ApiError {
     }
 }
 
+/// How long a client over its quota is told to wait.
+const RETRY_AFTER_SECS: u64 = 5;
+
 fn problem_response<'o>(problem: &Problem) -> Response<'o> {
     let status = Status::from_code(problem.status).unwrap_or(Status::InternalServerError);
     let body = serde_json::to_vec(problem).unwrap_or_default();
@@ -156,6 +168,9 @@ fn problem_response<'o>(problem: &Problem) -> Response<'o> {
         .sized_body(body.len(), Cursor::new(body));
     if status == Status::Unauthorized {
         response.raw_header("WWW-Authenticate", "Bearer");
+    }
+    if status == Status::TooManyRequests {
+        response.raw_header("Retry-After", RETRY_AFTER_SECS.to_string());
     }
     response.finalize()
 }
@@ -182,6 +197,8 @@ impl<'r> Responder<'r, 'static> for Caught {
             Caught::Status(status, detail) => {
                 let kind = match status.code {
                     400 => ProblemType::BadRequest,
+                    401 => ProblemType::Unauthorized,
+                    403 => ProblemType::Forbidden,
                     404 => ProblemType::NotFound,
                     413 => ProblemType::PayloadTooLarge,
                     415 => ProblemType::UnsupportedMediaType,

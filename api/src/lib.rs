@@ -6,8 +6,9 @@ use rocket::figment::Figment;
 use rocket::{catchers, Build, Rocket};
 use rocket_db_pools::Database;
 
-mod auth;
+pub mod auth;
 mod body;
+pub mod cli;
 pub mod config;
 mod db;
 pub mod dispatch;
@@ -37,6 +38,7 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         .attach(AdHoc::try_on_ignite("Migrations", migrate))
         .attach(tasks::intake::stage())
         .attach(dispatch::stage())
+        .attach(auth::verifier::stage())
         .attach(reaper::stage())
         .attach(logging::RequestLog)
         .attach(AdHoc::on_liftoff("Announce", |rocket| {
@@ -48,6 +50,7 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         .mount("/", health::routes())
         .mount("/", tasks::routes::routes())
         .mount("/", output::routes::routes())
+        .mount("/", auth::routes::routes())
         .register("/", catchers![error::catch_all])
 }
 

@@ -306,7 +306,7 @@ pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = api.rss_mib();
     let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-    let pollers = Api::with_http(&api.url, TOKEN, client);
+    let pollers = Api::with_http(&api.url, TOKEN, TOKEN, client);
     let handles: Vec<_> = (0..polls)
         .map(|n| {
             let pollers = pollers.clone();

@@ -7,10 +7,14 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
+use taskexec_protocol::Role;
 use taskexec_tests::Api;
 
 /// The agent token of every benchmark server.
 pub const TOKEN: &str = "bench-token-0123456789abcdef";
+
+/// The admin token of every benchmark server, with which the bench makes its submitter token.
+pub const ADMIN_TOKEN: &str = "bench-admin-0123456789abcdef";
 
 pub struct Env {
     pub admin_url: String,
@@ -64,6 +68,9 @@ impl Env {
             .env_clear()
             .env("DATABASE_URL", &db.url)
             .env("AGENT_TOKEN", TOKEN)
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            // The submit scenario queues far more than the default quota, without agents.
+            .env("ROCKET_MAX_QUEUED_PER_OWNER", "1000000000")
             .env("SERVER_PORT", port.to_string())
             .env("ROCKET_ADDRESS", "127.0.0.1")
             .env("LOG_LEVEL", "error")
@@ -72,11 +79,15 @@ impl Env {
             .kill_on_drop(true);
         let child = command.spawn().expect("start the API");
         let url = format!("http://127.0.0.1:{port}");
-        let api = Process { api: Api::new(&url, TOKEN), url, children: vec![child] };
+        let admin = Api::new(&url, ADMIN_TOKEN, TOKEN);
         for _ in 0..600 {
-            if let Ok(r) = self.http.get(format!("{}/health", api.url)).send().await {
+            if let Ok(r) = self.http.get(format!("{url}/health")).send().await {
                 if r.status() == 200 {
-                    return api;
+                    // Tasks are submitted as users submit them: with a submitter's token,
+                    // verified (and cached) on every request, its quota checked.
+                    let submitter = admin.token("bench", Role::Submitter).await;
+                    let api = admin.as_user(&submitter);
+                    return Process { api, url, children: vec![child] };
                 }
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -21,6 +21,12 @@ pub struct TaskId(Uuid);
 #[cfg_attr(feature = "sqlx", derive(sqlx::Type), sqlx(transparent))]
 pub struct LeaseToken(Uuid);
 
+/// The id of an API token (not its secret): what lists show and revocation names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+#[cfg_attr(feature = "sqlx", derive(sqlx::Type), sqlx(transparent))]
+pub struct TokenId(Uuid);
+
 /// A string that is not a UUID.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseIdError(pub String);
@@ -70,6 +76,7 @@ macro_rules! uuid_newtype {
 
 uuid_newtype!(TaskId);
 uuid_newtype!(LeaseToken);
+uuid_newtype!(TokenId);
 
 #[cfg(test)]
 mod tests {

@@ -9,9 +9,11 @@ pub mod lease;
 pub mod output;
 mod problem;
 mod task;
+pub mod token;
 
-pub use ids::{LeaseToken, ParseIdError, TaskId};
+pub use ids::{LeaseToken, ParseIdError, TaskId, TokenId};
 pub use lease::{Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseTerms};
 pub use output::{OutputAck, OutputCap, Stream};
 pub use problem::{Problem, ProblemType};
 pub use task::{NewTask, Task, TaskPage, TaskStatus, UnknownStatus};
+pub use token::{CreatedToken, NewToken, Role, TokenInfo, TOKEN_PREFIX};

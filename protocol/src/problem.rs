@@ -13,6 +13,8 @@ pub enum ProblemType {
     BadParameter,
     /// 401: no valid credentials.
     Unauthorized,
+    /// 403: valid credentials whose role may not do this.
+    Forbidden,
     /// 404: no such task or route.
     NotFound,
     /// 409: the lease is not the task's current one, or its attempt has ended: another
@@ -36,6 +38,8 @@ pub enum ProblemType {
     UnsupportedMediaType,
     /// 422: well-formed JSON with a bad field.
     InvalidRequest,
+    /// 429: the owner has as many tasks queued as it may; retry after `Retry-After`.
+    QuotaExceeded,
     /// 503: the database is unreachable; retry later.
     Unavailable,
     /// 500: a bug; the cause is in the server's log.
@@ -43,10 +47,11 @@ pub enum ProblemType {
 }
 
 impl ProblemType {
-    pub const ALL: [ProblemType; 15] = [
+    pub const ALL: [ProblemType; 17] = [
         ProblemType::BadRequest,
         ProblemType::BadParameter,
         ProblemType::Unauthorized,
+        ProblemType::Forbidden,
         ProblemType::NotFound,
         ProblemType::LeaseNotCurrent,
         ProblemType::TaskEnded,
@@ -57,6 +62,7 @@ impl ProblemType {
         ProblemType::PayloadTooLarge,
         ProblemType::UnsupportedMediaType,
         ProblemType::InvalidRequest,
+        ProblemType::QuotaExceeded,
         ProblemType::Unavailable,
         ProblemType::Internal,
     ];
@@ -67,6 +73,7 @@ impl ProblemType {
             ProblemType::BadRequest => "/problems/bad-request",
             ProblemType::BadParameter => "/problems/bad-parameter",
             ProblemType::Unauthorized => "/problems/unauthorized",
+            ProblemType::Forbidden => "/problems/forbidden",
             ProblemType::NotFound => "/problems/not-found",
             ProblemType::LeaseNotCurrent => "/problems/lease-not-current",
             ProblemType::TaskEnded => "/problems/task-ended",
@@ -77,6 +84,7 @@ impl ProblemType {
             ProblemType::PayloadTooLarge => "/problems/payload-too-large",
             ProblemType::UnsupportedMediaType => "/problems/unsupported-media-type",
             ProblemType::InvalidRequest => "/problems/invalid-request",
+            ProblemType::QuotaExceeded => "/problems/quota-exceeded",
             ProblemType::Unavailable => "/problems/database-unavailable",
             ProblemType::Internal => "/problems/internal",
         }
@@ -87,6 +95,7 @@ impl ProblemType {
         match self {
             ProblemType::BadRequest | ProblemType::BadParameter => 400,
             ProblemType::Unauthorized => 401,
+            ProblemType::Forbidden => 403,
             ProblemType::NotFound => 404,
             ProblemType::LeaseNotCurrent
             | ProblemType::TaskEnded
@@ -97,6 +106,7 @@ impl ProblemType {
             ProblemType::PayloadTooLarge => 413,
             ProblemType::UnsupportedMediaType => 415,
             ProblemType::InvalidRequest => 422,
+            ProblemType::QuotaExceeded => 429,
             ProblemType::Unavailable => 503,
             ProblemType::Internal => 500,
         }

@@ -125,6 +125,12 @@ pub struct Task {
     pub timeout_secs: i32,
     /// When a user asked to abort the running task.
     pub abort_requested_at: Option<DateTime<Utc>>,
+    /// The name of the token that submitted the task (none for tasks from before tokens).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The name of the token that aborted it, if one did.
+    #[serde(default)]
+    pub aborted_by: Option<String>,
 }
 
 /// The body of `POST /tasks`.

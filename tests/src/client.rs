@@ -9,8 +9,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use taskexec_protocol::output::headers;
 use taskexec_protocol::{
-    Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseToken, NewTask, OutputAck, Problem,
-    ProblemType, Stream, Task, TaskId, TaskPage,
+    Assignment, CreatedToken, FinishReport, HeartbeatReply, LeaseBody, LeaseToken, NewTask,
+    NewToken, OutputAck, Problem, ProblemType, Role, Stream, Task, TaskId, TaskPage, TokenId,
+    TokenInfo,
 };
 
 /// A non-success answer: its status and its problem (empty if the body was not one).
@@ -59,33 +60,60 @@ pub struct OutputRead {
     pub ended: bool,
 }
 
-/// The API at `base`, as a user and, with the agent token, as an agent.
+/// The API at `base`: the user's endpoints with one token, the agent's with another.
 #[derive(Clone)]
 pub struct Api {
     pub base: String,
     pub http: reqwest::Client,
+    user_token: String,
     agent_token: String,
 }
 
 impl Api {
-    pub fn new(base: &str, agent_token: &str) -> Api {
+    /// A client that calls the user's endpoints with `user_token` and the agent's with
+    /// `agent_token`.
+    pub fn new(base: &str, user_token: &str, agent_token: &str) -> Api {
         let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
-        Api::with_http(base, agent_token, http)
+        Api::with_http(base, user_token, agent_token, http)
     }
 
     /// A client on an HTTP client of the caller's (connection pooling of its own).
-    pub fn with_http(base: &str, agent_token: &str, http: reqwest::Client) -> Api {
-        Api { base: base.to_owned(), http, agent_token: agent_token.to_owned() }
+    pub fn with_http(
+        base: &str,
+        user_token: &str,
+        agent_token: &str,
+        http: reqwest::Client,
+    ) -> Api {
+        let (user_token, agent_token) = (user_token.to_owned(), agent_token.to_owned());
+        Api { base: base.to_owned(), http, user_token, agent_token }
     }
 
-    /// A raw request, for what the typed methods cannot say (malformed bodies, odd headers).
+    /// The same API, calling the user's endpoints with `token`.
+    pub fn as_user(&self, token: &str) -> Api {
+        Api { user_token: token.to_owned(), ..self.clone() }
+    }
+
+    /// The same API, calling the agent's endpoints with `token`.
+    pub fn as_agent(&self, token: &str) -> Api {
+        Api { agent_token: token.to_owned(), ..self.clone() }
+    }
+
+    /// A raw request with the user's token, for what the typed methods cannot say (malformed
+    /// bodies, odd headers).
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.anonymous(method, path).bearer_auth(&self.user_token)
+    }
+
+    /// A raw request without any token.
+    pub fn anonymous(&self, method: Method, path: &str) -> RequestBuilder {
         self.http.request(method, format!("{}{path}", self.base))
     }
 
     /// A raw request with the agent's credentials and name.
     pub fn agent(&self, method: Method, path: &str, name: &str) -> RequestBuilder {
-        self.request(method, path).bearer_auth(&self.agent_token).header(headers::AGENT_NAME, name)
+        self.anonymous(method, path)
+            .bearer_auth(&self.agent_token)
+            .header(headers::AGENT_NAME, name)
     }
 
     // The user's endpoints.
@@ -182,6 +210,35 @@ impl Api {
     /// `GET /health`.
     pub async fn health(&self) -> Answer<Value> {
         self.get_json("/health").await
+    }
+
+    // Tokens, for an admin.
+
+    /// `POST /tokens`.
+    pub async fn create_token(&self, token: &NewToken) -> Answer<CreatedToken> {
+        let response = self.request(Method::POST, "/tokens").json(token).send().await.unwrap();
+        expect_json(response, StatusCode::CREATED).await
+    }
+
+    /// A new token of `role` named `name`, its secret; panics unless it is created.
+    pub async fn token(&self, name: &str, role: Role) -> String {
+        let new = NewToken { name: name.into(), role, expires_in_secs: None, agent_name: None };
+        self.create_token(&new).await.unwrap_or_else(|e| panic!("token {name}: {e}")).token
+    }
+
+    /// `GET /tokens`.
+    pub async fn tokens(&self) -> Answer<Vec<TokenInfo>> {
+        self.get_json("/tokens").await
+    }
+
+    /// `DELETE /tokens/<id>`.
+    pub async fn revoke_token(&self, id: TokenId) -> Answer<()> {
+        let path = format!("/tokens/{id}");
+        let response = self.request(Method::DELETE, &path).send().await.unwrap();
+        match response.status() {
+            StatusCode::NO_CONTENT => Ok(()),
+            _ => Err(failure(response).await),
+        }
     }
 
     // The agent's endpoints, each with the agent token.

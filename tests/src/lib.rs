@@ -23,6 +23,9 @@ pub use client::{Aborted, Answer, Api, Failure, OutputRead};
 /// The agent token every test server is started with.
 pub const TOKEN: &str = "test-agent-token-0123456789";
 
+/// The admin token every test server is started with; the typed client's user token.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// A database of its own for one test, dropped when the test ends (pass or fail).
 pub struct TestDb {
     pub name: String,
@@ -134,7 +137,7 @@ impl TestApp {
         });
         let port = port_rx.await.expect("the API lifts off");
         let url = format!("http://127.0.0.1:{port}");
-        TestApp { api: Api::new(&url, TOKEN), url, db, shutdown, server }
+        TestApp { api: Api::new(&url, ADMIN_TOKEN, TOKEN), url, db, shutdown, server }
     }
 
     /// A second server on the same database, as a second API process would be.
@@ -178,6 +181,7 @@ pub fn test_figment(database_url: &str) -> Figment {
         .merge(("address", "127.0.0.1"))
         .merge(("port", 0))
         .merge(("agent_token", TOKEN))
+        .merge(("admin_token", ADMIN_TOKEN))
         .merge(("logging", "error"))
         .merge((taskexec_api::config::DATABASE_URL_KEY, database_url))
         .merge(("databases.taskexec.max_connections", 8))
@@ -449,6 +453,7 @@ impl ApiProcess {
             .env_clear()
             .env("DATABASE_URL", database_url)
             .env("AGENT_TOKEN", TOKEN)
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SERVER_PORT", port.to_string())
             .env("ROCKET_ADDRESS", "127.0.0.1")
             .env("LOG_LEVEL", "warn")

@@ -56,7 +56,7 @@ pub fn stage() -> AdHoc {
         // took them before the process exits.
         let running = Arc::new(Mutex::new(None));
         let stopping = running.clone();
-        let rocket = rocket.manage(dispatcher);
+        let rocket = rocket.manage(dispatcher).manage(notifier.clone());
         Ok(rocket
             .attach(AdHoc::on_liftoff("Dispatcher loop", move |rocket| {
                 Box::pin(async move {

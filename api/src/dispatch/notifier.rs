@@ -1,10 +1,10 @@
 //! The LISTEN connection of this API process and the NOTIFYs it sends. A task notification
 //! (from any API process) becomes a hint for the dispatcher; an abort notification wakes the
-//! heartbeats of that task. The connection is its own, not one from the request pool; when it
+//! heartbeats of that task; a token notification voids the cached verdicts on tokens. The connection is its own, not one from the request pool; when it
 //! drops, `listening` says so (the dispatcher then stops trusting "the queue is empty"), and it
 //! reconnects with backoff and hints a rescan.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::sleep;
 
 use super::events::{TaskEvents, Woken};
+use crate::auth::tokens::TOKENS_CHANNEL;
 use crate::tasks::store;
 
 /// "The queue may have changed since the last claim": raised by notifications, local inserts
@@ -44,12 +45,20 @@ pub struct Notifier {
     /// Raised per committed insert; the sender turns each burst into one NOTIFY.
     queued: Arc<Notify>,
     pub events: TaskEvents,
+    /// Moves on at each revocation of a token (and each reconnect, which may have missed
+    /// one): cached verdicts of an older generation are void.
+    tokens: Arc<AtomicU64>,
 }
 
 impl Notifier {
     /// Whether notifications can arrive (the LISTEN connection is up).
     pub fn is_listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)
+    }
+
+    /// The current token generation (see `tokens`).
+    pub fn token_generation(&self) -> u64 {
+        self.tokens.load(Ordering::Acquire)
     }
 
     /// Announces a committed insert (or requeue): to this process's dispatcher at once, and to
@@ -75,12 +84,16 @@ impl Notifier {
             delay = Duration::from_millis(100);
             self.listening.store(true, Ordering::Release);
             self.hints.hint();
+            self.tokens.fetch_add(1, Ordering::AcqRel);
             loop {
                 match listener.try_recv().await {
                     Ok(Some(n)) if n.channel() == store::ABORT_CHANNEL => {
                         if let Ok(id) = n.payload().parse() {
                             self.events.wake(id, Woken::Abort);
                         }
+                    }
+                    Ok(Some(n)) if n.channel() == TOKENS_CHANNEL => {
+                        self.tokens.fetch_add(1, Ordering::AcqRel);
                     }
                     Ok(Some(_)) => self.hints.hint(),
                     Ok(None) => {
@@ -111,6 +124,6 @@ impl Notifier {
 
 async fn connect(url: &str) -> sqlx::Result<PgListener> {
     let mut listener = PgListener::connect(url).await?;
-    listener.listen_all([store::CHANNEL, store::ABORT_CHANNEL]).await?;
+    listener.listen_all([store::CHANNEL, store::ABORT_CHANNEL, TOKENS_CHANNEL]).await?;
     Ok(listener)
 }

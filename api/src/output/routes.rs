@@ -16,7 +16,7 @@ use taskexec_protocol::{LeaseToken, OutputAck, OutputCap, Stream, TaskStatus};
 use tokio::time::Instant;
 
 use super::store::{self, Appended, Chunk, Standing};
-use crate::auth::AgentAuth;
+use crate::auth::{Allowed, Read, Run};
 use crate::body::read_within;
 use crate::config::AppConfig;
 use crate::dispatch::{Dispatcher, Woken, RECHECK};
@@ -75,8 +75,8 @@ fn stream(value: Option<&str>) -> Result<Stream, ApiError> {
 #[post("/tasks/<id>/output?<stream>&<offset>&<skip>", data = "<data>")]
 #[allow(clippy::too_many_arguments)]
 async fn upload(
+    _access: Allowed<Run>,
     _query: StrictQuery,
-    _auth: AgentAuth,
     lease: LeaseHeader,
     db: &Db,
     config: &State<AppConfig>,
@@ -135,6 +135,7 @@ impl<'r> Responder<'r, 'static> for OutputRead {
 #[get("/tasks/<id>/output?<stream>&<offset>&<wait>")]
 #[allow(clippy::too_many_arguments)]
 async fn read(
+    access: Allowed<Read>,
     _query: StrictQuery,
     db: &Db,
     config: &State<AppConfig>,
@@ -149,8 +150,9 @@ async fn read(
     let stream = self::stream(stream)?;
     let offset = self::offset(offset)?;
     let wait = Duration::from_secs(query::wait_secs(wait, 0, config.pick_wait_max_secs)?);
+    let scope = access.who.scope();
     let look = || async {
-        let read = store::read(db, id, stream, offset, MAX_READ)
+        let read = store::read(db, id, scope, stream, offset, MAX_READ)
             .await?
             .ok_or_else(|| ApiError::task_not_found(id))?;
         let news = !read.data.is_empty() || read.dropped > 0 || read.ended;
@@ -179,6 +181,7 @@ fn ending(standing: &Standing) -> String {
 /// many.
 #[get("/tasks/<id>/log?<follow>")]
 async fn log(
+    access: Allowed<Read>,
     _query: StrictQuery,
     db: &Db,
     dispatcher: &State<Dispatcher>,
@@ -188,7 +191,10 @@ async fn log(
 ) -> Result<(ContentType, ByteStream![Vec<u8>]), ApiError> {
     let id = parse_id(id)?;
     let follow = query::flag("follow", follow, false)?;
-    store::log(db, id, i64::MAX).await?.ok_or_else(|| ApiError::task_not_found(id))?;
+    // The check of the caller's scope: the stream below reads a task it may see.
+    store::log(db, id, access.who.scope(), i64::MAX)
+        .await?
+        .ok_or_else(|| ApiError::task_not_found(id))?;
     let (pool, events) = (db.pool().clone(), dispatcher.events().clone());
     let stream = ByteStream! {
         let mut shutdown = shutdown;
@@ -196,7 +202,9 @@ async fn log(
         let mut last_sent = Instant::now();
         loop {
             let watch = events.watch(id);
-            let Ok(Some((chunks, standing))) = store::log(&pool, id, after).await else { break };
+            let Ok(Some((chunks, standing))) = store::log(&pool, id, None, after).await else {
+                break;
+            };
             if chunks.is_empty() {
                 let ended = standing.status.is_terminal();
                 if ended && follow {

@@ -132,10 +132,12 @@ pub struct Read {
     pub ended: bool,
 }
 
-/// Up to `max` bytes of `stream` from `offset`. `None` when the task does not exist.
+/// Up to `max` bytes of `stream` from `offset`. `None` when the task does not exist or is not
+/// in `scope` (an owner, for a submitter).
 pub async fn read(
     pool: &PgPool,
     id: TaskId,
+    scope: Option<&str>,
     stream: Stream,
     offset: u64,
     max: usize,
@@ -144,9 +146,10 @@ pub async fn read(
         r#"SELECT status AS "status: TaskStatus",
                   CASE $2::output_stream WHEN 'stdout' THEN stdout_bytes ELSE stderr_bytes END
                       AS "total!"
-             FROM tasks WHERE id = $1"#,
+             FROM tasks WHERE id = $1 AND ($3::text IS NULL OR owner = $3)"#,
         id as TaskId,
         stream as Stream,
+        scope,
     )
     .fetch_optional(pool)
     .await
@@ -343,15 +346,19 @@ pub struct Standing {
 
 /// Chunks of both streams that arrived after `after` (a `seq`), oldest first, and how the
 /// task stands (read before the chunks, so that none that arrive before its end are missed).
+/// `None` when the task does not exist or is not in `scope`.
 pub async fn log(
     pool: &PgPool,
     id: TaskId,
+    scope: Option<&str>,
     after: i64,
 ) -> Result<Option<(Vec<LogChunk>, Standing)>, DbError> {
     let standing = sqlx::query_as!(
         Standing,
-        r#"SELECT status AS "status: TaskStatus", exit_code, error FROM tasks WHERE id = $1"#,
+        r#"SELECT status AS "status: TaskStatus", exit_code, error FROM tasks
+            WHERE id = $1 AND ($2::text IS NULL OR owner = $2)"#,
         id as TaskId,
+        scope,
     )
     .fetch_optional(pool)
     .await

@@ -4,14 +4,13 @@
 //! trip, a statement and a commit per task.
 
 use rocket::fairing::AdHoc;
-use rocket_db_pools::Database;
 use sqlx::PgPool;
 use taskexec_protocol::{NewTask, Task};
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::{self, NewRow};
+use super::store::{self, Inserted, NewRow};
+use crate::db::required;
 use crate::error::ApiError;
-use crate::Db;
 
 /// The most submissions one statement carries.
 const MAX_BATCH: usize = 256;
@@ -19,6 +18,7 @@ const MAX_BATCH: usize = 256;
 struct Submission {
     task: NewTask,
     timeout_secs: u32,
+    owner: String,
     reply: oneshot::Sender<Result<Task, ApiError>>,
 }
 
@@ -27,15 +27,26 @@ pub struct Intake {
     submissions: mpsc::UnboundedSender<Submission>,
 }
 
+/// The most tasks one owner may have queued (`max_queued_per_owner`).
+#[derive(Clone, Copy)]
+struct Quota(u64);
+
 impl Intake {
-    /// Inserts a queued task; returns once it is committed.
+    /// Inserts a queued task owned by `owner`; returns once it is committed.
     ///
     /// # Errors
-    /// `Unavailable` when the database cannot be reached (or the server is stopping).
-    pub async fn submit(&self, task: NewTask, timeout_secs: u32) -> Result<Task, ApiError> {
+    /// `QuotaExceeded` when the owner has `max_queued` tasks queued already (nothing is
+    /// inserted); `Unavailable` when the database cannot be reached (or the server is
+    /// stopping).
+    pub async fn submit(
+        &self,
+        task: NewTask,
+        timeout_secs: u32,
+        owner: String,
+    ) -> Result<Task, ApiError> {
         let (reply, answer) = oneshot::channel();
         self.submissions
-            .send(Submission { task, timeout_secs, reply })
+            .send(Submission { task, timeout_secs, owner, reply })
             .map_err(|_| ApiError::Unavailable)?;
         answer.await.map_err(|_| ApiError::Unavailable)?
     }
@@ -45,7 +56,7 @@ impl Intake {
 /// statement, until the channel closes.
 /// One statement at a time: while it runs, the next batch gathers. (Two in flight split the
 /// batches and measured slower on two cores.)
-async fn run(pool: PgPool, mut submissions: mpsc::UnboundedReceiver<Submission>) {
+async fn run(pool: PgPool, quota: Quota, mut submissions: mpsc::UnboundedReceiver<Submission>) {
     while let Some(first) = submissions.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -54,18 +65,26 @@ async fn run(pool: PgPool, mut submissions: mpsc::UnboundedReceiver<Submission>)
                 Err(_) => break,
             }
         }
-        insert(&pool, batch).await;
+        insert(&pool, quota, batch).await;
     }
 }
 
-async fn insert(pool: &PgPool, batch: Vec<Submission>) {
-    let rows: Vec<NewRow<'_>> =
-        batch.iter().map(|s| NewRow { task: &s.task, timeout_secs: s.timeout_secs }).collect();
-    let inserted = store::insert_many(pool, &rows).await.map_err(ApiError::from);
+async fn insert(pool: &PgPool, Quota(max): Quota, batch: Vec<Submission>) {
+    let rows: Vec<NewRow<'_>> = batch
+        .iter()
+        .map(|s| NewRow { task: &s.task, timeout_secs: s.timeout_secs, owner: &s.owner })
+        .collect();
+    let inserted = store::insert_many(pool, &rows, max).await.map_err(ApiError::from);
     match inserted {
-        Ok(tasks) => {
-            for (submission, task) in batch.into_iter().zip(tasks) {
-                let _ = submission.reply.send(Ok(task));
+        Ok(outcomes) => {
+            for (submission, outcome) in batch.into_iter().zip(outcomes) {
+                let answer = match outcome {
+                    Inserted::Task(task) => Ok(task),
+                    Inserted::OverQuota => {
+                        Err(ApiError::QuotaExceeded { owner: submission.owner.clone(), max })
+                    }
+                };
+                let _ = submission.reply.send(answer);
             }
         }
         Err(error) => {
@@ -79,12 +98,15 @@ async fn insert(pool: &PgPool, batch: Vec<Submission>) {
 /// Runs the intake from ignite until the server stops. The launch fails without a pool.
 pub fn stage() -> AdHoc {
     AdHoc::try_on_ignite("Intake", |rocket| async {
-        let Some(pool) = Db::fetch(&rocket).map(|db| db.pool().clone()) else {
-            log::error!("the intake cannot start without its database pool");
-            return Err(rocket);
+        let (pool, config) = match required(&rocket) {
+            Ok(found) => found,
+            Err(what) => {
+                log::error!("the intake cannot start without {what}");
+                return Err(rocket);
+            }
         };
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, receiver));
+        tokio::spawn(run(pool, Quota(config.max_queued_per_owner), receiver));
         Ok(rocket.manage(Intake { submissions: sender }))
     })
 }

@@ -77,7 +77,7 @@ impl Lease {
                          created_at, started_at, running_at, finished_at, exit_code, stdout,
                          stderr, stdout_lossy, stderr_lossy, stdout_truncated, stderr_truncated,
                          stdout_bytes, stderr_bytes, error, agent, attempts, timeout_secs,
-                         abort_requested_at"#,
+                         abort_requested_at, owner, aborted_by"#,
             self.task as TaskId,
             self.token as LeaseToken,
             outcome.aborted,
@@ -123,7 +123,8 @@ impl Lease {
                       t.stderr_truncated AS "stderr_truncated!",
                       t.stdout_bytes AS "stdout_bytes!", t.stderr_bytes AS "stderr_bytes!",
                       t.error, t.agent, t.attempts AS "attempts!",
-                      t.timeout_secs AS "timeout_secs!", t.abort_requested_at
+                      t.timeout_secs AS "timeout_secs!", t.abort_requested_at, t.owner,
+                      t.aborted_by
                  FROM current,
                       LATERAL end_attempt(current.id, current.fate,
                           CASE current.fate

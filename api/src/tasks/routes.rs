@@ -22,7 +22,7 @@ use super::intake::Intake;
 use super::lease::Lease;
 use super::model::{self, NewTaskBody, NewTaskLimits, Outcome};
 use super::store::{self, Aborted};
-use crate::auth::{AgentAuth, AgentName};
+use crate::auth::{Abort, AgentName, Allowed, Read, Run, Submit};
 use crate::body::JsonBody;
 use crate::config::AppConfig;
 use crate::dispatch::{Delivery, Dispatcher, Handover, Woken, RECHECK};
@@ -37,6 +37,7 @@ pub fn routes() -> Vec<Route> {
 
 #[post("/tasks", data = "<body>")]
 async fn create(
+    access: Allowed<Submit>,
     _query: StrictQuery,
     intake: &State<Intake>,
     config: &State<AppConfig>,
@@ -49,7 +50,7 @@ async fn create(
     };
     let new = model::new_task(body.0 .0, &limits)?;
     let timeout_secs = new.timeout_secs.unwrap_or(config.default_timeout_secs);
-    let task = intake.submit(new, timeout_secs).await?;
+    let task = intake.submit(new, timeout_secs, access.who.name).await?;
     dispatcher.task_queued();
     let location = format!("/tasks/{}", task.id);
     Ok(Created::new(location).body(Json(task)))
@@ -77,21 +78,33 @@ impl Serialize for Summary {
     }
 }
 
-#[get("/tasks?<status>&<limit>&<cursor>")]
+/// The list, newest first. A submitter's holds its own tasks only; `owner` filters by owner.
+#[get("/tasks?<status>&<owner>&<limit>&<cursor>")]
+#[allow(clippy::too_many_arguments)]
 async fn list(
+    access: Allowed<Read>,
     _query: StrictQuery,
     db: &Db,
     config: &State<AppConfig>,
     status: Option<&str>,
+    owner: Option<&str>,
     limit: Option<&str>,
     cursor: Option<&str>,
 ) -> Result<Json<Page>, ApiError> {
     let status = query::parsed("status", status, str::parse::<TaskStatus>)?;
+    let owner = match (access.who.scope(), owner) {
+        // Another owner's tasks, asked for by a submitter: none it may see.
+        (Some(me), Some(other)) if other != me => {
+            return Ok(Json(Page { tasks: Vec::new(), next: None }))
+        }
+        (Some(me), _) => Some(me),
+        (None, owner) => owner,
+    };
     let bounds = (1, u64::from(config.list_limit_max));
     let limit = query::number("limit", limit, config.list_limit_default.into(), bounds, "")?;
     let before = query::parsed("cursor", cursor, cursor::decode)?;
     // One row more than asked tells whether another page exists.
-    let mut tasks = store::list(db, status, before, limit as i64 + 1).await?;
+    let mut tasks = store::list(db, status, owner, before, limit as i64 + 1).await?;
     let next = if tasks.len() > limit as usize {
         tasks.truncate(limit as usize);
         tasks.last().map(|t| cursor::encode(t.seq))
@@ -105,7 +118,9 @@ async fn list(
 /// The task. With `wait`, holds the request up to that many seconds until the task has ended,
 /// so that a user can submit and then wait in two calls.
 #[get("/tasks/<id>?<wait>")]
+#[allow(clippy::too_many_arguments)]
 async fn show(
+    access: Allowed<Read>,
     _query: StrictQuery,
     db: &Db,
     config: &State<AppConfig>,
@@ -117,8 +132,9 @@ async fn show(
     let id = parse_id(id)?;
     let wait = Duration::from_secs(query::wait_secs(wait, 0, config.pick_wait_max_secs)?);
     let deadline = tokio::time::Instant::now() + wait;
+    let scope = access.who.scope();
     let look = || async {
-        let task = store::get(db, id).await?.ok_or_else(|| ApiError::task_not_found(id))?;
+        let task = store::get(db, id, scope).await?.ok_or_else(|| ApiError::task_not_found(id))?;
         let ended = task.status.is_terminal();
         Ok((task, ended))
     };
@@ -139,20 +155,23 @@ enum AbortResponse {
 /// Cancels a queued task at once, or asks the agent of a running one to stop it.
 #[post("/tasks/<id>/abort")]
 async fn abort(
+    access: Allowed<Abort>,
     _query: StrictQuery,
     db: &Db,
     dispatcher: &State<Dispatcher>,
     id: &str,
 ) -> Result<AbortResponse, ApiError> {
     let id = parse_id(id)?;
-    match store::abort(db, id).await? {
+    let (who, scope) = (&access.who.name, access.who.scope());
+    match store::abort(db, id, who, scope).await? {
         Some(Aborted::Cancelled(task)) => {
             dispatcher.events().wake(id, Woken::Ended);
             Ok(AbortResponse::Cancelled(Json(task)))
         }
         Some(Aborted::Requested(task)) => Ok(AbortResponse::Requested(Json(task))),
         None => {
-            let task = store::get(db, id).await?.ok_or_else(|| ApiError::task_not_found(id))?;
+            let task =
+                store::get(db, id, scope).await?.ok_or_else(|| ApiError::task_not_found(id))?;
             Err(ApiError::TaskEnded { id, status: task.status })
         }
     }
@@ -168,8 +187,8 @@ enum PickResponse {
 /// Hands the oldest queued task to the agent, waiting up to `wait` seconds for one to arrive.
 #[get("/tasks/pick?<wait>")]
 async fn pick(
+    _access: Allowed<Run>,
     _query: StrictQuery,
-    _auth: AgentAuth,
     agent: AgentName,
     wait: Option<&str>,
     config: &State<AppConfig>,
@@ -260,8 +279,8 @@ impl AsyncSeek for Signed {
 #[post("/tasks/<id>/heartbeat?<wait>", data = "<body>")]
 #[allow(clippy::too_many_arguments)]
 async fn heartbeat(
+    _access: Allowed<Run>,
     _query: StrictQuery,
-    _auth: AgentAuth,
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
@@ -304,8 +323,8 @@ async fn heartbeat(
 /// Hands the task back to the queue without counting the attempt (an agent that is draining).
 #[post("/tasks/<id>/release", data = "<body>")]
 async fn release(
+    _access: Allowed<Run>,
     _query: StrictQuery,
-    _auth: AgentAuth,
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
@@ -330,8 +349,8 @@ async fn release(
 /// `/output` can never disagree.
 #[post("/tasks/<id>/finish", data = "<report>")]
 async fn finish(
+    _access: Allowed<Run>,
     _query: StrictQuery,
-    _auth: AgentAuth,
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,

@@ -44,16 +44,18 @@ macro_rules! task_from {
             attempts: $row.attempts,
             timeout_secs: $row.timeout_secs,
             abort_requested_at: $row.abort_requested_at,
+            owner: $row.owner,
+            aborted_by: $row.aborted_by,
         }
     };
 }
 pub(crate) use task_from;
 
 /// A new task as inserted: queued, with the table's defaults.
-fn queued(id: TaskId, new: &NewTask, timeout_secs: u32, created_at: DateTime<Utc>) -> Task {
+fn queued(id: TaskId, row: &NewRow<'_>, created_at: DateTime<Utc>) -> Task {
     Task {
         id,
-        command: new.command.clone(),
+        command: row.task.command.clone(),
         status: TaskStatus::Queued,
         created_at,
         started_at: None,
@@ -71,63 +73,105 @@ fn queued(id: TaskId, new: &NewTask, timeout_secs: u32, created_at: DateTime<Utc
         error: None,
         agent: None,
         attempts: 0,
-        timeout_secs: timeout_secs as i32,
+        timeout_secs: row.timeout_secs as i32,
         abort_requested_at: None,
+        owner: Some(row.owner.to_owned()),
+        aborted_by: None,
     }
 }
 
-/// A task to insert, with its timeout decided.
+/// A task to insert, with its timeout and its owner decided.
 pub struct NewRow<'a> {
     pub task: &'a NewTask,
     pub timeout_secs: u32,
+    pub owner: &'a str,
 }
 
-/// Inserts queued tasks in one statement, and returns them in the order given. Only what the
-/// database generates comes back (the time): echoing the rest, the command above all, would
-/// only cost.
-pub async fn insert_many(pool: &PgPool, rows: &[NewRow<'_>]) -> Result<Vec<Task>, DbError> {
+/// What became of a row to insert.
+#[derive(Debug)]
+pub enum Inserted {
+    Task(Task),
+    /// Its owner has no room for it in the queue (nor for any of its rows in this batch).
+    OverQuota,
+}
+
+/// Inserts queued tasks in one statement, and returns what became of each, in the order
+/// given. In the same statement each owner reserves room for its rows in `owner_queues`, up
+/// to `max_queued` queued tasks: an owner without room for all of its rows gets none of them
+/// inserted. Only what the database generates comes back (the time): echoing the rest, the
+/// command above all, would only cost.
+pub async fn insert_many(
+    pool: &PgPool,
+    rows: &[NewRow<'_>],
+    max_queued: u64,
+) -> Result<Vec<Inserted>, DbError> {
     let ids: Vec<TaskId> = rows.iter().map(|_| TaskId::random()).collect();
     let uuids: Vec<_> = ids.iter().map(|id| *id.as_uuid()).collect();
     let commands: Vec<&str> = rows.iter().map(|r| r.task.command.as_str()).collect();
     let timeouts: Vec<i32> = rows.iter().map(|r| r.timeout_secs as i32).collect();
+    let owners: Vec<&str> = rows.iter().map(|r| r.owner).collect();
     let generated = sqlx::query!(
-        r#"INSERT INTO tasks (id, command, timeout_secs)
-           SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[])
+        r#"WITH new AS (
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[])
+                          AS n(id, command, timeout_secs, owner)
+           ),
+           wanted AS (SELECT owner, count(*) AS n FROM new GROUP BY owner),
+           granted AS (
+               INSERT INTO owner_queues AS q (owner, queued)
+               SELECT owner, n FROM wanted WHERE n <= $5
+               ON CONFLICT (owner) DO UPDATE SET queued = q.queued + EXCLUDED.queued
+                  WHERE q.queued + EXCLUDED.queued <= $5
+               RETURNING owner
+           )
+           INSERT INTO tasks (id, command, timeout_secs, owner)
+           SELECT new.id, new.command, new.timeout_secs, new.owner
+             FROM new JOIN granted USING (owner)
            RETURNING id AS "id: TaskId", created_at"#,
         &uuids,
         &commands as &[&str],
         &timeouts,
+        &owners as &[&str],
+        i64::try_from(max_queued).unwrap_or(i64::MAX),
     )
     .fetch_all(pool)
     .await
     .op("insert tasks")?;
     let created: HashMap<TaskId, DateTime<Utc>> =
         generated.into_iter().map(|row| (row.id, row.created_at)).collect();
-    ids.iter()
-        .zip(rows)
-        .map(|(id, row)| {
-            let created_at = created.get(id).copied().ok_or(sqlx::Error::RowNotFound);
-            Ok(queued(*id, row.task, row.timeout_secs, created_at.op("insert tasks")?))
-        })
-        .collect()
+    let outcome = |(id, row): (&TaskId, &NewRow<'_>)| match created.get(id) {
+        Some(at) => Inserted::Task(queued(*id, row, *at)),
+        None => Inserted::OverQuota,
+    };
+    Ok(ids.iter().zip(rows).map(outcome).collect())
 }
 
-/// Inserts one queued task (tests and tools; the API goes through the intake).
-pub async fn insert(pool: &PgPool, command: &str, timeout_secs: u32) -> Result<Task, DbError> {
+/// Inserts one queued task owned by `owner`, without a quota (tests and tools; the API goes
+/// through the intake).
+pub async fn insert(
+    pool: &PgPool,
+    command: &str,
+    timeout_secs: u32,
+    owner: &str,
+) -> Result<Task, DbError> {
     let new = NewTask::new(command);
-    let mut made = insert_many(pool, &[NewRow { task: &new, timeout_secs }]).await?;
-    made.pop().ok_or(sqlx::Error::RowNotFound).op("insert a task")
+    let row = NewRow { task: &new, timeout_secs, owner };
+    match insert_many(pool, &[row], u64::MAX).await?.pop() {
+        Some(Inserted::Task(task)) => Ok(task),
+        _ => Err(sqlx::Error::RowNotFound).op("insert a task"),
+    }
 }
 
-pub async fn get(pool: &PgPool, id: TaskId) -> Result<Option<Task>, DbError> {
+/// The task, if it exists and `scope` (an owner, for a submitter) may see it.
+pub async fn get(pool: &PgPool, id: TaskId, scope: Option<&str>) -> Result<Option<Task>, DbError> {
     sqlx::query_as!(
         Task,
         r#"SELECT id AS "id: TaskId", command, status AS "status: TaskStatus", created_at,
                   started_at, running_at, finished_at, exit_code, stdout, stderr, stdout_lossy,
                   stderr_lossy, stdout_truncated, stderr_truncated, stdout_bytes, stderr_bytes,
-                  error, agent, attempts, timeout_secs, abort_requested_at
-             FROM tasks WHERE id = $1"#,
+                  error, agent, attempts, timeout_secs, abort_requested_at, owner, aborted_by
+             FROM tasks WHERE id = $1 AND ($2::text IS NULL OR owner = $2)"#,
         id as TaskId,
+        scope,
     )
     .fetch_optional(pool)
     .await
@@ -140,12 +184,14 @@ pub struct Listed {
     pub seq: i64,
 }
 
-/// Newest first: tasks with `seq` below `before`, optionally of one status; without their
-/// output (`stdout` and `stderr` are `None`: they can weigh megabytes per task). One statement
-/// per shape, so that each gets a plan that uses its index.
+/// Newest first: tasks with `seq` below `before`, optionally of one status and of one owner;
+/// without their output (`stdout` and `stderr` are `None`: they can weigh megabytes per
+/// task). One statement per shape of the status filter, so that each gets a plan that uses
+/// its index.
 pub async fn list(
     pool: &PgPool,
     status: Option<TaskStatus>,
+    owner: Option<&str>,
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Listed>, DbError> {
@@ -161,9 +207,11 @@ pub async fn list(
                       started_at, running_at, finished_at, exit_code, NULL::text AS stdout,
                       NULL::text AS stderr, stdout_lossy, stderr_lossy, stdout_truncated,
                       stderr_truncated, stdout_bytes, stderr_bytes, error, agent, attempts,
-                      timeout_secs, abort_requested_at, seq
-                 FROM tasks WHERE seq < $1 ORDER BY seq DESC LIMIT $2"#,
+                      timeout_secs, abort_requested_at, owner, aborted_by, seq
+                 FROM tasks WHERE seq < $1 AND ($2::text IS NULL OR owner = $2)
+                ORDER BY seq DESC LIMIT $3"#,
             before,
+            owner,
             limit,
         )
         .fetch_all(pool)
@@ -176,10 +224,12 @@ pub async fn list(
                   started_at, running_at, finished_at, exit_code, NULL::text AS stdout,
                   NULL::text AS stderr, stdout_lossy, stderr_lossy, stdout_truncated,
                   stderr_truncated, stdout_bytes, stderr_bytes, error, agent, attempts,
-                  timeout_secs, abort_requested_at, seq
-             FROM tasks WHERE status = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"#,
+                  timeout_secs, abort_requested_at, owner, aborted_by, seq
+             FROM tasks WHERE status = $1 AND seq < $2 AND ($3::text IS NULL OR owner = $3)
+            ORDER BY seq DESC LIMIT $4"#,
         status as TaskStatus,
         before,
+        owner,
         limit,
     )
     .fetch_all(pool)
@@ -226,7 +276,7 @@ pub async fn claim(
                      t.created_at, t.started_at, t.running_at, t.finished_at, t.exit_code,
                      t.stdout, t.stderr, t.stdout_lossy, t.stderr_lossy, t.stdout_truncated,
                      t.stderr_truncated, t.stdout_bytes, t.stderr_bytes, t.error, t.agent,
-                     t.attempts, t.timeout_secs, t.abort_requested_at,
+                     t.attempts, t.timeout_secs, t.abort_requested_at, t.owner, t.aborted_by,
                      t.lease AS "lease!: LeaseToken", t.lease_expires_at AS "lease_expires_at!",
                      numbered.slot - 1 AS "slot!""#,
         agents,
@@ -259,18 +309,25 @@ pub enum Aborted {
 }
 
 /// Cancels a queued task, or marks a running one for abort and notifies every API process
-/// (the notification goes out when the statement commits). One statement, so that a task the
-/// reaper requeues meanwhile is handled as what it is now. `None` when the task is neither
-/// queued nor running.
-pub async fn abort(pool: &PgPool, id: TaskId) -> Result<Option<Aborted>, DbError> {
+/// (the notification goes out when the statement commits), recording who aborted it. One
+/// statement, so that a task the reaper requeues meanwhile is handled as what it is now.
+/// `None` when the task is neither queued nor running, or not in `scope`.
+pub async fn abort(
+    pool: &PgPool,
+    id: TaskId,
+    by: &str,
+    scope: Option<&str>,
+) -> Result<Option<Aborted>, DbError> {
     let row = sqlx::query!(
         r#"WITH aborted AS (
                UPDATE tasks SET
                    status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
                    finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
                    abort_requested_at = CASE WHEN status = 'in_progress'
-                                             THEN coalesce(abort_requested_at, now()) END
+                                             THEN coalesce(abort_requested_at, now()) END,
+                   aborted_by = coalesce(aborted_by, $3)
                 WHERE id = $1 AND status IN ('queued', 'in_progress')
+                  AND ($4::text IS NULL OR owner = $4)
                RETURNING *
            )
            SELECT id AS "id!: TaskId", command AS "command!",
@@ -280,11 +337,14 @@ pub async fn abort(pool: &PgPool, id: TaskId) -> Result<Option<Aborted>, DbError
                   stdout_truncated AS "stdout_truncated!", stderr_truncated AS "stderr_truncated!",
                   stdout_bytes AS "stdout_bytes!", stderr_bytes AS "stderr_bytes!", error, agent,
                   attempts AS "attempts!", timeout_secs AS "timeout_secs!", abort_requested_at,
+                  owner, aborted_by,
                   CASE WHEN status = 'in_progress' THEN pg_notify($2, id::text) END
                       IS NOT NULL AS "notified!"
              FROM aborted"#,
         id as TaskId,
         ABORT_CHANNEL,
+        by,
+        scope,
     )
     .fetch_optional(pool)
     .await
@@ -307,7 +367,7 @@ pub async fn get_with_lease(
         r#"SELECT id AS "id: TaskId", command, status AS "status: TaskStatus", created_at,
                   started_at, running_at, finished_at, exit_code, stdout, stderr, stdout_lossy,
                   stderr_lossy, stdout_truncated, stderr_truncated, stdout_bytes, stderr_bytes,
-                  error, agent, attempts, timeout_secs, abort_requested_at,
+                  error, agent, attempts, timeout_secs, abort_requested_at, owner, aborted_by,
                   lease AS "lease: LeaseToken"
              FROM tasks WHERE id = $1"#,
         id as TaskId,

@@ -1,0 +1,60 @@
+//! Token management, for admins: create (the secret shown this once), list, revoke.
+
+use rocket::data::ByteUnit;
+use rocket::response::status::{Created, NoContent};
+use rocket::serde::json::Json;
+use rocket::{delete, get, post, routes, Route};
+use taskexec_protocol::{CreatedToken, NewToken, TokenId, TokenInfo};
+
+use super::{tokens, Allowed, ManageTokens};
+use crate::body::{JsonBody, Limited};
+use crate::error::ApiError;
+use crate::query::StrictQuery;
+use crate::Db;
+
+pub fn routes() -> Vec<Route> {
+    routes![create, list, revoke]
+}
+
+impl Limited for NewToken {
+    const LIMIT: &'static str = "task";
+    const DEFAULT_LIMIT: ByteUnit = ByteUnit::Kibibyte(128);
+}
+
+#[post("/tokens", data = "<body>")]
+async fn create(
+    _access: Allowed<ManageTokens>,
+    _query: StrictQuery,
+    db: &Db,
+    body: JsonBody<NewToken>,
+) -> Result<Created<Json<CreatedToken>>, ApiError> {
+    tokens::check(&body.0).map_err(ApiError::Invalid)?;
+    let created = tokens::create(db, &body.0).await?;
+    Ok(Created::new(format!("/tokens/{}", created.id)).body(Json(created)))
+}
+
+#[get("/tokens")]
+async fn list(
+    _access: Allowed<ManageTokens>,
+    _query: StrictQuery,
+    db: &Db,
+) -> Result<Json<Vec<TokenInfo>>, ApiError> {
+    Ok(Json(tokens::list(db).await?))
+}
+
+/// Revokes a token: every API process refuses it within seconds (at once, as a rule).
+#[delete("/tokens/<id>")]
+async fn revoke(
+    _access: Allowed<ManageTokens>,
+    _query: StrictQuery,
+    db: &Db,
+    id: &str,
+) -> Result<NoContent, ApiError> {
+    let id: TokenId =
+        id.parse().map_err(|_| ApiError::Malformed(format!("{id:?} is not a token id")))?;
+    if tokens::revoke(db.pool(), id).await? {
+        Ok(NoContent)
+    } else {
+        Err(ApiError::NotFound(format!("no token with id {id}")))
+    }
+}
