@@ -309,18 +309,7 @@ impl WorkerProcess {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("start the worker");
-        let log = Arc::new(std::sync::Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = log.clone();
-        tokio::spawn(async move {
-            use tokio::io::AsyncBufReadExt;
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        let log = kept_lines(child.stderr.take().expect("piped stderr"));
         WorkerProcess { child, log, scratch: None }
     }
 
@@ -353,6 +342,22 @@ impl Drop for WorkerProcess {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// The lines a process writes to `stderr`, kept as they come.
+fn kept_lines(stderr: tokio::process::ChildStderr) -> Arc<std::sync::Mutex<String>> {
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    log
 }
 
 /// Whether process `pid` is alive (a zombie is not).
@@ -438,16 +443,35 @@ pub struct ApiProcess {
     port: u16,
     database_url: String,
     env: Vec<(String, String)>,
+    /// Its log (stderr), when it is kept.
+    log: Option<Arc<std::sync::Mutex<String>>>,
 }
 
 impl ApiProcess {
     pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> ApiProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let env = extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
-        ApiProcess::launch(port, database_url, &env).await
+        ApiProcess::launch(port, database_url, &env, false).await
     }
 
-    async fn launch(port: u16, database_url: &str, env: &[(String, String)]) -> ApiProcess {
+    /// The API, its log (stderr) kept for `log`.
+    pub async fn start_logged(database_url: &str, extra_env: &[(&str, &str)]) -> ApiProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let env = extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        ApiProcess::launch(port, database_url, &env, true).await
+    }
+
+    /// What the server has logged so far (empty unless started with `start_logged`).
+    pub fn log(&self) -> String {
+        self.log.as_ref().map(|log| log.lock().unwrap().clone()).unwrap_or_default()
+    }
+
+    async fn launch(
+        port: u16,
+        database_url: &str,
+        env: &[(String, String)],
+        logged: bool,
+    ) -> ApiProcess {
         let mut command = tokio::process::Command::new(binary("taskexec-api"));
         command
             .env_clear()
@@ -459,7 +483,11 @@ impl ApiProcess {
             .env("LOG_LEVEL", "warn")
             .envs(env.iter().cloned())
             .kill_on_drop(true);
-        let child = command.spawn().expect("start the API");
+        if logged {
+            command.stderr(Stdio::piped());
+        }
+        let mut child = command.spawn().expect("start the API");
+        let log = child.stderr.take().map(kept_lines);
         let url = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -476,7 +504,8 @@ impl ApiProcess {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        ApiProcess { url, child, port, database_url: database_url.to_owned(), env: env.to_vec() }
+        let database_url = database_url.to_owned();
+        ApiProcess { url, child, port, database_url, env: env.to_vec(), log }
     }
 
     /// Stops the server with SIGTERM, waits for it to exit, and starts it again on the same
@@ -488,7 +517,7 @@ impl ApiProcess {
             .expect("the API stops on SIGTERM")
             .expect("wait for the API");
         assert!(status.success(), "the API exited with {status}");
-        ApiProcess::launch(self.port, &self.database_url, &self.env).await
+        ApiProcess::launch(self.port, &self.database_url, &self.env, self.log.is_some()).await
     }
 
     pub fn signal(&self, signal: i32) {

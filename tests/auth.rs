@@ -1,0 +1,411 @@
+//! Who may do what: every endpoint against every kind of credential, from one table; tasks
+//! that belong to their owners; the quota; revocation across API processes; no secret where it
+//! could leak.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use taskexec_protocol::{
+    FinishReport, LeaseToken, NewTask, NewToken, ProblemType, Role, TaskStatus,
+};
+use taskexec_tests::{
+    binary, Aborted, Api, ApiProcess, TestApp, WorkerProcess, ADMIN_TOKEN, TOKEN,
+};
+use tokio::time::Instant;
+
+/// A credential a request is made with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Nobody,
+    Malformed,
+    Unknown,
+    Revoked,
+    Expired,
+    SharedAdmin,
+    Admin,
+    Submitter,
+    Reader,
+    SharedAgent,
+    Agent,
+}
+
+const EVERYONE: [Who; 11] = [
+    Who::Nobody,
+    Who::Malformed,
+    Who::Unknown,
+    Who::Revoked,
+    Who::Expired,
+    Who::SharedAdmin,
+    Who::Admin,
+    Who::Submitter,
+    Who::Reader,
+    Who::SharedAgent,
+    Who::Agent,
+];
+
+/// The `Authorization` header of each credential.
+struct Credentials {
+    admin: String,
+    submitter: String,
+    reader: String,
+    agent: String,
+    revoked: String,
+    expired: String,
+}
+
+impl Credentials {
+    async fn make(app: &TestApp) -> Credentials {
+        let revoked = app.create_token(&token("gone", Role::Submitter)).await.unwrap();
+        app.revoke_token(revoked.id).await.unwrap();
+        let expired = app.create_token(&token("late", Role::Admin)).await.unwrap();
+        // Expired by the clock, without waiting for it (and before it was ever verified).
+        let pool = app.db.pool().await;
+        sqlx::query(
+            "UPDATE tokens SET created_at = now() - interval '2 hours',
+                               expires_at = now() - interval '1 hour' WHERE id = $1",
+        )
+        .bind(expired.id.as_uuid())
+        .execute(&pool)
+        .await
+        .unwrap();
+        Credentials {
+            admin: app.token("an-admin", Role::Admin).await,
+            submitter: app.token("a-submitter", Role::Submitter).await,
+            reader: app.token("a-reader", Role::Reader).await,
+            agent: app.token("an-agent", Role::Agent).await,
+            revoked: revoked.token,
+            expired: expired.token,
+        }
+    }
+
+    fn header(&self, who: Who) -> Option<String> {
+        let bearer = |token: &str| Some(format!("Bearer {token}"));
+        match who {
+            Who::Nobody => None,
+            Who::Malformed => Some(format!("Basic {ADMIN_TOKEN}")),
+            Who::Unknown => bearer("tex_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+            Who::Revoked => bearer(&self.revoked),
+            Who::Expired => bearer(&self.expired),
+            Who::SharedAdmin => bearer(ADMIN_TOKEN),
+            Who::Admin => bearer(&self.admin),
+            Who::Submitter => bearer(&self.submitter),
+            Who::Reader => bearer(&self.reader),
+            Who::SharedAgent => bearer(TOKEN),
+            Who::Agent => bearer(&self.agent),
+        }
+    }
+}
+
+fn token(name: &str, role: Role) -> NewToken {
+    NewToken { name: name.into(), role, expires_in_secs: None, agent_name: None }
+}
+
+/// One endpoint: how to call it (on fresh state made by the admin), and what each kind of
+/// valid caller gets. Every credential that is not valid gets 401, on every endpoint but the
+/// two public ones.
+struct Endpoint {
+    name: &'static str,
+    public: bool,
+    /// The answer to [admin, submitter, reader, agent]. The tasks are the admin's, so a
+    /// submitter that may read tasks gets 404 for them, not 403.
+    answers: [u16; 4],
+}
+
+const ENDPOINTS: [Endpoint; 16] = [
+    Endpoint { name: "GET /", public: true, answers: [200, 200, 200, 200] },
+    Endpoint { name: "GET /health", public: true, answers: [200, 200, 200, 200] },
+    Endpoint { name: "POST /tasks", public: false, answers: [201, 201, 403, 403] },
+    Endpoint { name: "GET /tasks", public: false, answers: [200, 200, 200, 403] },
+    Endpoint { name: "GET /tasks/<id>", public: false, answers: [200, 404, 200, 403] },
+    Endpoint { name: "GET /tasks/<id>/output", public: false, answers: [200, 404, 200, 403] },
+    Endpoint { name: "GET /tasks/<id>/log", public: false, answers: [200, 404, 200, 403] },
+    Endpoint { name: "POST /tasks/<id>/abort", public: false, answers: [200, 404, 403, 403] },
+    Endpoint { name: "GET /tasks/pick", public: false, answers: [200, 403, 403, 200] },
+    Endpoint { name: "POST /tasks/<id>/heartbeat", public: false, answers: [409, 403, 403, 409] },
+    Endpoint { name: "POST /tasks/<id>/output", public: false, answers: [409, 403, 403, 409] },
+    Endpoint { name: "POST /tasks/<id>/finish", public: false, answers: [409, 403, 403, 409] },
+    Endpoint { name: "POST /tasks/<id>/release", public: false, answers: [409, 403, 403, 409] },
+    Endpoint { name: "POST /tokens", public: false, answers: [201, 403, 403, 403] },
+    Endpoint { name: "GET /tokens", public: false, answers: [200, 403, 403, 403] },
+    Endpoint { name: "DELETE /tokens/<id>", public: false, answers: [204, 403, 403, 403] },
+];
+
+/// A request to `endpoint` on fresh state: a new queued task of the admin's (the only queued
+/// one, for a pick), a new token to revoke.
+async fn call(app: &TestApp, endpoint: &str, authorization: Option<&str>) -> u16 {
+    let pool = app.db.pool().await;
+    sqlx::query(
+        "UPDATE tasks SET status = 'cancelled', finished_at = now() WHERE status = 'queued'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let task = app.submit("true").await.id;
+    let stale = json!({ "lease": LeaseToken::random() });
+    let (method, path, body): (Method, String, Option<Value>) = match endpoint {
+        "GET /" => (Method::GET, "/".into(), None),
+        "GET /health" => (Method::GET, "/health".into(), None),
+        "POST /tasks" => (Method::POST, "/tasks".into(), Some(json!({"command": "true"}))),
+        "GET /tasks" => (Method::GET, "/tasks".into(), None),
+        "GET /tasks/<id>" => (Method::GET, format!("/tasks/{task}"), None),
+        "GET /tasks/<id>/output" => (Method::GET, format!("/tasks/{task}/output"), None),
+        "GET /tasks/<id>/log" => (Method::GET, format!("/tasks/{task}/log"), None),
+        "POST /tasks/<id>/abort" => (Method::POST, format!("/tasks/{task}/abort"), None),
+        "GET /tasks/pick" => (Method::GET, "/tasks/pick?wait=0".into(), None),
+        "POST /tasks/<id>/heartbeat" => {
+            (Method::POST, format!("/tasks/{task}/heartbeat"), Some(stale))
+        }
+        "POST /tasks/<id>/output" => {
+            (Method::POST, format!("/tasks/{task}/output?stream=stdout&offset=0"), None)
+        }
+        "POST /tasks/<id>/finish" => {
+            let report = serde_json::to_value(FinishReport::exited(LeaseToken::random(), 0));
+            (Method::POST, format!("/tasks/{task}/finish"), Some(report.unwrap()))
+        }
+        "POST /tasks/<id>/release" => (Method::POST, format!("/tasks/{task}/release"), Some(stale)),
+        "POST /tokens" => {
+            (Method::POST, "/tokens".into(), Some(json!({"name": "new", "role": "reader"})))
+        }
+        "GET /tokens" => (Method::GET, "/tokens".into(), None),
+        "DELETE /tokens/<id>" => {
+            let doomed = app.create_token(&token("doomed", Role::Reader)).await.unwrap();
+            (Method::DELETE, format!("/tokens/{}", doomed.id), None)
+        }
+        other => panic!("no request for {other}"),
+    };
+    let mut request = app.anonymous(method, &path).header("X-Agent-Name", "tester");
+    if let Some(value) = authorization {
+        request = request.header("Authorization", value);
+    }
+    request = match (endpoint, body) {
+        ("POST /tasks/<id>/output", _) => request
+            .header("X-Lease", LeaseToken::random().to_string())
+            .header("Content-Type", "application/octet-stream")
+            .body("x"),
+        (_, Some(body)) => request.json(&body),
+        (_, None) => request,
+    };
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    if status >= 400 {
+        let kind = response.headers()["content-type"].to_str().unwrap().to_owned();
+        assert_eq!(kind, "application/problem+json", "{endpoint}: {status}");
+        if status == 401 {
+            // The challenge comes with every 401.
+            assert!(response.headers().contains_key("www-authenticate"), "{endpoint}");
+        }
+    }
+    status
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_endpoint_answers_every_credential_as_the_table_says() {
+    let app = TestApp::spawn().await;
+    let credentials = Credentials::make(&app).await;
+    let mut wrong = Vec::new();
+
+    for endpoint in &ENDPOINTS {
+        for who in EVERYONE {
+            let expected = match who {
+                _ if endpoint.public => 200,
+                Who::Nobody | Who::Malformed | Who::Unknown | Who::Revoked | Who::Expired => 401,
+                Who::SharedAdmin | Who::Admin => endpoint.answers[0],
+                Who::Submitter => endpoint.answers[1],
+                Who::Reader => endpoint.answers[2],
+                Who::SharedAgent | Who::Agent => endpoint.answers[3],
+            };
+            let got = call(&app, endpoint.name, credentials.header(who).as_deref()).await;
+            if got != expected {
+                wrong.push(format!("{} as {who:?}: {got}, expected {expected}", endpoint.name));
+            }
+        }
+    }
+
+    assert!(wrong.is_empty(), "{} answers off the table:\n{}", wrong.len(), wrong.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submitters_see_and_touch_only_their_own_tasks_and_readers_read_all_and_abort_none() {
+    let app = TestApp::spawn().await;
+    let alice = app.as_user(&app.token("alice", Role::Submitter).await);
+    let bob = app.as_user(&app.token("bob", Role::Submitter).await);
+    let reader = app.as_user(&app.token("auditor", Role::Reader).await);
+    let hers = alice.submit("echo hers").await;
+    let his = bob.submit("echo his").await;
+
+    // Bob cannot find Alice's task by id or through the list.
+    assert_eq!(bob.get(hers.id).await.unwrap_err().status, 404);
+    assert_eq!(bob.wait(hers.id, 0).await.unwrap_err().status, 404);
+    let output = bob.output(hers.id, taskexec_protocol::Stream::Stdout, 0, 0).await;
+    assert_eq!(output.unwrap_err().status, 404);
+    assert_eq!(bob.log(hers.id, true).await.unwrap_err().status, 404);
+    assert_eq!(bob.abort(hers.id).await.unwrap_err().status, 404);
+    let bobs: Vec<_> = bob.list("").await.unwrap().tasks.into_iter().map(|t| t.id).collect();
+    assert_eq!(bobs, [his.id]);
+    assert!(bob.list("owner=alice").await.unwrap().tasks.is_empty());
+    // Alice's own: all of it, and her abort is recorded as hers.
+    assert_eq!(alice.get(hers.id).await.unwrap().owner.as_deref(), Some("alice"));
+    assert_eq!(reader.abort(hers.id).await.unwrap_err().status, 403);
+    let Aborted::Cancelled(cancelled) = alice.abort(hers.id).await.unwrap() else {
+        panic!("a queued task is cancelled at once")
+    };
+    assert_eq!(cancelled.aborted_by.as_deref(), Some("alice"));
+    // The reader reads both, and may filter by owner; the admin too.
+    assert_eq!(reader.get(his.id).await.unwrap().owner.as_deref(), Some("bob"));
+    assert_eq!(reader.list("").await.unwrap().tasks.len(), 2);
+    let alices = reader.list("owner=alice").await.unwrap().tasks;
+    assert_eq!(alices.iter().map(|t| t.id).collect::<Vec<_>>(), [hers.id]);
+    assert_eq!(app.list("owner=bob").await.unwrap().tasks[0].id, his.id);
+    assert_eq!(reader.abort(his.id).await.unwrap_err().status, 403);
+    assert_eq!(app.get(his.id).await.unwrap().status, TaskStatus::Queued, "refused: unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_submission_over_the_owners_quota_is_429_and_inserts_nothing() {
+    let app = TestApp::spawn_with(|f| f.merge(("max_queued_per_owner", 3))).await;
+    let alice = app.as_user(&app.token("alice", Role::Submitter).await);
+    let bob = app.as_user(&app.token("bob", Role::Submitter).await);
+    for n in 0..3 {
+        alice.submit(&format!("echo {n}")).await;
+    }
+
+    let over = alice.request(Method::POST, "/tasks").json(&NewTask::new("echo 3")).send().await;
+    let over = over.unwrap();
+
+    assert_eq!(over.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(over.headers().contains_key("retry-after"), "a 429 says when to retry");
+    let problem: Value = over.json().await.unwrap();
+    assert_eq!(problem["type"], ProblemType::QuotaExceeded.uri());
+    assert_eq!(alice.list("").await.unwrap().tasks.len(), 3, "nothing was inserted");
+    bob.submit("echo another owner").await;
+    // A task that leaves the queue makes room again.
+    app.pick("agent", 0).await.unwrap().expect("a queued task");
+    alice.submit("echo 3").await;
+    assert_eq!(alice.create(&NewTask::new("echo 4")).await.unwrap_err().status, 429);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_revoked_on_one_api_process_is_refused_by_another_within_5_s() {
+    let app = TestApp::spawn().await;
+    let peer = app.spawn_peer().await;
+    let created = app.create_token(&token("short-lived", Role::Reader)).await.unwrap();
+    let on_peer = peer.as_user(&created.token);
+    on_peer.list("").await.expect("the peer takes the token (and caches it)");
+
+    app.revoke_token(created.id).await.unwrap();
+    let revoked = Instant::now();
+
+    loop {
+        match on_peer.list("").await {
+            Err(failure) if failure.status == 401 => break,
+            Ok(_) => assert!(revoked.elapsed() < Duration::from_secs(5), "still taken after 5 s"),
+            Err(other) => panic!("{other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("FIGURE revocation seen by another API process after {:?}", revoked.elapsed());
+    let listed = app.tokens().await.unwrap();
+    let info = listed.iter().find(|t| t.id == created.id).unwrap();
+    assert!(info.revoked_at.is_some() && info.last_used_at.is_some(), "{info:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_token_bound_to_a_name_takes_no_other_name() {
+    let app = TestApp::spawn().await;
+    let bound = NewToken { agent_name: Some("runner-1".into()), ..token("runner", Role::Agent) };
+    let secret = app.create_token(&bound).await.unwrap().token;
+    let agent = app.as_agent(&secret);
+    app.submit("true").await;
+
+    let impostor = agent.pick("runner-2", 0).await.unwrap_err();
+    let itself = agent.pick("runner-1", 0).await.unwrap();
+
+    assert_eq!(impostor.status, 403);
+    assert!(impostor.problem.detail.contains("runner-1"), "{}", impostor.problem.detail);
+    assert!(itself.is_some(), "the bound name picks");
+    let reader_bound = NewToken { agent_name: Some("x".into()), ..token("r", Role::Reader) };
+    assert_eq!(app.create_token(&reader_bound).await.unwrap_err().status, 422);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_command_line_creates_lists_and_revokes_tokens_on_the_servers_database() {
+    let app = TestApp::spawn().await;
+    let cli = |args: &[&str]| {
+        std::process::Command::new(binary("taskexec-api"))
+            .arg("token")
+            .args(args)
+            .env_clear()
+            .env("DATABASE_URL", &app.db.url)
+            .env("LOG_LEVEL", "trace")
+            .output()
+            .unwrap()
+    };
+
+    let created = cli(&["create", "--name", "ci", "--role", "submitter", "--expires", "90d"]);
+    let secret = String::from_utf8(created.stdout).unwrap();
+    let secret = secret.trim_end();
+    let submitter = app.as_user(secret);
+    let task = submitter.submit("echo from ci").await;
+    let listed = cli(&["list"]);
+    let listing = String::from_utf8(listed.stdout).unwrap();
+    let id = app.tokens().await.unwrap().into_iter().find(|t| t.name == "ci").unwrap().id;
+    let revoked = cli(&["revoke", &id.to_string()]);
+
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    assert!(secret.starts_with("tex_") && !secret.contains('\n'), "the secret alone: {secret:?}");
+    assert_eq!(task.owner.as_deref(), Some("ci"));
+    assert!(listing.contains(&id.to_string()) && listing.contains("submitter"), "{listing}");
+    assert!(!listing.contains(secret), "a list never shows a secret");
+    assert!(revoked.status.success());
+    let refused = submitter.list("").await;
+    assert_eq!(refused.unwrap_err().status, 401, "revoked (the notice reaches the server)");
+    for output in [&created.stderr, &listed.stderr, &revoked.stderr] {
+        assert!(!String::from_utf8_lossy(output).contains(secret), "no secret in a log");
+    }
+    let bad = cli(&["create", "--name", "x", "--role", "owner"]);
+    assert_eq!(bad.status.code(), Some(2), "clap refuses an unknown role");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_the_database_a_log_line_or_a_command() {
+    let db = taskexec_tests::TestDb::create().await;
+    let api = ApiProcess::start_logged(&db.url, &[("LOG_LEVEL", "trace")]).await;
+    let admin = Api::new(&api.url, ADMIN_TOKEN, TOKEN);
+    let submitter = admin.token("alice", Role::Submitter).await;
+    let agent_token = admin.token("runner", Role::Agent).await;
+    let alice = admin.as_user(&submitter);
+    let mut worker = WorkerProcess::start_with_url(
+        &api.url,
+        "runner",
+        &[("AGENT_TOKEN", agent_token.as_str()), ("ADMIN_TOKEN", ADMIN_TOKEN)],
+    );
+
+    let task = alice.submit("env; echo done").await;
+    let task = alice.until_done(task.id).await;
+    let id = admin.tokens().await.unwrap().into_iter().find(|t| t.name == "alice").unwrap().id;
+    admin.revoke_token(id).await.unwrap();
+    assert_eq!(alice.list("").await.unwrap_err().status, 401);
+    worker.signal(libc::SIGTERM);
+    worker.wait(Duration::from_secs(10)).await;
+
+    let secrets = [submitter.as_str(), agent_token.as_str(), ADMIN_TOKEN, TOKEN];
+    let env = task.stdout.unwrap();
+    assert!(env.contains("done"), "{env}");
+    let pool = db.pool().await;
+    let stored: Vec<String> = sqlx::query_scalar("SELECT row_to_json(t)::text FROM tokens t")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let logs = format!("{}\n{}", api.log(), worker.log());
+    for secret in secrets {
+        assert!(!env.contains(secret), "a command saw a token");
+        assert!(!stored.iter().any(|row| row.contains(secret)), "a secret in the database");
+        assert!(!logs.contains(secret), "a secret in a log line");
+    }
+    assert!(
+        logs.contains("revoked"),
+        "the trace log was captured: {}",
+        &logs[..logs.len().min(500)]
+    );
+}
