@@ -17,8 +17,10 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 mod client;
+mod tls;
 
 pub use client::{Aborted, Answer, Api, Failure, OutputRead};
+pub use tls::TestCa;
 
 /// The agent token every test server is started with.
 pub const TOKEN: &str = "test-agent-token-0123456789";
@@ -120,6 +122,23 @@ impl TestApp {
 
     /// Starts a server on an existing database (several servers may share one).
     pub async fn spawn_on(db: Arc<TestDb>, configure: impl FnOnce(Figment) -> Figment) -> TestApp {
+        TestApp::launch(db, configure, None).await
+    }
+
+    /// A server that speaks HTTPS only, with a certificate `ca` signed for localhost; its
+    /// typed client trusts that CA.
+    pub async fn spawn_tls(ca: &TestCa) -> TestApp {
+        let db = Arc::new(TestDb::create().await);
+        let (cert, key) = (ca.server_cert(), ca.server_key());
+        let tls = move |f: Figment| f.merge(("tls.certs", cert)).merge(("tls.key", key));
+        TestApp::launch(db, tls, Some(ca)).await
+    }
+
+    async fn launch(
+        db: Arc<TestDb>,
+        configure: impl FnOnce(Figment) -> Figment,
+        tls: Option<&TestCa>,
+    ) -> TestApp {
         let figment = test_figment(&db.url);
         let (port_tx, port_rx) = tokio::sync::oneshot::channel();
         let rocket = taskexec_api::build(configure(figment))
@@ -136,8 +155,17 @@ impl TestApp {
             let _ = rocket.launch().await;
         });
         let port = port_rx.await.expect("the API lifts off");
-        let url = format!("http://127.0.0.1:{port}");
-        TestApp { api: Api::new(&url, ADMIN_TOKEN, TOKEN), url, db, shutdown, server }
+        let (url, api) = match tls {
+            None => {
+                let url = format!("http://127.0.0.1:{port}");
+                (url.clone(), Api::new(&url, ADMIN_TOKEN, TOKEN))
+            }
+            Some(ca) => {
+                let url = format!("https://localhost:{port}");
+                (url.clone(), Api::with_http(&url, ADMIN_TOKEN, TOKEN, ca.client()))
+            }
+        };
+        TestApp { api, url, db, shutdown, server }
     }
 
     /// A second server on the same database, as a second API process would be.
@@ -536,19 +564,47 @@ pub struct PgCluster {
     dir: PathBuf,
     bindir: PathBuf,
     port: u16,
+    /// The server's TLS settings, when it speaks TLS.
+    tls_options: String,
 }
 
 impl PgCluster {
     pub fn start() -> PgCluster {
+        PgCluster::create(None)
+    }
+
+    /// A cluster that accepts TLS with the server certificate of `ca` (for 127.0.0.1).
+    pub fn start_tls(ca: &TestCa) -> PgCluster {
+        PgCluster::create(Some(ca))
+    }
+
+    fn create(tls: Option<&TestCa>) -> PgCluster {
         let bindir = pg_bindir();
         let dir = std::env::temp_dir().join(format!("taskexec-pg-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let tls_options = match tls {
+            None => String::new(),
+            Some(ca) => {
+                // The server's own copies: PostgreSQL wants its key private to its user.
+                let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+                std::fs::copy(ca.server_cert(), &cert).unwrap();
+                std::fs::copy(ca.server_key(), &key).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+                format!(
+                    " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                    cert.display(),
+                    key.display()
+                )
+            }
+        };
         let cluster = PgCluster {
             admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             dir,
             bindir,
             port,
+            tls_options,
         };
         cluster.chown();
         let data = cluster.data();
@@ -567,9 +623,10 @@ impl PgCluster {
     /// Starts (or starts again) the server and waits until it accepts connections.
     pub fn start_server(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.tls_options
         );
         let log = self.dir.join("postgres.log").display().to_string();
         self.pg(
@@ -604,7 +661,7 @@ impl PgCluster {
     fn chown(&self) {
         if is_root() {
             let status = std::process::Command::new("chown")
-                .args(["postgres", &self.dir.display().to_string()])
+                .args(["-R", "postgres", &self.dir.display().to_string()])
                 .status()
                 .unwrap();
             assert!(status.success());

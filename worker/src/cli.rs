@@ -12,6 +12,8 @@ Settings (environment variables):
   BACKEND_API_URL           the API; several comma-separated addresses are used in turn
                             [default: http://BACKEND_API_HOST:BACKEND_API_PORT]
   BACKEND_API_HOST, _PORT   the API in parts [default: localhost, 3500]
+  BACKEND_API_CA_FILE       PEM certificates trusted besides the system's roots, for an
+                            https:// API behind a private CA
   AGENT_TOKEN               the API's agent token (required), or
   AGENT_TOKEN_FILE          a file holding it (for Docker and Kubernetes secrets)
   AGENT_NAME                recorded on the tasks it runs [default: the host name]

@@ -13,6 +13,7 @@ use taskexec_protocol::{
     Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseToken, OutputAck, Problem,
     ProblemType, Stream, TaskId,
 };
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 
 use crate::config::{Config, PICK_READ_MARGIN};
 
@@ -121,6 +122,7 @@ impl Client {
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .user_agent(concat!("taskexec-worker/", env!("CARGO_PKG_VERSION")))
+            .tls_config(tls(config.ca_certs.as_deref()))
             .build()
             .into();
         let authorization = format!("Bearer {}", config.token.expose_secret()).into();
@@ -311,8 +313,37 @@ fn read_answer<T: serde::de::DeserializeOwned>(
         .map_err(|e| ClientError::Unexpected(format!("unreadable {what}: {e}")))
 }
 
+/// HTTPS verifies the API against the system's roots and the certificates of
+/// `BACKEND_API_CA_FILE`; a certificate it cannot verify fails the call (never accepted).
+fn tls(extra_pem: Option<&[u8]>) -> TlsConfig {
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        log::warn!("a system root certificate could not be loaded: {error}");
+    }
+    let mut roots: Vec<Certificate<'static>> =
+        native.certs.iter().map(|der| Certificate::from_der(der.as_ref()).to_owned()).collect();
+    for item in extra_pem.map(ureq::tls::parse_pem).into_iter().flatten() {
+        match item {
+            Ok(PemItem::Certificate(certificate)) => roots.push(certificate.to_owned()),
+            Ok(_) => {}
+            Err(e) => {
+                log::warn!("BACKEND_API_CA_FILE holds something that is not a certificate: {e}")
+            }
+        }
+    }
+    TlsConfig::builder().root_certs(RootCerts::Specific(Arc::new(roots))).build()
+}
+
 fn transport(error: ureq::Error) -> ClientError {
-    ClientError::Unavailable(error.to_string())
+    // rustls's refusal reaches us wrapped (as an I/O error); say what to do about it.
+    let refused = matches!(error, ureq::Error::Rustls(_))
+        || error.to_string().contains("invalid peer certificate");
+    let hint = if refused {
+        "; the API's TLS certificate was not accepted (a private CA goes in BACKEND_API_CA_FILE)"
+    } else {
+        ""
+    };
+    ClientError::Unavailable(format!("{error}{hint}"))
 }
 
 /// Turns a non-success answer into the error that says what to do, by the problem's type.

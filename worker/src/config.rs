@@ -30,6 +30,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// `LOG_LEVEL` (default info).
     pub log_level: log::LevelFilter,
+    /// `BACKEND_API_CA_FILE`: PEM certificates trusted besides the system's roots, for an API
+    /// behind a private CA (read at start, so that a wrong path stops the agent at once).
+    pub ca_certs: Option<Vec<u8>>,
 }
 
 /// Beyond the server's hold, how long a pick may take: the server answers at most 5 s after
@@ -69,6 +72,12 @@ impl Config {
                 )),
             };
         let name = var("AGENT_NAME").unwrap_or_else(host_name);
+        let ca_certs = match var("BACKEND_API_CA_FILE") {
+            Some(path) => Some(std::fs::read(&path).map_err(|e| {
+                Error::Config(format!("BACKEND_API_CA_FILE={path:?} cannot be read: {e}"))
+            })?),
+            None => None,
+        };
         Ok(Config {
             api_urls,
             token,
@@ -84,6 +93,7 @@ impl Config {
                 })?,
                 None => log::LevelFilter::Info,
             },
+            ca_certs,
         })
     }
 }
