@@ -3,8 +3,10 @@
 # Docker Compose v2 (`docker compose`) when present, else the v1 `docker-compose` binary.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-# Build images and run PostgreSQL, the API and one agent in the background.
+# Build images and run PostgreSQL, the API and one agent in the background. The first run
+# writes .env with random secrets (scripts/make-env) and prints the admin token.
 run:
+	scripts/make-env
 	$(COMPOSE) up -d --build
 
 # Stop and remove the containers (the database volume stays).

@@ -15,6 +15,8 @@ struct Dev {
     child: tokio::process::Child,
     api: Api,
     pids: Vec<i32>,
+    /// The submitter's token it printed.
+    submitter: String,
     db: TestDb,
 }
 
@@ -22,12 +24,15 @@ impl Dev {
     async fn start() -> Dev {
         let (mut dev, mut lines) = Dev::spawn().await;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while dev.pids.is_empty() {
+        while dev.pids.is_empty() || dev.submitter.is_empty() {
             let line = tokio::time::timeout_at(deadline, lines.next_line())
                 .await
                 .expect("scripts/dev says it is running")
                 .unwrap()
                 .expect("scripts/dev ended early");
+            if let Some(token) = line.strip_prefix("  submitter: ") {
+                dev.submitter = token.to_owned();
+            }
             if line.starts_with("taskexec is running") {
                 let port = dev.api.base.rsplit(':').next().unwrap().parse::<i32>().unwrap();
                 dev.pids = line
@@ -66,7 +71,7 @@ impl Dev {
             .expect("start scripts/dev");
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let api = Api::new(&format!("http://127.0.0.1:{port}"), ADMIN_TOKEN, TOKEN);
-        (Dev { child, api, pids: Vec::new(), db }, lines)
+        (Dev { child, api, pids: Vec::new(), submitter: String::new(), db }, lines)
     }
 
     /// SIGINT to the script's process group, as Ctrl-C in its terminal.
@@ -76,9 +81,11 @@ impl Dev {
         unsafe { libc::killpg(group, libc::SIGINT) };
     }
 
-    /// A task that runs until it is stopped, running on one of the agents.
+    /// A task that runs until it is stopped, running on one of the agents, submitted with the
+    /// submitter's token that scripts/dev printed.
     async fn running_task(&self) -> TaskId {
-        let task = self.api.submit("sleep 120").await;
+        let task = self.api.as_user(&self.submitter).submit("sleep 120").await;
+        assert_eq!(task.owner.as_deref(), Some("dev-submitter"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.api.get(task.id).await.unwrap().running_at.is_none() {
             assert!(Instant::now() < deadline, "the task never ran");
