@@ -26,31 +26,7 @@ ALTER TABLE tasks
     -- The name of the token that aborted it.
     ADD COLUMN aborted_by text;
 
--- A submitter's list walks its own tasks newest first.
-CREATE INDEX tasks_owner_seq ON tasks (owner, seq);
-
--- How many tasks each owner has queued, kept exact by the statements that queue tasks (the
--- intake reserves room here in the same statement as its insert, up to max_queued_per_owner)
--- and by the trigger below for every change of status, so that the quota check costs one row
--- whatever the queue's length.
-CREATE TABLE owner_queues (
-    owner  text PRIMARY KEY,
-    queued bigint NOT NULL CHECK (queued >= 0)
-);
-
-CREATE FUNCTION count_queued_change() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE owner_queues
-       SET queued = queued + CASE WHEN NEW.status = 'queued' THEN 1 ELSE -1 END
-     WHERE owner = NEW.owner;
-    RETURN NULL;
-END $$;
-
--- Only rows that enter or leave the queue fire it (a heartbeat or an output upload does not
--- even set `status`; a finish sets it but leaves no queue).
-CREATE TRIGGER tasks_count_queued
-    AFTER UPDATE OF status ON tasks
-    FOR EACH ROW
-    WHEN (NEW.owner IS NOT NULL AND (OLD.status = 'queued') <> (NEW.status = 'queued'))
-    EXECUTE FUNCTION count_queued_change();
+-- The quota check counts an owner's queued tasks. A partial index: a task enters it when it is
+-- queued and leaves it when it is picked, so that it costs an insert and nothing on the updates
+-- that follow (claims, heartbeats, output, finishes).
+CREATE INDEX tasks_queued_by_owner ON tasks (owner) WHERE status = 'queued';

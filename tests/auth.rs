@@ -285,6 +285,32 @@ async fn a_submission_over_the_owners_quota_is_429_and_inserts_nothing() {
     assert_eq!(alice.create(&NewTask::new("echo 4")).await.unwrap_err().status, 429);
 }
 
+/// Concurrent submissions of one owner reach the intake together and are checked as one batch:
+/// the quota admits exactly as many as fit, not all or none, and never more.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_submissions_fill_the_quota_exactly() {
+    let app = TestApp::spawn_with(|f| f.merge(("max_queued_per_owner", 10))).await;
+    let alice = app.as_user(&app.token("alice", Role::Submitter).await);
+    alice.submit("echo first").await;
+
+    let mut submissions = tokio::task::JoinSet::new();
+    for n in 0..40 {
+        let alice = alice.clone();
+        submissions.spawn(async move { alice.create(&NewTask::new(format!("echo {n}"))).await });
+    }
+    let (mut accepted, mut refused) = (0, 0);
+    while let Some(answer) = submissions.join_next().await {
+        match answer.unwrap() {
+            Ok(_) => accepted += 1,
+            Err(failure) if failure.status == 429 => refused += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    assert_eq!((accepted, refused), (9, 31));
+    assert_eq!(alice.list("").await.unwrap().tasks.len(), 10);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_revoked_on_one_api_process_is_refused_by_another_within_5_s() {
     let app = TestApp::spawn().await;

@@ -87,62 +87,89 @@ pub struct NewRow<'a> {
     pub owner: &'a str,
 }
 
-/// What became of a row to insert.
-#[derive(Debug)]
-pub enum Inserted {
-    Task(Task),
-    /// Its owner has no room for it in the queue (nor for any of its rows in this batch).
-    OverQuota,
-}
-
-/// Inserts queued tasks in one statement, and returns what became of each, in the order
-/// given. In the same statement each owner reserves room for its rows in `owner_queues`, up
-/// to `max_queued` queued tasks: an owner without room for all of its rows gets none of them
-/// inserted. Only what the database generates comes back (the time): echoing the rest, the
-/// command above all, would only cost.
+/// Inserts queued tasks in one statement, and returns them in the order given. Only what the
+/// database generates comes back (the time): echoing the rest, the command above all, would
+/// only cost. No quota is checked here (see `insert_within_quota`).
 pub async fn insert_many(
-    pool: &PgPool,
+    db: impl PgExecutor<'_>,
     rows: &[NewRow<'_>],
-    max_queued: u64,
-) -> Result<Vec<Inserted>, DbError> {
+) -> Result<Vec<Task>, DbError> {
     let ids: Vec<TaskId> = rows.iter().map(|_| TaskId::random()).collect();
     let uuids: Vec<_> = ids.iter().map(|id| *id.as_uuid()).collect();
     let commands: Vec<&str> = rows.iter().map(|r| r.task.command.as_str()).collect();
     let timeouts: Vec<i32> = rows.iter().map(|r| r.timeout_secs as i32).collect();
     let owners: Vec<&str> = rows.iter().map(|r| r.owner).collect();
     let generated = sqlx::query!(
-        r#"WITH new AS (
-               SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[])
-                          AS n(id, command, timeout_secs, owner)
-           ),
-           wanted AS (SELECT owner, count(*) AS n FROM new GROUP BY owner),
-           granted AS (
-               INSERT INTO owner_queues AS q (owner, queued)
-               SELECT owner, n FROM wanted WHERE n <= $5
-               ON CONFLICT (owner) DO UPDATE SET queued = q.queued + EXCLUDED.queued
-                  WHERE q.queued + EXCLUDED.queued <= $5
-               RETURNING owner
-           )
-           INSERT INTO tasks (id, command, timeout_secs, owner)
-           SELECT new.id, new.command, new.timeout_secs, new.owner
-             FROM new JOIN granted USING (owner)
+        r#"INSERT INTO tasks (id, command, timeout_secs, owner)
+           SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[])
            RETURNING id AS "id: TaskId", created_at"#,
         &uuids,
         &commands as &[&str],
         &timeouts,
         &owners as &[&str],
-        i64::try_from(max_queued).unwrap_or(i64::MAX),
     )
-    .fetch_all(pool)
+    .fetch_all(db)
     .await
     .op("insert tasks")?;
     let created: HashMap<TaskId, DateTime<Utc>> =
         generated.into_iter().map(|row| (row.id, row.created_at)).collect();
-    let outcome = |(id, row): (&TaskId, &NewRow<'_>)| match created.get(id) {
-        Some(at) => Inserted::Task(queued(*id, row, *at)),
-        None => Inserted::OverQuota,
-    };
-    Ok(ids.iter().zip(rows).map(outcome).collect())
+    ids.iter()
+        .zip(rows)
+        .map(|(id, row)| {
+            let created_at = created.get(id).copied().ok_or(sqlx::Error::RowNotFound);
+            Ok(queued(*id, row, created_at.op("insert tasks")?))
+        })
+        .collect()
+}
+
+/// What an insert within a quota did.
+#[derive(Debug)]
+pub struct WithinQuota {
+    /// The tasks inserted: the first of those given, as many as the owner had room for.
+    pub inserted: Vec<Task>,
+    /// The owner's queued tasks after it (counted up to the quota).
+    pub queued: u64,
+}
+
+/// Inserts as many of `rows`, all of one `owner`, as fit within `max` queued tasks, first
+/// first. One short transaction: a lock on the owner's quota (shared by every API process)
+/// makes concurrent checks of one owner take turns, and the count, in a statement that starts
+/// after the lock, sees every insert that took its turn before.
+pub async fn insert_within_quota(
+    pool: &PgPool,
+    owner: &str,
+    rows: &[NewRow<'_>],
+    max: u64,
+) -> Result<WithinQuota, DbError> {
+    const OP: &str = "insert tasks within a quota";
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+    let mut tx = pool.begin().await.op(OP)?;
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('taskexec-quota:' || $1, 0))",
+        owner
+    )
+    .execute(&mut *tx)
+    .await
+    .op(OP)?;
+    let queued = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "queued!" FROM (
+               SELECT 1 FROM tasks WHERE owner = $1 AND status = 'queued' LIMIT $2
+           ) q"#,
+        owner,
+        limit,
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .op(OP)?;
+    let queued = u64::try_from(queued).unwrap_or(0);
+    let room = usize::try_from(max.saturating_sub(queued)).unwrap_or(usize::MAX);
+    let fitting = &rows[..rows.len().min(room)];
+    if fitting.is_empty() {
+        return Ok(WithinQuota { inserted: Vec::new(), queued });
+    }
+    let inserted = insert_many(&mut *tx, fitting).await?;
+    tx.commit().await.op(OP)?;
+    Ok(WithinQuota { queued: queued + inserted.len() as u64, inserted })
 }
 
 /// Inserts one queued task owned by `owner`, without a quota (tests and tools; the API goes
@@ -155,10 +182,8 @@ pub async fn insert(
 ) -> Result<Task, DbError> {
     let new = NewTask::new(command);
     let row = NewRow { task: &new, timeout_secs, owner };
-    match insert_many(pool, &[row], u64::MAX).await?.pop() {
-        Some(Inserted::Task(task)) => Ok(task),
-        _ => Err(sqlx::Error::RowNotFound).op("insert a task"),
-    }
+    let mut made = insert_many(pool, &[row]).await?;
+    made.pop().ok_or(sqlx::Error::RowNotFound).op("insert a task")
 }
 
 /// The task, if it exists and `scope` (an owner, for a submitter) may see it.
