@@ -9,6 +9,12 @@ pub struct TestCa {
     dir: PathBuf,
 }
 
+impl Default for TestCa {
+    fn default() -> TestCa {
+        TestCa::new()
+    }
+}
+
 impl TestCa {
     /// A new CA and a server certificate it signed.
     pub fn new() -> TestCa {
