@@ -8,7 +8,9 @@ CREATE TYPE token_role AS ENUM ('admin', 'submitter', 'reader', 'agent');
 
 CREATE TABLE tokens (
     id           uuid PRIMARY KEY,
-    name         text NOT NULL CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$'),
+    -- `admin` and `agent` are the names of the shared ADMIN_TOKEN and AGENT_TOKEN.
+    name         text NOT NULL CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$'
+                                      AND name NOT IN ('admin', 'agent')),
     role         token_role NOT NULL,
     digest       bytea NOT NULL UNIQUE CHECK (length(digest) = 32),
     -- An agent token bound to one agent name: it may present no other X-Agent-Name.
@@ -30,3 +32,14 @@ ALTER TABLE tasks
 -- queued and leaves it when it is picked, so that it costs an insert and nothing on the updates
 -- that follow (claims, heartbeats, output, finishes).
 CREATE INDEX tasks_queued_by_owner ON tasks (owner) WHERE status = 'queued';
+
+-- Room in an owner's quota that one API process may fill without counting again (see
+-- api/src/tasks/intake.rs). A process that counts takes every other process's unexpired grant
+-- as filled, so that together they never pass the quota.
+CREATE TABLE quota_grants (
+    owner   text NOT NULL,
+    process uuid NOT NULL,
+    tasks   bigint NOT NULL CHECK (tasks >= 0),
+    until   timestamptz NOT NULL,
+    PRIMARY KEY (owner, process)
+);

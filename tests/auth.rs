@@ -311,29 +311,121 @@ async fn concurrent_submissions_fill_the_quota_exactly() {
     assert_eq!(alice.list("").await.unwrap().tasks.len(), 10);
 }
 
+/// Three API processes share one owner's quota: each fills only the room the database granted
+/// it, which the others take as filled, so that together they never pass it, whether the
+/// submissions take turns between them or come at once. (Two would stay within it even if
+/// each ignored the others' grants: each grant is at most half of the room.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_quota_holds_across_api_processes() {
+    let quota = |f: rocket::figment::Figment| f.merge(("max_queued_per_owner", 10));
+    let app = TestApp::spawn_with(quota).await;
+    let peers = [
+        TestApp::spawn_on(app.db.clone(), quota).await,
+        TestApp::spawn_on(app.db.clone(), quota).await,
+    ];
+    let processes = [&*app, &*peers[0], &*peers[1]];
+
+    for owner in ["in-turns", "at-once"] {
+        let secret = app.token(owner, Role::Submitter).await;
+        let submit = |n: usize| {
+            let api = processes[n % 3].as_user(&secret);
+            async move { api.create(&NewTask::new(format!("echo {n}"))).await }
+        };
+        let answers = if owner == "in-turns" {
+            let mut answers = Vec::new();
+            for n in 0..60 {
+                answers.push(submit(n).await);
+            }
+            answers
+        } else {
+            let mut submissions = tokio::task::JoinSet::new();
+            for n in 0..60 {
+                submissions.spawn(submit(n));
+            }
+            submissions.join_all().await
+        };
+        let mut accepted = 0;
+        for answer in answers {
+            match answer {
+                Ok(_) => accepted += 1,
+                Err(failure) => assert_eq!(failure.status, 429, "{failure}"),
+            }
+        }
+        let queued = app.list(&format!("owner={owner}&limit=100")).await.unwrap().tasks.len();
+        assert!(queued <= 10, "{owner}: {queued} queued, over the quota of 10");
+        assert_eq!(accepted, queued, "{owner}: every 201 is a queued task");
+        assert!(accepted >= 5, "{owner}: only {accepted} taken");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_revoked_on_one_api_process_is_refused_by_another_within_5_s() {
     let app = TestApp::spawn().await;
     let peer = app.spawn_peer().await;
     let created = app.create_token(&token("short-lived", Role::Reader)).await.unwrap();
     let on_peer = peer.as_user(&created.token);
+    let cached = Instant::now();
     on_peer.list("").await.expect("the peer takes the token (and caches it)");
 
     app.revoke_token(created.id).await.unwrap();
     let revoked = Instant::now();
+    refused_soon(&on_peer).await;
 
+    println!("FIGURE revocation seen by another API process after {:?}", revoked.elapsed());
+    // The peer cached the token after `cached`: without the notice it would have taken it
+    // until its cache entry expired, 4 s on.
+    assert!(cached.elapsed() < CACHE_TTL, "refused only once the cache expired: no notice");
+    let listed = app.tokens().await.unwrap();
+    let info = listed.iter().find(|t| t.id == created.id).unwrap();
+    assert!(info.revoked_at.is_some() && info.last_used_at.is_some(), "{info:?}");
+}
+
+/// How long an API process takes a verified token at its word (`auth::verifier::TTL`).
+const CACHE_TTL: Duration = Duration::from_secs(4);
+
+/// Waits until `api` refuses its token, for at most 5 s (the bound on a revocation).
+async fn refused_soon(api: &Api) {
+    let since = Instant::now();
     loop {
-        match on_peer.list("").await {
-            Err(failure) if failure.status == 401 => break,
-            Ok(_) => assert!(revoked.elapsed() < Duration::from_secs(5), "still taken after 5 s"),
+        match api.list("").await {
+            Err(failure) if failure.status == 401 => return,
+            Ok(_) => assert!(since.elapsed() < Duration::from_secs(5), "still taken after 5 s"),
             Err(other) => panic!("{other}"),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("FIGURE revocation seen by another API process after {:?}", revoked.elapsed());
-    let listed = app.tokens().await.unwrap();
-    let info = listed.iter().find(|t| t.id == created.id).unwrap();
-    assert!(info.revoked_at.is_some() && info.last_used_at.is_some(), "{info:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_that_expires_while_cached_is_refused() {
+    let app = TestApp::spawn().await;
+    let new = NewToken { expires_in_secs: Some(1), ..token("brief", Role::Reader) };
+    let created = app.create_token(&new).await.unwrap();
+    let reader = app.as_user(&created.token);
+    reader.list("").await.expect("taken while current (and cached)");
+
+    let expires_at = created.expires_at.expect("an expiry");
+    let left = (expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(50)).await;
+
+    assert_eq!(reader.list("").await.unwrap_err().status, 401, "expired, though cached");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_followed_log_ends_when_its_token_is_revoked() {
+    let app = TestApp::spawn().await;
+    let created = app.create_token(&token("follower", Role::Submitter)).await.unwrap();
+    let follower = app.as_user(&created.token);
+    let task = follower.submit("echo never picked").await;
+    let follow = follower.request(Method::GET, &format!("/tasks/{}/log?follow=true", task.id));
+    let response = follow.send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    app.revoke_token(created.id).await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(15), response.text()).await;
+
+    let body = body.expect("the stream ended").unwrap();
+    assert!(body.contains("the token was revoked or has expired"), "{body:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -352,6 +444,8 @@ async fn an_agent_token_bound_to_a_name_takes_no_other_name() {
     assert!(itself.is_some(), "the bound name picks");
     let reader_bound = NewToken { agent_name: Some("x".into()), ..token("r", Role::Reader) };
     assert_eq!(app.create_token(&reader_bound).await.unwrap_err().status, 422);
+    let spaced = NewToken { agent_name: Some(" runner-1".into()), ..token("a", Role::Agent) };
+    assert_eq!(app.create_token(&spaced).await.unwrap_err().status, 422, "never presentable");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -384,8 +478,7 @@ async fn the_command_line_creates_lists_and_revokes_tokens_on_the_servers_databa
     assert!(listing.contains(&id.to_string()) && listing.contains("submitter"), "{listing}");
     assert!(!listing.contains(secret), "a list never shows a secret");
     assert!(revoked.status.success());
-    let refused = submitter.list("").await;
-    assert_eq!(refused.unwrap_err().status, 401, "revoked (the notice reaches the server)");
+    refused_soon(&submitter).await;
     for output in [&created.stderr, &listed.stderr, &revoked.stderr] {
         assert!(!String::from_utf8_lossy(output).contains(secret), "no secret in a log");
     }

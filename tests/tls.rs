@@ -99,4 +99,8 @@ async fn an_api_that_cannot_verify_its_database_does_not_start() {
         panic!("the server started on a database it could not verify")
     };
     assert!(matches!(error.kind(), rocket::error::ErrorKind::FailedFairings(_)), "{error}");
+    // The same, trusting the right CA, starts: the certificate was the reason.
+    let trusted = format!("{}?sslmode=verify-full&sslrootcert={}", db.url, ca.ca().display());
+    let ignited = taskexec_api::build(taskexec_tests::test_figment(&trusted)).ignite().await;
+    assert!(ignited.is_ok(), "{:?}", ignited.err().map(|e| e.to_string()));
 }

@@ -25,7 +25,7 @@ pub enum TokenCommand {
         #[arg(long)]
         role: Role,
         /// How long it lasts, such as 90d or 12h; for ever when absent.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = whole_seconds)]
         expires: Option<Duration>,
         /// For an agent token: the only X-Agent-Name it may present.
         #[arg(long)]
@@ -38,6 +38,15 @@ pub enum TokenCommand {
         /// The token's id, as `list` shows it.
         id: TokenId,
     },
+}
+
+/// A lifetime such as `90d`: whole seconds, at least one.
+fn whole_seconds(text: &str) -> Result<Duration, String> {
+    let lifetime = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if lifetime.subsec_nanos() != 0 || lifetime.as_secs() == 0 {
+        return Err("a token lasts a whole number of seconds, at least 1s (such as 90d)".into());
+    }
+    Ok(lifetime)
 }
 
 /// Runs a token command against the database that `figment` names.

@@ -51,6 +51,9 @@ pub struct AppConfig {
     /// An admin's bearer token for bootstrapping a deployment (`ADMIN_TOKEN`); optional.
     #[serde(default)]
     pub admin_token: Option<SecretString>,
+    /// Why a `*_TOKEN_FILE` could not be read: the check refuses to start with it.
+    #[serde(default)]
+    pub unreadable_token_file: Option<String>,
     /// The most tasks one owner may have queued; a submission beyond gets 429.
     pub max_queued_per_owner: u64,
     /// Largest accepted command, in bytes.
@@ -100,11 +103,18 @@ impl AppConfig {
     /// Checks that the timeouts are ordered: every agent-facing wait fits in the lease, and
     /// the defaults fit in the limits.
     fn check(&self) -> Result<(), String> {
+        if let Some(why) = &self.unreadable_token_file {
+            return Err(why.clone());
+        }
+        let trimmed = |token: &str| token.trim() == token;
         let rules = [
             (!self.agent_token().trim().is_empty(), "AGENT_TOKEN is not set: agents could not authenticate, so the server refuses to start. Set AGENT_TOKEN (or AGENT_TOKEN_FILE) to a long random secret."),
             (self.agent_token().len() >= MIN_SHARED_TOKEN, "AGENT_TOKEN must be at least 16 characters long"),
             (self.admin_token().map_or(true, |t| t.len() >= MIN_SHARED_TOKEN), "ADMIN_TOKEN must be at least 16 characters long"),
             (self.admin_token().map_or(true, |t| t != self.agent_token()), "ADMIN_TOKEN must differ from AGENT_TOKEN"),
+            // A presented token is trimmed, so one with spaces around it could never match.
+            (trimmed(self.agent_token()) && self.admin_token().map_or(true, trimmed),
+             "AGENT_TOKEN and ADMIN_TOKEN must not begin or end with whitespace"),
             (self.max_queued_per_owner >= 1, "max_queued_per_owner must be at least 1"),
             (self.lease_secs >= 3, "lease_secs must be at least 3 (heartbeats come every third of it)"),
             (
@@ -160,11 +170,14 @@ fn container_env(var: impl Fn(&str) -> Option<String>) -> Figment {
     for (key, name) in [("agent_token", "AGENT_TOKEN"), ("admin_token", "ADMIN_TOKEN")] {
         match (var(name), var(&format!("{name}_FILE"))) {
             (Some(token), _) => env = env.merge(Serialized::global(key, token)),
-            // The file form suits Docker and Kubernetes secrets. An unreadable file leaves the
-            // setting unset, and the check says what is missing.
+            // The file form suits Docker and Kubernetes secrets. An unreadable file stops the
+            // server at the check (logging is not up yet while the figment is built).
             (None, Some(path)) => match std::fs::read_to_string(&path) {
                 Ok(token) => env = env.merge(Serialized::global(key, token.trim().to_owned())),
-                Err(e) => log::error!("{name}_FILE={path:?} cannot be read: {e}"),
+                Err(e) => {
+                    let why = format!("{name}_FILE={path:?} cannot be read: {e}");
+                    env = env.merge(Serialized::global("unreadable_token_file", why));
+                }
             },
             (None, None) => {}
         }
@@ -256,5 +269,35 @@ mod tests {
             .expect("Rocket.toml parses into AppConfig");
         assert!(config.agent_token.is_none());
         assert!(config.pick_wait_default_secs < config.pick_wait_max_secs);
+    }
+
+    fn checked(vars: &[(&str, &str)]) -> Result<(), String> {
+        let vars: HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let config: AppConfig = Figment::from(rocket::Config::default())
+            .merge(Toml::string(DEFAULTS).nested())
+            .merge(container_env(|name| vars.get(name).cloned()))
+            .select(rocket::Config::DEFAULT_PROFILE)
+            .extract()
+            .expect("the settings parse");
+        config.check()
+    }
+
+    #[test]
+    fn an_unreadable_token_file_stops_the_server_and_names_the_file() {
+        let agent = ("AGENT_TOKEN", "agent-token-0123456789");
+        let missing = ("ADMIN_TOKEN_FILE", "/nonexistent/admin-token");
+        let why = checked(&[agent, missing]).unwrap_err();
+        assert!(
+            why.contains("ADMIN_TOKEN_FILE") && why.contains("/nonexistent/admin-token"),
+            "{why}"
+        );
+        assert_eq!(checked(&[agent]), Ok(()));
+    }
+
+    #[test]
+    fn a_shared_token_with_spaces_around_it_is_refused() {
+        let why = checked(&[("AGENT_TOKEN", "agent-token-0123456789\n")]).unwrap_err();
+        assert!(why.contains("whitespace"), "{why}");
     }
 }

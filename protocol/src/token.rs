@@ -86,8 +86,9 @@ pub struct TokenInfo {
     pub last_used_at: Option<DateTime<Utc>>,
 }
 
-/// The answer to `POST /tokens`: the token and, this once, its secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The answer to `POST /tokens`: the token and, this once, its secret (which its `Debug`
+/// leaves out).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreatedToken {
     pub id: TokenId,
     pub name: String,
@@ -97,6 +98,20 @@ pub struct CreatedToken {
     pub token: String,
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for CreatedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedToken")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("agent_name", &self.agent_name)
+            .field("token", &"<secret>")
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 /// The prefix of every token secret, so that secret scanners can find leaked ones.

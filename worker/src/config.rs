@@ -73,9 +73,7 @@ impl Config {
             };
         let name = var("AGENT_NAME").unwrap_or_else(host_name);
         let ca_certs = match var("BACKEND_API_CA_FILE") {
-            Some(path) => Some(std::fs::read(&path).map_err(|e| {
-                Error::Config(format!("BACKEND_API_CA_FILE={path:?} cannot be read: {e}"))
-            })?),
+            Some(path) => Some(ca_file(&path)?),
             None => None,
         };
         Ok(Config {
@@ -132,6 +130,25 @@ fn host_name() -> String {
     }
 }
 
+/// The PEM certificates of `BACKEND_API_CA_FILE`: a file without one (empty, DER, a key) is
+/// refused, rather than quietly trusting the system's roots alone.
+fn ca_file(path: &str) -> Result<Vec<u8>, Error> {
+    let bad = |why: String| Error::Config(format!("BACKEND_API_CA_FILE={path:?} {why}"));
+    let pem = std::fs::read(path).map_err(|e| bad(format!("cannot be read: {e}")))?;
+    let mut certificates = 0;
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(_)) => certificates += 1,
+            Ok(_) => {}
+            Err(e) => return Err(bad(format!("is not valid PEM: {e}"))),
+        }
+    }
+    if certificates == 0 {
+        return Err(bad("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+    }
+    Ok(pem)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +181,22 @@ mod tests {
         assert_eq!(c.poll_interval, Duration::from_millis(500));
         assert_eq!(config(&[("AGENT_TOKEN", "t")]).unwrap().poll_interval, Duration::from_secs(5));
         assert!(config(&[("AGENT_TOKEN", "t"), ("POLL_INTERVAL", "soon")]).is_err());
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused() {
+        let path = std::env::temp_dir().join(format!("taskexec-ca-{}", std::process::id()));
+        for (content, why) in [("", "no PEM certificate"), ("-----BEGIN PRIVATE KEY-----\n", "PEM")]
+        {
+            std::fs::write(&path, content).unwrap();
+            let c =
+                config(&[("AGENT_TOKEN", "t"), ("BACKEND_API_CA_FILE", path.to_str().unwrap())]);
+            match c {
+                Err(Error::Config(message)) => assert!(message.contains(why), "{message}"),
+                other => panic!("{content:?} taken: {:?}", other.map(|_| ())),
+            }
+        }
+        std::fs::remove_file(&path).ok();
     }
 
     #[test]

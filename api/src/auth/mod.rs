@@ -34,6 +34,9 @@ pub struct Principal {
     pub role: Role,
     /// An agent token bound to one agent name.
     pub agent_name: Option<String>,
+    /// The digest of its secret, by which a long response checks it again (`Verifier::recheck`);
+    /// `None` for the shared tokens, which only a restart changes.
+    pub digest: Option<[u8; 32]>,
 }
 
 /// The name the shared `ADMIN_TOKEN` goes by (the owner of what it submits).
@@ -146,7 +149,13 @@ async fn authenticate(request: &Request<'_>) -> Result<Principal, ApiError> {
     ];
     for (secret, name, role) in shared {
         if secret.is_some_and(|secret| bool::from(presented.as_bytes().ct_eq(secret.as_bytes()))) {
-            return Ok(Principal { id: None, name: name.into(), role, agent_name: None });
+            return Ok(Principal {
+                id: None,
+                name: name.into(),
+                role,
+                agent_name: None,
+                digest: None,
+            });
         }
     }
     let Some(verifier) = request.rocket().state::<Verifier>() else {
@@ -179,6 +188,8 @@ pub fn is_agent_name(name: &str) -> bool {
     !name.is_empty()
         && name.chars().count() <= MAX_AGENT_NAME_CHARS
         && !name.chars().any(char::is_control)
+        // `X-Agent-Name` is trimmed: a name with spaces around it could never be presented.
+        && name.trim() == name
 }
 
 #[rocket::async_trait]

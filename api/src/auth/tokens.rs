@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgExecutor, PgPool};
 use taskexec_protocol::{CreatedToken, NewToken, Role, TokenId, TokenInfo, TOKEN_PREFIX};
 
-use super::{is_agent_name, Principal};
+use super::{is_agent_name, Principal, ADMIN_NAME, AGENT_NAME};
 use crate::db::{DbError, Op};
 
 /// The channel that tells every API process a token was revoked; the payload is its id.
@@ -29,6 +29,15 @@ pub fn new_secret() -> Result<SecretString, getrandom::Error> {
     Ok(format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes)).into())
 }
 
+/// Whether `presented` has the shape of a secret (the prefix and 43 characters of base64url),
+/// so that anything else is refused without a look in the database.
+pub fn is_well_formed(presented: &str) -> bool {
+    presented.strip_prefix(TOKEN_PREFIX).is_some_and(|rest| {
+        rest.len() == 43
+            && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
 /// The digest a secret is stored and found by.
 pub fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
@@ -44,6 +53,14 @@ pub fn check(new: &NewToken) -> Result<(), String> {
                     letter or a digit"
             .into());
     }
+    // The shared tokens own what they submit under these names.
+    if [ADMIN_NAME, AGENT_NAME].contains(&new.name.as_str()) {
+        return Err(format!(
+            "`{}` is the name of the shared {} token of the deployment; choose another",
+            new.name,
+            if new.name == ADMIN_NAME { "ADMIN_TOKEN" } else { "AGENT_TOKEN" }
+        ));
+    }
     if let Some(secs) = new.expires_in_secs {
         if !(1..=MAX_EXPIRES_IN_SECS).contains(&secs) {
             return Err(format!("`expires_in_secs` must be from 1 to {MAX_EXPIRES_IN_SECS}"));
@@ -54,7 +71,8 @@ pub fn check(new: &NewToken) -> Result<(), String> {
             Err("`agent_name` binds an agent token; this one is not".into())
         }
         (Some(name), _) if !is_agent_name(name) => {
-            Err("`agent_name` must be 1 to 128 printable characters".into())
+            Err("`agent_name` must be 1 to 128 printable characters, without spaces around them"
+                .into())
         }
         _ => Ok(()),
     }
@@ -143,6 +161,7 @@ pub async fn find(
     .op("verify a token")?;
     Ok(row.map(|row| {
         let who = Principal {
+            digest: Some(*digest),
             id: Some(row.id),
             name: row.name,
             role: row.role,
@@ -183,5 +202,24 @@ mod tests {
         assert!(check(&token("runner", Role::Reader, Some("agent-1"))).is_err());
         let forever = NewToken { expires_in_secs: Some(0), ..token("x", Role::Reader, None) };
         assert!(check(&forever).is_err());
+        // The shared tokens' names: a token of that name would own what they submitted.
+        assert!(check(&token("admin", Role::Submitter, None)).unwrap_err().contains("ADMIN_TOKEN"));
+        assert!(check(&token("agent", Role::Agent, None)).is_err());
+        assert!(check(&token("admin2", Role::Submitter, None)).is_ok());
+        assert!(check(&token("runner", Role::Agent, Some("agent-1 "))).is_err());
+    }
+
+    #[test]
+    fn only_the_shape_of_a_secret_is_looked_up() {
+        let real = new_secret().unwrap();
+        assert!(is_well_formed(real.expose_secret()));
+        for other in
+            ["", "tex_", "tex_short", "xyz_", &real.expose_secret().replace("tex_", "tey_")]
+        {
+            assert!(!is_well_formed(other), "{other:?}");
+        }
+        let tail = &real.expose_secret()[4..];
+        assert!(!is_well_formed(&format!("tex_{}=", &tail[..42])), "not base64url");
+        assert!(!is_well_formed(&format!("{}A", real.expose_secret())), "too long");
     }
 }

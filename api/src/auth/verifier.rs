@@ -4,7 +4,7 @@
 //! through a NOTIFY, and within `TTL` even if that notification is lost.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,7 +12,6 @@ use rocket::fairing::AdHoc;
 use rocket::{Build, Rocket};
 use rocket_db_pools::Database;
 use sqlx::PgPool;
-use taskexec_protocol::TOKEN_PREFIX;
 use tokio::time::Instant;
 
 use super::{tokens, Principal};
@@ -24,62 +23,115 @@ use crate::Db;
 /// revocation must be seen everywhere.
 pub const TTL: Duration = Duration::from_secs(4);
 
-/// The most answers kept: a caller spraying made-up tokens costs memory up to this, then the
-/// cache starts afresh.
-const MAX_CACHED: usize = 10_000;
+/// The most current tokens remembered; past it, they are all looked up afresh. (Only real
+/// tokens get here, so this is the number of tokens in use at once.)
+const MAX_KNOWN: usize = 10_000;
 
+/// The most refusals remembered. A refusal is cached so that a client retrying a revoked token
+/// does not cost a query per try; made-up tokens only ever evict other refusals.
+const MAX_REFUSED: usize = 1_000;
+
+type Digest = [u8; 32];
+
+/// Cheap to clone: the clones share one cache.
+#[derive(Clone)]
 pub struct Verifier {
     pool: PgPool,
     notifier: Notifier,
-    cache: Mutex<HashMap<[u8; 32], Cached>>,
+    cache: Arc<Mutex<Cache>>,
+}
+
+#[derive(Default)]
+struct Cache {
+    known: HashMap<Digest, Known>,
+    refused: HashMap<Digest, Instant>,
 }
 
 #[derive(Clone)]
-struct Cached {
-    verdict: Option<(Principal, Option<DateTime<Utc>>)>,
+struct Known {
+    who: Principal,
+    expires_at: Option<DateTime<Utc>>,
     at: Instant,
     /// The notifier's token generation when it was cached: a revocation since voids it.
     generation: u64,
 }
 
+fn refused() -> ApiError {
+    ApiError::Unauthorized("the token is unknown, revoked or expired".into())
+}
+
 impl Verifier {
     pub fn new(pool: PgPool, notifier: Notifier) -> Verifier {
-        Verifier { pool, notifier, cache: Mutex::new(HashMap::new()) }
+        Verifier { pool, notifier, cache: Arc::default() }
     }
 
     /// The caller a presented secret stands for.
     ///
     /// # Errors
-    /// `Unauthorized` for a secret that is unknown, revoked or expired; `Unavailable` when
-    /// the database cannot be reached.
+    /// `Unauthorized` for a secret that is malformed, unknown, revoked or expired;
+    /// `Unavailable` when the database cannot be reached.
     pub async fn verify(&self, presented: &str) -> Result<Principal, ApiError> {
-        let refused = || ApiError::Unauthorized("the token is unknown, revoked or expired".into());
-        if !presented.starts_with(TOKEN_PREFIX) {
+        if !tokens::is_well_formed(presented) {
             return Err(refused());
         }
-        let digest = tokens::digest(presented);
+        self.verify_digest(&tokens::digest(presented)).await
+    }
+
+    /// Whether a caller verified earlier still holds a current token: for a response that
+    /// outlasts a revocation (a followed log). The shared tokens always do.
+    ///
+    /// # Errors
+    /// As `verify`.
+    pub async fn recheck(&self, who: &Principal) -> Result<(), ApiError> {
+        match &who.digest {
+            Some(digest) => self.verify_digest(digest).await.map(drop),
+            None => Ok(()),
+        }
+    }
+
+    async fn verify_digest(&self, digest: &Digest) -> Result<Principal, ApiError> {
         let generation = self.notifier.token_generation();
-        let cached = self.lock().get(&digest).cloned();
-        let verdict = match cached {
-            Some(hit) if hit.at.elapsed() < TTL && hit.generation == generation => hit.verdict,
+        let cached = {
+            let cache = self.lock();
+            if cache.refused.get(digest).is_some_and(|at| at.elapsed() < TTL) {
+                return Err(refused());
+            }
+            cache.known.get(digest).cloned()
+        };
+        let known = match cached {
+            Some(hit) if hit.at.elapsed() < TTL && hit.generation == generation => Some(hit),
             _ => {
-                let verdict = tokens::find(&self.pool, &digest).await?;
+                let found = tokens::find(&self.pool, digest).await?;
                 let mut cache = self.lock();
-                if cache.len() >= MAX_CACHED {
-                    cache.clear();
+                cache.known.remove(digest);
+                match found {
+                    Some((who, expires_at)) => {
+                        if cache.known.len() >= MAX_KNOWN {
+                            cache.known.clear();
+                        }
+                        let at = Instant::now();
+                        let known = Known { who, expires_at, at, generation };
+                        cache.known.insert(*digest, known.clone());
+                        Some(known)
+                    }
+                    None => {
+                        if cache.refused.len() >= MAX_REFUSED {
+                            cache.refused.clear();
+                        }
+                        cache.refused.insert(*digest, Instant::now());
+                        None
+                    }
                 }
-                let entry = Cached { verdict: verdict.clone(), at: Instant::now(), generation };
-                cache.insert(digest, entry);
-                verdict
             }
         };
-        match verdict {
-            Some((who, expires_at)) if expires_at.map_or(true, |at| at > Utc::now()) => Ok(who),
+        match known {
+            // Expiry is checked on every use, cached or not.
+            Some(known) if known.expires_at.map_or(true, |at| at > Utc::now()) => Ok(known.who),
             _ => Err(refused()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Cached>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -16,6 +16,7 @@ use taskexec_protocol::{LeaseToken, OutputAck, OutputCap, Stream, TaskStatus};
 use tokio::time::Instant;
 
 use super::store::{self, Appended, Chunk, Standing};
+use crate::auth::verifier::Verifier;
 use crate::auth::{Allowed, Read, Run};
 use crate::body::read_within;
 use crate::config::AppConfig;
@@ -178,13 +179,16 @@ fn ending(standing: &Standing) -> String {
 /// stdout and stderr combined, in the order the agent sent them, as `text/plain`. With
 /// `follow=true` the response goes on (chunked) until the task ends, like `tail -f`, and then
 /// says how it ended. Bytes that were dropped (a flood) are replaced by a line that says how
-/// many.
+/// many. A followed log checks its caller's token again every `FOLLOW_RECHECK`, and ends once
+/// it is revoked or expired.
 #[get("/tasks/<id>/log?<follow>")]
+#[allow(clippy::too_many_arguments)]
 async fn log(
     access: Allowed<Read>,
     _query: StrictQuery,
     db: &Db,
     dispatcher: &State<Dispatcher>,
+    verifier: &State<Verifier>,
     id: &str,
     follow: Option<&str>,
     shutdown: Shutdown,
@@ -196,11 +200,23 @@ async fn log(
         .await?
         .ok_or_else(|| ApiError::task_not_found(id))?;
     let (pool, events) = (db.pool().clone(), dispatcher.events().clone());
+    let (verifier, who) = (verifier.inner().clone(), access.who);
     let stream = ByteStream! {
         let mut shutdown = shutdown;
         let (mut after, mut next) = (0i64, [0u64; 2]);
-        let mut last_sent = Instant::now();
+        let (mut last_sent, mut checked) = (Instant::now(), Instant::now());
         loop {
+            if checked.elapsed() >= FOLLOW_RECHECK {
+                if let Err(e) = verifier.recheck(&who).await {
+                    let why = match e {
+                        ApiError::Unauthorized(_) => "the token was revoked or has expired",
+                        _ => "the token could not be checked again",
+                    };
+                    yield format!("\n[taskexec: stopped following: {why}]\n").into_bytes();
+                    break;
+                }
+                checked = Instant::now();
+            }
             let watch = events.watch(id);
             let Ok(Some((chunks, standing))) = store::log(&pool, id, None, after).await else {
                 break;

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rocket::fairing::AdHoc;
+use sqlx::types::Uuid;
 use sqlx::PgPool;
 use taskexec_protocol::{NewTask, Task};
 use tokio::sync::{mpsc, oneshot};
@@ -59,7 +60,7 @@ impl Intake {
 /// channel closes. One batch at a time: while it is inserted, the next gathers. (Two in flight
 /// split the batches and measured slower on two cores.)
 async fn run(pool: PgPool, quota: Quota, mut submissions: mpsc::UnboundedReceiver<Submission>) {
-    let mut seen = Seen::default();
+    let mut grants = Grants::new();
     while let Some(first) = submissions.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -68,74 +69,95 @@ async fn run(pool: PgPool, quota: Quota, mut submissions: mpsc::UnboundedReceive
                 Err(_) => break,
             }
         }
-        insert(&pool, quota, &mut seen, batch).await;
+        insert(&pool, quota, &mut grants, batch).await;
     }
 }
 
-/// How often an owner's queue is counted again at the least, while this process inserts for it.
+/// How long this process fills a grant before it counts again: well within `GRANT_SECS`, the
+/// time the other processes keep the grant's room free.
 const RECOUNT: Duration = Duration::from_secs(2);
 
 /// The most owners remembered; past it, every owner is counted afresh.
-const MAX_SEEN: usize = 10_000;
+const MAX_GRANTS: usize = 10_000;
 
-/// What this process knows of each owner's queue: the count at its last check, plus what it
-/// has inserted since (the picks since only lower the real count), and when it counted.
-#[derive(Default)]
-struct Seen(HashMap<String, (u64, Instant)>);
+/// The smallest grant asked for.
+const MIN_GRANT: u64 = 16;
 
-impl Seen {
-    /// Whether `n` more tasks of `owner` may go in without a count: counted within `RECOUNT`
-    /// and, with them, still at most half of the quota.
-    fn room(&self, owner: &str, n: u64, Quota(max): Quota) -> bool {
-        self.0
-            .get(owner)
-            .is_some_and(|(queued, at)| at.elapsed() < RECOUNT && queued + n <= max / 2)
+/// The room in each owner's quota this process may fill without counting (`quota_grants`):
+/// what it was granted at its last count, less what it has inserted since.
+struct Grants {
+    /// This process, as the database's grants know it.
+    process: Uuid,
+    owners: HashMap<String, Grant>,
+}
+
+struct Grant {
+    room: u64,
+    at: Instant,
+    /// Inserted under it so far: the next grant asked for is twice that, so that a process
+    /// that submits little for an owner holds little of its room.
+    used: u64,
+}
+
+impl Grants {
+    fn new() -> Grants {
+        Grants { process: Uuid::new_v4(), owners: HashMap::new() }
     }
 
-    fn counted(&mut self, owner: &str, queued: u64) {
-        if self.0.len() >= MAX_SEEN {
-            self.0.clear();
+    /// Takes `n` of an owner's granted room, if it holds that much and was granted within
+    /// `RECOUNT`.
+    fn take(&mut self, owner: &str, n: u64) -> bool {
+        match self.owners.get_mut(owner) {
+            Some(grant) if grant.at.elapsed() < RECOUNT && grant.room >= n => {
+                grant.room -= n;
+                grant.used += n;
+                true
+            }
+            _ => false,
         }
-        self.0.insert(owner.to_owned(), (queued, Instant::now()));
     }
 
-    fn added(&mut self, owner: &str, n: u64) {
-        if let Some((queued, _)) = self.0.get_mut(owner) {
-            *queued += n;
+    /// The grant to ask for at the next count of `owner`, which inserts `n`.
+    fn wanted(&self, owner: &str, n: u64) -> u64 {
+        let used = self.owners.get(owner).map_or(0, |grant| grant.used);
+        (2 * (used + n)).max(MIN_GRANT)
+    }
+
+    fn granted(&mut self, owner: &str, room: u64, at: Instant) {
+        if self.owners.len() >= MAX_GRANTS {
+            self.owners.clear();
         }
+        self.owners.insert(owner.to_owned(), Grant { room, at, used: 0 });
     }
 }
 
-/// Inserts a batch. Owners far from their quota and counted recently go in one statement, as
-/// before quotas; the others are counted and inserted under their quota's lock, owner by owner,
-/// as many as fit (in the order they came; the rest get 429).
+/// Inserts a batch. The submissions of owners with room granted to this process go in one
+/// statement, as they did before quotas; the others are counted and inserted under their
+/// quota's lock, owner by owner, as many as fit (in the order they came; the rest get 429).
 ///
-/// With one API process the quota is exact: this process's view is never below the real
-/// count. With several, each counts an owner again at least every `RECOUNT` and as soon as its
-/// own view reaches half of the quota, so an owner can overshoot by at most half of the quota
-/// per other process. (A counter updated with every insert and pick cost a third of the
-/// submission rate and half a millisecond on every pick, in `make bench`.)
-async fn insert(pool: &PgPool, quota: Quota, seen: &mut Seen, batch: Vec<Submission>) {
+/// Exact with any number of API processes: a process fills only room granted to it, which the
+/// others take as filled until it lapses, and each insert lowers its grant as it commits. The
+/// price: near its quota, an owner may get 429 up to `GRANT_SECS` early while another process
+/// holds room it does not use (at most twice what it inserted for the owner lately). (Counting every batch instead costs a scan of the owner's queue
+/// per statement; a counter updated with every insert and pick slowed both in `make bench`.)
+async fn insert(pool: &PgPool, quota: Quota, grants: &mut Grants, batch: Vec<Submission>) {
     let mut owners: HashMap<String, u64> = HashMap::new();
     for submission in &batch {
         *owners.entry(submission.owner.clone()).or_default() += 1;
     }
-    let fast: HashSet<String> = owners
+    let granted: HashSet<String> = owners
         .iter()
-        .filter(|(owner, n)| seen.room(owner, **n, quota))
+        .filter(|(owner, n)| grants.take(owner, **n))
         .map(|(o, _)| o.clone())
         .collect();
     let (quick, counted): (Vec<Submission>, Vec<Submission>) =
-        batch.into_iter().partition(|s| fast.contains(&s.owner));
+        batch.into_iter().partition(|s| granted.contains(&s.owner));
     if !quick.is_empty() {
         let rows = rows(&quick);
-        let inserted = store::insert_many(pool, &rows).await.map_err(ApiError::from);
+        let inserted =
+            store::insert_many(pool, &rows, Some(grants.process)).await.map_err(ApiError::from);
         drop(rows);
-        if inserted.is_ok() {
-            for owner in &fast {
-                seen.added(owner, owners[owner]);
-            }
-        }
+        // A failed insert leaves the room taken here: the next count puts it right.
         answer(quick, inserted.map(|tasks| tasks.into_iter().map(Ok).collect()));
     }
     let mut by_owner: HashMap<String, Vec<Submission>> = HashMap::new();
@@ -145,11 +167,15 @@ async fn insert(pool: &PgPool, quota: Quota, seen: &mut Seen, batch: Vec<Submiss
     let Quota(max) = quota;
     for (owner, submissions) in by_owner {
         let rows = rows(&submissions);
-        let result = store::insert_within_quota(pool, &owner, &rows, max).await;
+        let started = Instant::now();
+        let wanted = grants.wanted(&owner, rows.len() as u64);
+        let result =
+            store::insert_within_quota(pool, grants.process, &owner, &rows, max, wanted).await;
         drop(rows);
         let outcome = match result {
-            Ok(WithinQuota { inserted, queued }) => {
-                seen.counted(&owner, queued);
+            Ok(WithinQuota { inserted, granted }) => {
+                // From before the count: the grant lapses in the database `GRANT_SECS` after it.
+                grants.granted(&owner, granted, started);
                 let over = ApiError::QuotaExceeded { owner: owner.clone(), max };
                 let refused = submissions.len() - inserted.len();
                 Ok(inserted.into_iter().map(Ok).chain(vec![Err(over); refused]).collect())

@@ -22,7 +22,7 @@ fn rejected(detail: impl Into<String>) -> Rejected {
 const SETTABLE: [&str; 2] = ["command", "timeout_secs"];
 
 /// Fields of the task resource that the server owns.
-const SERVER_OWNED: [&str; 20] = [
+const SERVER_OWNED: [&str; 22] = [
     "id",
     "status",
     "created_at",
@@ -43,6 +43,8 @@ const SERVER_OWNED: [&str; 20] = [
     "attempts",
     "abort_requested_at",
     "lease",
+    "owner",
+    "aborted_by",
 ];
 
 /// The limits a new task is checked against.

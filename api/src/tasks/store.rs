@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use sqlx::types::Uuid;
 use sqlx::{PgExecutor, PgPool};
 use taskexec_protocol::{LeaseTerms, LeaseToken, NewTask, Task, TaskId, TaskStatus};
 
@@ -89,10 +90,13 @@ pub struct NewRow<'a> {
 
 /// Inserts queued tasks in one statement, and returns them in the order given. Only what the
 /// database generates comes back (the time): echoing the rest, the command above all, would
-/// only cost. No quota is checked here (see `insert_within_quota`).
+/// only cost. No quota is checked here: `granted_to`, a process filling the room it was
+/// granted (`insert_within_quota`), has its grants lowered by as many, in the same statement,
+/// so that a count by another process sees both or neither.
 pub async fn insert_many(
     db: impl PgExecutor<'_>,
     rows: &[NewRow<'_>],
+    granted_to: Option<Uuid>,
 ) -> Result<Vec<Task>, DbError> {
     let ids: Vec<TaskId> = rows.iter().map(|_| TaskId::random()).collect();
     let uuids: Vec<_> = ids.iter().map(|id| *id.as_uuid()).collect();
@@ -100,13 +104,19 @@ pub async fn insert_many(
     let timeouts: Vec<i32> = rows.iter().map(|r| r.timeout_secs as i32).collect();
     let owners: Vec<&str> = rows.iter().map(|r| r.owner).collect();
     let generated = sqlx::query!(
-        r#"INSERT INTO tasks (id, command, timeout_secs, owner)
+        r#"WITH used AS (
+               UPDATE quota_grants g SET tasks = greatest(g.tasks - u.n, 0)
+                 FROM (SELECT owner, count(*) AS n FROM unnest($4::text[]) owner GROUP BY owner) u
+                WHERE g.owner = u.owner AND g.process = $5
+           )
+           INSERT INTO tasks (id, command, timeout_secs, owner)
            SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[])
            RETURNING id AS "id: TaskId", created_at"#,
         &uuids,
         &commands as &[&str],
         &timeouts,
         &owners as &[&str],
+        granted_to,
     )
     .fetch_all(db)
     .await
@@ -127,19 +137,26 @@ pub async fn insert_many(
 pub struct WithinQuota {
     /// The tasks inserted: the first of those given, as many as the owner had room for.
     pub inserted: Vec<Task>,
-    /// The owner's queued tasks after it (counted up to the quota).
-    pub queued: u64,
+    /// The room left that this process may fill without counting, until `GRANT_SECS`.
+    pub granted: u64,
 }
 
+/// How long a grant holds in the database. The process that got it stops using it well
+/// before (`intake::RECOUNT`), so that an insert started under it commits before it lapses.
+pub const GRANT_SECS: f64 = 4.0;
+
 /// Inserts as many of `rows`, all of one `owner`, as fit within `max` queued tasks, first
-/// first. One short transaction: a lock on the owner's quota (shared by every API process)
-/// makes concurrent checks of one owner take turns, and the count, in a statement that starts
-/// after the lock, sees every insert that took its turn before.
+/// first, and grants `process` up to `wanted` of the room left, at most half of it. One short transaction: a lock on the
+/// owner's quota (shared by every API process) makes the counts of one owner take turns; the
+/// count, in a statement that starts after the lock, sees every insert that took its turn
+/// before, and the other processes' grants are taken as filled.
 pub async fn insert_within_quota(
     pool: &PgPool,
+    process: Uuid,
     owner: &str,
     rows: &[NewRow<'_>],
     max: u64,
+    wanted: u64,
 ) -> Result<WithinQuota, DbError> {
     const OP: &str = "insert tasks within a quota";
     let limit = i64::try_from(max).unwrap_or(i64::MAX);
@@ -151,25 +168,40 @@ pub async fn insert_within_quota(
     .execute(&mut *tx)
     .await
     .op(OP)?;
-    let queued = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "queued!" FROM (
-               SELECT 1 FROM tasks WHERE owner = $1 AND status = 'queued' LIMIT $2
-           ) q"#,
+    let taken = sqlx::query!(
+        r#"WITH lapsed AS (DELETE FROM quota_grants WHERE owner = $1 AND until <= now())
+           SELECT (SELECT count(*) FROM (
+                       SELECT 1 FROM tasks WHERE owner = $1 AND status = 'queued' LIMIT $2
+                   ) q) AS "queued!",
+                  (SELECT coalesce(sum(tasks), 0) FROM quota_grants
+                    WHERE owner = $1 AND process <> $3 AND until > now())::int8 AS "granted!""#,
         owner,
         limit,
+        process,
     )
     .fetch_one(&mut *tx)
     .await
     .op(OP)?;
-    let queued = u64::try_from(queued).unwrap_or(0);
-    let room = usize::try_from(max.saturating_sub(queued)).unwrap_or(usize::MAX);
-    let fitting = &rows[..rows.len().min(room)];
-    if fitting.is_empty() {
-        return Ok(WithinQuota { inserted: Vec::new(), queued });
-    }
-    let inserted = insert_many(&mut *tx, fitting).await?;
+    let taken = u64::try_from(taken.queued.saturating_add(taken.granted)).unwrap_or(u64::MAX);
+    let room = max.saturating_sub(taken);
+    let fitting = &rows[..rows.len().min(usize::try_from(room).unwrap_or(usize::MAX))];
+    let granted = ((room - fitting.len() as u64) / 2).min(wanted);
+    sqlx::query!(
+        r#"INSERT INTO quota_grants (owner, process, tasks, until)
+           VALUES ($1, $2, $3, now() + $4 * interval '1 second')
+           ON CONFLICT (owner, process) DO UPDATE SET tasks = excluded.tasks, until = excluded.until"#,
+        owner,
+        process,
+        i64::try_from(granted).unwrap_or(i64::MAX),
+        GRANT_SECS,
+    )
+    .execute(&mut *tx)
+    .await
+    .op(OP)?;
+    let inserted =
+        if fitting.is_empty() { Vec::new() } else { insert_many(&mut *tx, fitting, None).await? };
     tx.commit().await.op(OP)?;
-    Ok(WithinQuota { queued: queued + inserted.len() as u64, inserted })
+    Ok(WithinQuota { inserted, granted })
 }
 
 /// Inserts one queued task owned by `owner`, without a quota (tests and tools; the API goes
@@ -182,7 +214,7 @@ pub async fn insert(
 ) -> Result<Task, DbError> {
     let new = NewTask::new(command);
     let row = NewRow { task: &new, timeout_secs, owner };
-    let mut made = insert_many(pool, &[row]).await?;
+    let mut made = insert_many(pool, &[row], None).await?;
     made.pop().ok_or(sqlx::Error::RowNotFound).op("insert a task")
 }
 
