@@ -138,8 +138,9 @@ impl Grants {
 /// Exact with any number of API processes: a process fills only room granted to it, which the
 /// others take as filled until it lapses, and each insert lowers its grant as it commits. The
 /// price: near its quota, an owner may get 429 up to `GRANT_SECS` early while another process
-/// holds room it does not use (at most twice what it inserted for the owner lately). (Counting every batch instead costs a scan of the owner's queue
-/// per statement; a counter updated with every insert and pick slowed both in `make bench`.)
+/// holds room it does not use (at most twice what it inserted for the owner lately).
+/// (Counting every batch instead costs a scan of the owner's queue per statement; a counter
+/// updated with every insert and pick slowed both in `make bench`.)
 async fn insert(pool: &PgPool, quota: Quota, grants: &mut Grants, batch: Vec<Submission>) {
     let mut owners: HashMap<String, u64> = HashMap::new();
     for submission in &batch {
