@@ -135,10 +135,10 @@ impl Grants {
 /// statement, as they did before quotas; the others are counted and inserted under their
 /// quota's lock, owner by owner, as many as fit (in the order they came; the rest get 429).
 ///
-/// Exact with any number of API processes: a process fills only room granted to it, which the
-/// others take as filled until it lapses, and each insert lowers its grant as it commits. The
-/// price: near its quota, an owner may get 429 up to `GRANT_SECS` early while another process
-/// holds room it does not use (at most twice what it inserted for the owner lately).
+/// The bound holds with any number of API processes: a process fills only room granted to it,
+/// which the others take as filled until it lapses. The price: near its quota, an owner may get
+/// 429 up to `GRANT_SECS` early from one process while another holds a grant (at most twice
+/// what that one inserted for the owner lately).
 /// (Counting every batch instead costs a scan of the owner's queue per statement; a counter
 /// updated with every insert and pick slowed both in `make bench`.)
 async fn insert(pool: &PgPool, quota: Quota, grants: &mut Grants, batch: Vec<Submission>) {
@@ -155,8 +155,7 @@ async fn insert(pool: &PgPool, quota: Quota, grants: &mut Grants, batch: Vec<Sub
         batch.into_iter().partition(|s| granted.contains(&s.owner));
     if !quick.is_empty() {
         let rows = rows(&quick);
-        let inserted =
-            store::insert_many(pool, &rows, Some(grants.process)).await.map_err(ApiError::from);
+        let inserted = store::insert_many(pool, &rows).await.map_err(ApiError::from);
         drop(rows);
         // A failed insert leaves the room taken here: the next count puts it right.
         answer(quick, inserted.map(|tasks| tasks.into_iter().map(Ok).collect()));
