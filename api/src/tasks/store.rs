@@ -90,7 +90,8 @@ pub struct NewRow<'a> {
 
 /// Inserts queued tasks in one statement, and returns them in the order given. Only what the
 /// database generates comes back (the time): echoing the rest, the command above all, would
-/// only cost. No quota is checked here (see `insert_within_quota`).
+/// only cost. No quota is checked here (see `insert_within_quota`). `created_at` is the time
+/// of the insert, not of its transaction's start: a quota's count before it is not the task's.
 pub async fn insert_many(
     db: impl PgExecutor<'_>,
     rows: &[NewRow<'_>],
@@ -101,8 +102,8 @@ pub async fn insert_many(
     let timeouts: Vec<i32> = rows.iter().map(|r| r.timeout_secs as i32).collect();
     let owners: Vec<&str> = rows.iter().map(|r| r.owner).collect();
     let generated = sqlx::query!(
-        r#"INSERT INTO tasks (id, command, timeout_secs, owner)
-           SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[])
+        r#"INSERT INTO tasks (id, command, timeout_secs, owner, created_at)
+           SELECT *, clock_timestamp() FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[])
            RETURNING id AS "id: TaskId", created_at"#,
         &uuids,
         &commands as &[&str],
