@@ -341,6 +341,19 @@ impl WorkerProcess {
         WorkerProcess { child, log, scratch: None }
     }
 
+    /// A worker whose command is adjusted by `customize` before it starts (an inherited
+    /// descriptor, say).
+    pub fn start_customized(
+        app: &TestApp,
+        name: &str,
+        extra_env: &[(&str, &str)],
+        customize: impl FnOnce(&mut tokio::process::Command),
+    ) -> WorkerProcess {
+        let mut command = tokio::process::Command::new(binary("taskexec-worker"));
+        customize(&mut command);
+        WorkerProcess::spawn(command, &app.url, name, extra_env)
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id().expect("the worker is running") as i32
     }
@@ -386,6 +399,64 @@ fn kept_lines(stderr: tokio::process::ChildStderr) -> Arc<std::sync::Mutex<Strin
         }
     });
     log
+}
+
+/// A system user of its own for one test's commands (`RUN_AS`), deleted when dropped. Needs
+/// root, as CI runs the tests.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+}
+
+impl TestUser {
+    pub fn create() -> TestUser {
+        let name = format!("tex{}", &Uuid::new_v4().simple().to_string()[..12]);
+        // useradd takes a lock on /etc/passwd, which a concurrent useradd or userdel may hold.
+        for attempt in 0.. {
+            let out = std::process::Command::new("useradd")
+                .args(["--system", "--no-create-home", "--home-dir", "/nonexistent"])
+                .args(["--shell", "/usr/sbin/nologin", &name])
+                .output()
+                .expect("run useradd");
+            if out.status.success() {
+                break;
+            }
+            assert!(attempt < 50, "useradd {name}: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = std::process::Command::new("id").args(["-u", &name]).output().expect("id -u");
+        let uid = String::from_utf8_lossy(&out.stdout).trim().parse().expect("a numeric uid");
+        TestUser { name, uid }
+    }
+
+    /// Live processes whose real uid is this user's.
+    pub fn processes(&self) -> Vec<i32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or("");
+                uid.split_whitespace().next() == Some(self.uid.to_string().as_str())
+                    && is_alive(*pid)
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let out = std::process::Command::new("userdel").arg(&self.name).output();
+            // 8: the user is logged in (has processes); 10: the lock is taken. Both pass.
+            if out.map_or(true, |o| o.status.success() || !matches!(o.status.code(), Some(8 | 10)))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// Whether process `pid` is alive (a zombie is not).
@@ -687,7 +758,7 @@ impl Drop for PgCluster {
     }
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
 }

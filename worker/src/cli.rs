@@ -21,6 +21,15 @@ Settings (environment variables):
   POLL_INTERVAL             pause after the API was unreachable [default: 5s]
   DRAIN_TIMEOUT             after SIGTERM, how long a running task may go on [default: 30s]
   LOG_LEVEL                 error, warn, info, debug or trace [default: info]
+  RUN_AS                    the user commands run as (a user of this agent's own: all its
+                            processes are killed when a task ends); needs root, or
+                            CAP_SETUID, CAP_SETGID and CAP_KILL [default: the agent's user]
+  TASK_ENV_ALLOW            variables passed to commands besides PATH, HOME, LANG, LC_* and
+                            TZ: comma-separated names or PREFIX_* patterns
+  TASK_MAX_PROCESSES        RLIMIT_NPROC of each command (per user: exact with RUN_AS)
+  TASK_MAX_MEMORY           RLIMIT_AS of each process of a command, e.g. 2G
+  TASK_MAX_OPEN_FILES       RLIMIT_NOFILE of each process of a command
+  TASK_MAX_FILE_SIZE        RLIMIT_FSIZE: the largest file a command may write, e.g. 1G
 
 Signals: SIGTERM or SIGINT while idle exits at once; while a task runs, the first lets it
 finish for DRAIN_TIMEOUT, then stops it and hands it back; a second kills it, hands it
@@ -52,6 +61,10 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(config.log_level);
+    if let Err(why) = isolate(&config) {
+        log::error!("{why}");
+        return ExitCode::FAILURE;
+    }
     let stop = match Stop::on_signals() {
         Ok(stop) => stop,
         Err(e) => {
@@ -61,6 +74,32 @@ pub fn main() -> ExitCode {
     };
     Worker::new(config).run(&stop);
     ExitCode::SUCCESS
+}
+
+/// Makes the agent a subreaper (a dead guard's orphans come back to it, to be killed) and
+/// checks that `RUN_AS` can work, killing what an earlier agent may have left of that user.
+fn isolate(config: &Config) -> Result<(), String> {
+    // SAFETY: prctl with these options only changes attributes of this process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let Some(user) = &config.run_as else {
+        log::warn!("{}", crate::isolation::SHARED_USER_WARNING);
+        return Ok(());
+    };
+    let missing = crate::isolation::missing_capabilities();
+    if !missing.is_empty() {
+        return Err(format!(
+            "RUN_AS={} needs root or the capabilities {}: the agent has not got {}",
+            user.name,
+            "CAP_SETUID, CAP_SETGID and CAP_KILL",
+            missing.join(", ")
+        ));
+    }
+    let left = crate::procs::sweep(crate::procs::Scope::User(user.uid));
+    if left > 0 {
+        log::warn!("killed {left} processes of {} left from before this agent started", user.name);
+    }
+    log::info!("commands run as {} (uid {})", user.name, user.uid);
+    Ok(())
 }
 
 fn init_logging(level: log::LevelFilter) {

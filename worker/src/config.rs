@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use crate::isolation::{parse_size, Limits, RunAs};
 use crate::Error;
 
 #[derive(Clone, Debug)]
@@ -33,6 +34,14 @@ pub struct Config {
     /// `BACKEND_API_CA_FILE`: PEM certificates trusted besides the system's roots, for an API
     /// behind a private CA (read at start, so that a wrong path stops the agent at once).
     pub ca_certs: Option<Vec<u8>>,
+    /// `RUN_AS`: the user (name or uid) commands run as, and whose every process is killed
+    /// when a task ends; a user of this agent's own. Unset: the agent's own user.
+    pub run_as: Option<RunAs>,
+    /// `TASK_ENV_ALLOW`: the agent's variables passed to commands besides `PATH`, `HOME`,
+    /// `LANG`, `LC_*` and `TZ`: comma-separated names or `PREFIX_*` patterns.
+    pub env_allow: Vec<String>,
+    /// `TASK_MAX_PROCESSES`, `TASK_MAX_MEMORY`, `TASK_MAX_OPEN_FILES`, `TASK_MAX_FILE_SIZE`.
+    pub limits: Limits,
 }
 
 /// Beyond the server's hold, how long a pick may take: the server answers at most 5 s after
@@ -92,7 +101,40 @@ impl Config {
                 None => log::LevelFilter::Info,
             },
             ca_certs,
+            run_as: var("RUN_AS").map(|user| RunAs::resolve(user.trim())).transpose()?,
+            env_allow: var("TASK_ENV_ALLOW")
+                .map(|list| {
+                    list.split(',')
+                        .map(str::trim)
+                        .filter(|p| !p.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            limits: Limits {
+                processes: limit(&var, "TASK_MAX_PROCESSES", 1, |t| t.trim().parse().ok())?,
+                memory: limit(&var, "TASK_MAX_MEMORY", 16 << 20, parse_size)?,
+                open_files: limit(&var, "TASK_MAX_OPEN_FILES", 16, |t| t.trim().parse().ok())?,
+                file_size: limit(&var, "TASK_MAX_FILE_SIZE", 1, parse_size)?,
+            },
         })
+    }
+}
+
+/// A `TASK_MAX_*` limit: unset is none; below `least` (a shell could not even start) or
+/// unreadable is an error.
+fn limit(
+    var: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    least: u64,
+    parse: impl Fn(&str) -> Option<u64>,
+) -> Result<Option<u64>, Error> {
+    let Some(text) = var(name) else { return Ok(None) };
+    match parse(&text) {
+        Some(value) if value >= least => Ok(Some(value)),
+        _ => Err(Error::Config(format!(
+            "{name}={text:?} must be a number of at least {least} (sizes take K, M or G)"
+        ))),
     }
 }
 
@@ -197,6 +239,26 @@ mod tests {
             }
         }
         std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn limits_and_the_allowlist_are_read() {
+        let c = config(&[
+            ("AGENT_TOKEN", "t"),
+            ("TASK_MAX_PROCESSES", "64"),
+            ("TASK_MAX_MEMORY", "1G"),
+            ("TASK_ENV_ALLOW", "CI_*, BUILD_ID,"),
+        ])
+        .unwrap();
+        assert_eq!(c.limits.processes, Some(64));
+        assert_eq!(c.limits.memory, Some(1 << 30));
+        assert_eq!(c.limits.open_files, None);
+        assert_eq!(c.env_allow, ["CI_*", "BUILD_ID"]);
+        for (name, bad) in
+            [("TASK_MAX_PROCESSES", "0"), ("TASK_MAX_MEMORY", "1K"), ("RUN_AS", "root")]
+        {
+            assert!(config(&[("AGENT_TOKEN", "t"), (name, bad)]).is_err(), "{name}={bad}");
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use taskexec_protocol::{OutputCap, Stream};
 
 use crate::capture::{capture, Capture, Captured, Runs};
+use crate::isolation::Confinement;
+use crate::procs::{self, Scope};
 
 /// How the command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,26 +33,14 @@ pub struct Execution {
     pub stderr: Captured,
     /// When the command started, if it did.
     pub started: Option<Instant>,
+    /// Processes of the task that the agent had to kill after the guard had exited: the guard
+    /// was killed (a guard that exits kills them all first).
+    pub survivors: usize,
 }
 
 /// How long to wait for the output pipes to close once the command has exited and its process
 /// group has been killed. Only a descendant that left the group can hold them open longer.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
-
-/// Variable names that are never passed to a command: the agent's own credentials and
-/// anything named like a secret.
-const SECRET_MARKERS: [&str; 7] =
-    ["TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE_KEY", "API_KEY"];
-
-pub fn is_secret(name: &str) -> bool {
-    let name = name.to_ascii_uppercase();
-    name == "DATABASE_URL" || SECRET_MARKERS.iter().any(|marker| name.contains(marker))
-}
-
-/// The agent's environment without its secrets: what a command runs with.
-pub fn command_env() -> Vec<(String, String)> {
-    std::env::vars().filter(|(name, _)| !is_secret(name)).collect()
-}
 
 /// What to run and how.
 pub struct Spec<'a> {
@@ -61,6 +51,9 @@ pub struct Spec<'a> {
     /// This binary, to run the command under a guard that kills the command's process group
     /// if the agent dies (see `guard`). `None` runs `sh -c` directly.
     pub guard: Option<&'a Path>,
+    /// The user, limits and folder the guard runs the command with.
+    pub confinement: &'a Confinement,
+    pub workdir: Option<&'a Path>,
 }
 
 /// A command that has been started: its process group and its output, still being read.
@@ -69,6 +62,11 @@ pub struct Running {
     group: Option<u32>,
     /// The group is led by the guard, which can also kill descendants that left the group.
     guarded: bool,
+    /// Whether to look for processes of the task once the guard has exited: the agent's
+    /// descendants (it is a subreaper, so orphans of a dead guard come back to it), and every
+    /// process of the run-as user.
+    sweep: bool,
+    run_as: Option<u32>,
     stdout: Capture,
     stderr: Capture,
     runs: Arc<Mutex<Runs>>,
@@ -86,9 +84,20 @@ pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
     let expression = match spec.guard {
         Some(guard) => {
             let agent = std::process::id().to_string();
-            duct::cmd(guard, [OsStr::new(crate::guard::ARG), agent.as_ref(), spec.command.as_ref()])
+            let confinement = spec.confinement.encode();
+            let args: [&OsStr; 4] = [
+                crate::guard::ARG.as_ref(),
+                agent.as_ref(),
+                confinement.as_ref(),
+                spec.command.as_ref(),
+            ];
+            duct::cmd(guard, args)
         }
         None => duct::cmd("sh", ["-c", spec.command]),
+    };
+    let expression = match spec.workdir {
+        Some(dir) => expression.dir(dir),
+        None => expression,
     };
     let expression = expression
         .stdin_null()
@@ -111,6 +120,8 @@ pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
         handle: Arc::new(handle),
         group,
         guarded: spec.guard.is_some(),
+        sweep: spec.guard.is_some(),
+        run_as: spec.confinement.identity.as_ref().map(|(uid, _, _)| *uid),
         stdout: capture(stdout_reader, spec.cap, Stream::Stdout, runs.clone()),
         stderr: capture(stderr_reader, spec.cap, Stream::Stderr, runs.clone()),
         runs,
@@ -151,10 +162,22 @@ impl Running {
     }
 
     /// After the command has exited: kills whatever it left running (the guard has already
-    /// done so), and collects the output.
+    /// done so unless it was killed itself), and collects the output.
     pub fn finish(self, exit: Exit) -> Execution {
         if !self.guarded {
             self.signal(libc::SIGKILL);
+        }
+        let mut survivors = 0;
+        if self.sweep {
+            survivors = procs::sweep(Scope::DescendantsOf(std::process::id() as libc::pid_t));
+            if let Some(uid) = self.run_as {
+                // Processes of the user that no task of this agent started (a daemon that
+                // slipped out some other way): not this task's doing, but they must go too.
+                let strays = procs::sweep(Scope::User(uid));
+                if strays > 0 {
+                    log::warn!("killed {strays} other processes of the run-as user (uid {uid})");
+                }
+            }
         }
         let deadline = Instant::now() + DRAIN_GRACE;
         Execution {
@@ -162,6 +185,7 @@ impl Running {
             stdout: self.stdout.collect(deadline),
             stderr: self.stderr.collect(deadline),
             started: Some(self.started),
+            survivors,
         }
     }
 }
@@ -174,6 +198,7 @@ impl Execution {
             stdout: Captured::new(cap),
             stderr: Captured::new(cap),
             started: None,
+            survivors: 0,
         }
     }
 }
@@ -238,6 +263,8 @@ fn signal_name(signal: i32) -> &'static str {
         libc::SIGPIPE => "SIGPIPE",
         libc::SIGALRM => "SIGALRM",
         libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ: a file grew past TASK_MAX_FILE_SIZE",
         _ => "signal",
     }
 }
@@ -247,8 +274,15 @@ mod tests {
     use super::*;
 
     fn run(command: &str) -> Execution {
-        let env = command_env();
-        super::run(&Spec { command, env: &env, cap: OutputCap::new(1024), guard: None })
+        let env = crate::isolation::command_env(std::env::vars(), &[], None);
+        super::run(&Spec {
+            command,
+            env: &env,
+            cap: OutputCap::new(1024),
+            guard: None,
+            confinement: &Confinement::default(),
+            workdir: None,
+        })
     }
 
     #[test]
@@ -271,22 +305,6 @@ mod tests {
         let text = run(r"printf 'a\000b\377c'").stdout.to_text();
         assert_eq!(text.text, "a\u{FFFD}b\u{FFFD}c");
         assert!(text.lossy);
-    }
-
-    #[test]
-    fn secrets_are_not_passed_to_commands() {
-        for name in [
-            "AGENT_TOKEN",
-            "ROCKET_AGENT_TOKEN",
-            "DB_PASSWORD",
-            "AWS_SECRET_ACCESS_KEY",
-            "DATABASE_URL",
-        ] {
-            assert!(is_secret(name), "{name}");
-        }
-        for name in ["PATH", "HOME", "LANG", "POLL_INTERVAL"] {
-            assert!(!is_secret(name), "{name}");
-        }
     }
 
     #[test]

@@ -11,13 +11,19 @@
 //!   group after the kill grace) kills everything now; SIGTERM (which the agent sends to the
 //!   group first) is passed on to descendants that left the group.
 //!
-//! The guard is this same binary, started as `taskexec-worker __guard <agent pid> <command>`.
+//! - It runs as the agent's user (root, with `RUN_AS`), and only `sh` drops to the command's
+//!   user, limits and descriptors (see `isolation`): a command cannot signal its guard.
+//!
+//! The guard is this same binary, started as
+//! `taskexec-worker __guard <agent pid> <confinement> <command>`.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
+
+use crate::isolation::{close_on_exec_from_3, Confinement};
+use crate::procs::{descendants_of, has_children, reap};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
@@ -29,13 +35,21 @@ pub const ARG: &str = "__guard";
 pub fn run_if_requested() -> Option<ExitCode> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     match args.as_slice() {
-        [flag, agent, command] if flag == ARG => Some(run(agent, command)),
+        [flag, agent, confinement, command] if flag == ARG => {
+            Some(run(agent, confinement, command))
+        }
         _ => None,
     }
 }
 
-fn run(agent: &OsString, command: &OsString) -> ExitCode {
+fn run(agent: &OsString, confinement: &OsString, command: &OsString) -> ExitCode {
     let agent: libc::pid_t = agent.to_str().and_then(|s| s.parse().ok()).unwrap_or(-1);
+    let Some(confinement) = confinement.to_str().and_then(Confinement::decode) else {
+        eprintln!("taskexec: the guard's confinement argument is malformed");
+        return ExitCode::from(125);
+    };
+    // Whatever this process inherited beyond 0, 1 and 2 stays out of the command.
+    close_on_exec_from_3();
     // SAFETY: prctl with these options only changes attributes of this process.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, SIGHUP as libc::c_ulong, 0, 0, 0);
@@ -63,7 +77,12 @@ fn run(agent: &OsString, command: &OsString) -> ExitCode {
             }
         }
     });
-    let status = match Command::new("sh").arg("-c").arg(command).status() {
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg(command);
+    let applied = confinement.clone();
+    // SAFETY: `apply` makes only async-signal-safe calls (setrlimit, setgroups, setgid, setuid).
+    unsafe { sh.pre_exec(move || applied.apply()) };
+    let status = match sh.status() {
         Ok(status) => status,
         Err(e) => {
             eprintln!("taskexec: could not start sh: {e}");
@@ -71,6 +90,13 @@ fn run(agent: &OsString, command: &OsString) -> ExitCode {
         }
     };
     kill_descendants();
+    if !status.success() {
+        if let Some(limits) = confinement.limits.describe() {
+            // An error from a limit ("Resource temporarily unavailable", "Cannot allocate
+            // memory") does not say which setting it was: this line does.
+            eprintln!("taskexec: the command ran with the limits {limits}");
+        }
+    }
     match (status.code(), status.signal()) {
         (Some(code), _) => ExitCode::from(code as u8),
         (None, Some(signal)) => {
@@ -126,50 +152,4 @@ fn signal_strays(signal: libc::c_int) {
             unsafe { libc::kill(pid, signal) };
         }
     }
-}
-
-fn has_children() -> bool {
-    let mut status = 0;
-    // SAFETY: waitpid with WNOHANG and a valid pointer; -1 with ECHILD means no children.
-    unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) != -1 }
-}
-
-/// Collects the exit status of any finished child (orphans re-parented to us included).
-fn reap() {
-    let mut status = 0;
-    // SAFETY: waitpid with WNOHANG and a valid pointer.
-    while unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } > 0 {}
-}
-
-/// Live descendants of `root`, with their process group, from /proc.
-fn descendants_of(root: libc::pid_t) -> Vec<(libc::pid_t, libc::pid_t)> {
-    let mut children: HashMap<libc::pid_t, Vec<(libc::pid_t, libc::pid_t)>> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        // After the command name: state, ppid, pgrp.
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-        let (Some(state), Some(ppid), Some(pgid)) = (fields.first(), fields.get(1), fields.get(2))
-        else {
-            continue;
-        };
-        if *state == "Z" {
-            continue;
-        }
-        if let (Ok(ppid), Ok(pgid)) = (ppid.parse(), pgid.parse()) {
-            children.entry(ppid).or_default().push((pid, pgid));
-        }
-    }
-    let mut found = Vec::new();
-    let mut frontier = vec![root];
-    while let Some(parent) = frontier.pop() {
-        for &(pid, pgid) in children.get(&parent).into_iter().flatten() {
-            found.push((pid, pgid));
-            frontier.push(pid);
-        }
-    }
-    found
 }

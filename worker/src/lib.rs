@@ -8,6 +8,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use isolation::Confinement;
 use taskexec_protocol::{Assignment, FinishReport, OutputCap, TaskId};
 
 mod capture;
@@ -16,6 +17,8 @@ pub mod client;
 pub mod config;
 pub mod exec;
 mod guard;
+pub mod isolation;
+mod procs;
 mod stop;
 mod stream;
 mod task;
@@ -46,17 +49,23 @@ pub enum Step {
 pub struct Worker {
     config: Config,
     client: Arc<Client>,
-    /// The environment commands run with: the agent's, minus its secrets.
+    /// The environment commands run with: the agent's variables that `TASK_ENV_ALLOW` and the
+    /// few every command needs let through.
     env: Vec<(String, String)>,
     /// This binary, which runs each command under its guard.
     guard: Option<PathBuf>,
+    /// The user and limits the guard gives each command.
+    confinement: Confinement,
 }
 
 impl Worker {
     pub fn new(config: Config) -> Worker {
         let client = Arc::new(Client::new(&config));
         let guard = std::env::current_exe().ok();
-        Worker { config, client, env: exec::command_env(), guard }
+        let env =
+            isolation::command_env(std::env::vars(), &config.env_allow, config.run_as.as_ref());
+        let confinement = Confinement::new(config.run_as.as_ref(), config.limits);
+        Worker { config, client, env, guard, confinement }
     }
 
     /// One pick and, if a task came, its run and its report.
@@ -91,12 +100,16 @@ impl Worker {
         beating: &Arc<AtomicBool>,
         busy: &stop::Busy<'_>,
     ) -> (Ending, Option<Streamer>) {
+        // The run-as user's home: the agent's own folder may be closed to it.
+        let workdir = self.config.run_as.as_ref().map(isolation::RunAs::workdir);
         let spec = exec::Spec {
             command: &assignment.task.command,
             env: &self.env,
             // Capped as the server keeps it, so that both agree on what is dropped.
             cap: OutputCap::new(assignment.terms.max_output_bytes as usize),
             guard: self.guard.as_deref(),
+            confinement: &self.confinement,
+            workdir: workdir.as_deref(),
         };
         let running = match exec::start(&spec) {
             Ok(running) => running,
@@ -131,6 +144,15 @@ impl Worker {
     ) -> bool {
         let id = attempt.task;
         let (execution, error, aborted) = match ending {
+            Ending::Ran(execution) if execution.survivors > 0 => {
+                let error = format!(
+                    "the command's guard ended before its processes ({}); the {} processes it \
+                     left were killed",
+                    exec::describe(&execution.exit).unwrap_or_else(|| "exited".into()),
+                    execution.survivors
+                );
+                (execution, Some(error), false)
+            }
             Ending::Ran(execution) => {
                 let error = exec::describe(&execution.exit);
                 (execution, error, false)

@@ -67,14 +67,20 @@ impl Stop {
     }
 
     /// Records a stop request and acts on it for the current phase.
-    /// A signal sent by the running command itself is ignored: otherwise a command could make
-    /// its agent hand it back again and again.
+    /// A signal sent by a command is ignored: otherwise a command could make its agent hand it
+    /// back again and again, or stop it. (With `RUN_AS` a command cannot signal the agent at
+    /// all; without it, a sender that has already exited cannot be told apart.)
     pub fn request(&self, signal: i32, sender: Option<libc::pid_t>) {
         let mut state = self.lock();
-        if let (Some(group), Some(sender)) = (state.group, sender) {
-            // SAFETY: getpgid has no memory effects; a gone sender yields -1.
-            if unsafe { libc::getpgid(sender) } == group as libc::pid_t {
-                log::warn!("signal {signal} from the running command (pid {sender}) ignored");
+        if let Some(sender) = sender {
+            // SAFETY: getpgid and getpid have no memory effects; a gone sender yields -1.
+            let in_group =
+                state.group.is_some_and(|g| unsafe { libc::getpgid(sender) } == g as i32);
+            // The agent is a subreaper, so a command's processes stay its descendants even when
+            // they leave the group (setsid) or their parent dies.
+            let descendant = crate::procs::descends_from(sender, unsafe { libc::getpid() });
+            if in_group || descendant {
+                log::warn!("signal {signal} from a command (pid {sender}) ignored");
                 return;
             }
         }

@@ -1,0 +1,142 @@
+//! The processes of a task, found through /proc: the guard's descendants, a run-as user's
+//! processes, and whether a signal's sender is one of the agent's own commands. Shared by the
+//! guard and the agent, which both make sure that nothing of a task outlives it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// One live process: its id, parent and process group.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    pid: libc::pid_t,
+    ppid: libc::pid_t,
+    pgid: libc::pid_t,
+}
+
+/// Every live process (zombies left out).
+fn all() -> Vec<Entry> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if let Some(entry) = read(pid) {
+            found.push(entry);
+        }
+    }
+    found
+}
+
+fn read(pid: libc::pid_t) -> Option<Entry> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name: state, ppid, pgrp.
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    if *fields.first()? == "Z" {
+        return None;
+    }
+    Some(Entry { pid, ppid: fields.get(1)?.parse().ok()?, pgid: fields.get(2)?.parse().ok()? })
+}
+
+/// The real uid of `pid`, from its status: not the owner of /proc/<pid>, which a process can
+/// turn to root by making itself undumpable.
+fn real_uid(pid: libc::pid_t) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// Live descendants of `root`, with their process group.
+pub fn descendants_of(root: libc::pid_t) -> Vec<(libc::pid_t, libc::pid_t)> {
+    let mut children: HashMap<libc::pid_t, Vec<Entry>> = HashMap::new();
+    for entry in all() {
+        children.entry(entry.ppid).or_default().push(entry);
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for entry in children.get(&parent).into_iter().flatten() {
+            found.push((entry.pid, entry.pgid));
+            frontier.push(entry.pid);
+        }
+    }
+    found
+}
+
+/// Whether `pid` descends from `ancestor`.
+pub fn descends_from(pid: libc::pid_t, ancestor: libc::pid_t) -> bool {
+    let mut current = pid;
+    // A chain of parents is short; the bound only guards against a loop read mid-change.
+    for _ in 0..4096 {
+        match read(current) {
+            Some(entry) if entry.ppid == ancestor => return true,
+            Some(entry) if entry.ppid > 1 => current = entry.ppid,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// What a sweep is after: every descendant of a process, or every process of a user.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope {
+    DescendantsOf(libc::pid_t),
+    User(u32),
+}
+
+impl Scope {
+    fn members(self) -> Vec<libc::pid_t> {
+        match self {
+            Scope::DescendantsOf(root) => {
+                descendants_of(root).into_iter().map(|(p, _)| p).collect()
+            }
+            Scope::User(uid) => {
+                all().into_iter().map(|e| e.pid).filter(|p| real_uid(*p) == Some(uid)).collect()
+            }
+        }
+    }
+}
+
+/// SIGKILLs every process in `scope` and reaps those that are our children, until none is left
+/// (a process may fork while it is being killed). Returns how many were killed.
+pub fn sweep(scope: Scope) -> usize {
+    let mut killed = 0;
+    // SAFETY: getpid cannot fail.
+    let own = matches!(scope, Scope::DescendantsOf(root) if root == unsafe { libc::getpid() });
+    for round in 0..50 {
+        reap();
+        // Our own descendants all have an ancestor among our children (orphans come back to a
+        // subreaper): none, no walk through /proc.
+        if own && !has_children() {
+            return killed;
+        }
+        let members = scope.members();
+        if members.is_empty() {
+            return killed;
+        }
+        for pid in &members {
+            // SAFETY: kill only sends a signal.
+            if unsafe { libc::kill(*pid, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
+        }
+        reap();
+        std::thread::sleep(Duration::from_millis(if round < 10 { 2 } else { 20 }));
+    }
+    log::warn!("processes of a task survived 50 rounds of SIGKILL: {:?}", scope.members());
+    killed
+}
+
+/// Collects the exit status of any finished child (orphans re-parented to us included).
+pub fn reap() {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG and a valid pointer.
+    while unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } > 0 {}
+}
+
+/// Whether this process has a child, finished or not.
+pub fn has_children() -> bool {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG and a valid pointer; -1 with ECHILD means no children.
+    unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) != -1 }
+}
