@@ -53,7 +53,19 @@ impl Dev {
         let db = TestDb::create().await;
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/dev");
-        let mut child = tokio::process::Command::new("bash")
+        let mut command = tokio::process::Command::new("bash");
+        // A Ctrl-C must reach it even when the tests themselves were started in the background
+        // by a shell, which leaves SIGINT ignored, and a non-interactive bash cannot trap a
+        // signal ignored on entry.
+        // SAFETY: signal() is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut child = command
             .arg(script)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

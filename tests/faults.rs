@@ -101,6 +101,13 @@ async fn a_stopped_agent_is_fenced_off_and_only_one_result_is_recorded() {
     let mut frozen = WorkerProcess::start(&app, "frozen", &[]);
     let task = app.submit(&first_then_second(&dir, "sleep 4; echo first run")).await;
     until(Duration::from_secs(30), "the first run started", || dir.join("ran").exists()).await;
+    // And its first heartbeat is in: frozen before it, the pick would be unconfirmed and its
+    // attempt refunded (attempts 1, not 2), which a loaded machine made happen.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while app.get(task.id).await.unwrap().running_at.is_none() {
+        assert!(std::time::Instant::now() < deadline, "the first heartbeat never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     frozen.signal(libc::SIGSTOP);
     let _other = WorkerProcess::start(&app, "other", &[]);
