@@ -210,6 +210,22 @@ fn database_url_from_parts(var: &impl Fn(&str) -> Option<String>) -> Option<Stri
 const USERINFO: &percent_encoding::AsciiSet =
     &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
+/// Settings whose values are secrets: an error about one never quotes its value.
+const SECRET_KEYS: [&str; 3] = ["agent_token", "admin_token", "url"];
+
+/// A configuration error in words, without the value when the setting is a secret (figment's
+/// own text quotes it: a numeric `ROCKET_AGENT_TOKEN` was printed in full).
+fn describe(error: &rocket::figment::Error) -> String {
+    let key = error.path.join(".");
+    if error.path.last().is_some_and(|last| SECRET_KEYS.contains(&last.as_str())) {
+        return format!(
+            "{key}: not a valid value (not shown: it is a secret). A token must be a string: \
+             set AGENT_TOKEN or ADMIN_TOKEN, or quote a number in ROCKET_*: '\"123...\"'"
+        );
+    }
+    error.to_string()
+}
+
 /// Reads `AppConfig` at ignite; refuses to start without an agent token or with timeouts out
 /// of order.
 pub fn stage() -> AdHoc {
@@ -218,7 +234,7 @@ pub fn stage() -> AdHoc {
             Ok(config) => config,
             Err(e) => {
                 for error in e {
-                    log::error!("invalid configuration: {error}");
+                    log::error!("invalid configuration: {}", describe(&error));
                 }
                 return Err(rocket);
             }
@@ -233,6 +249,23 @@ pub fn stage() -> AdHoc {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_invalid_secret_is_not_quoted_in_the_error() {
+        let figment = rocket::figment::Figment::from(
+            rocket::figment::providers::Serialized::global("agent_token", 12345678901234567890u64),
+        );
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Tokens {
+            agent_token: String,
+        }
+        let error = figment.extract::<Tokens>().unwrap_err();
+        let text = super::describe(&error);
+        assert!(error.to_string().contains("12345678901234567890"), "figment's own text quotes it");
+        assert!(!text.contains("12345678901234567890"), "{text}");
+        assert!(text.contains("agent_token"), "{text}");
+    }
+
     use super::*;
     use std::collections::HashMap;
 

@@ -158,9 +158,30 @@ impl From<crate::tasks::model::Rejected> for ApiError {
 /// How long a client over its quota is told to wait.
 const RETRY_AFTER_SECS: u64 = 5;
 
+/// The most of a problem's detail sent back: details quote what the client sent (a path, a
+/// parameter, a value), and a client must not get its megabyte echoed, nor make the server
+/// build it.
+const MAX_DETAIL_BYTES: usize = 512;
+const MAX_PARAMETER_BYTES: usize = 64;
+
+/// `text` cut to at most `max` bytes, on a character boundary, with "…" when cut.
+fn capped(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 fn problem_response<'o>(problem: &Problem) -> Response<'o> {
     let status = Status::from_code(problem.status).unwrap_or(Status::InternalServerError);
-    let body = serde_json::to_vec(problem).unwrap_or_default();
+    let mut problem = problem.clone();
+    problem.detail = capped(&problem.detail, MAX_DETAIL_BYTES);
+    problem.parameter = problem.parameter.map(|name| capped(&name, MAX_PARAMETER_BYTES));
+    let body = serde_json::to_vec(&problem).unwrap_or_default();
     let mut response = Response::build();
     response
         .status(status)
@@ -237,4 +258,18 @@ pub fn catch_all(status: Status, request: &Request<'_>) -> Caught {
         _ => format!("{what}: {}", status.reason_lossy()),
     };
     Caught::Status(status, detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::capped;
+
+    #[test]
+    fn quoted_input_is_capped_on_a_character_boundary() {
+        assert_eq!(capped("short", 512), "short");
+        let long = "é".repeat(1000);
+        let cut = capped(&long, 512);
+        assert!(cut.len() <= 512 && cut.ends_with('…'), "{} bytes", cut.len());
+        assert!(cut.trim_end_matches('…').chars().all(|c| c == 'é'));
+    }
 }

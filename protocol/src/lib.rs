@@ -15,5 +15,5 @@ pub use ids::{LeaseToken, ParseIdError, TaskId, TokenId};
 pub use lease::{Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseTerms};
 pub use output::{OutputAck, OutputCap, Stream};
 pub use problem::{Problem, ProblemType};
-pub use task::{NewTask, Task, TaskPage, TaskStatus, UnknownStatus};
+pub use task::{NewTask, Task, TaskPage, TaskStatus, UnknownStatus, LISTED_COMMAND_CHARS};
 pub use token::{CreatedToken, NewToken, Role, TokenInfo, TOKEN_PREFIX};

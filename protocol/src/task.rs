@@ -131,7 +131,15 @@ pub struct Task {
     /// The name of the token that aborted it, if one did.
     #[serde(default)]
     pub aborted_by: Option<String>,
+    /// Lists shorten commands longer than [`LISTED_COMMAND_CHARS`] characters to that many and
+    /// set this; `GET /tasks/<id>` has the whole command.
+    #[serde(default)]
+    pub command_truncated: bool,
 }
+
+/// How much of a command a list shows: a page of 1,000 tasks with 64 KiB commands would
+/// otherwise be 64 MB of JSON.
+pub const LISTED_COMMAND_CHARS: usize = 1024;
 
 /// The body of `POST /tasks`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -544,20 +544,28 @@ pub struct ApiProcess {
     env: Vec<(String, String)>,
     /// Its log (stderr), when it is kept.
     log: Option<Arc<std::sync::Mutex<String>>>,
+    open_files: Option<u64>,
 }
 
 impl ApiProcess {
     pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> ApiProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let env = extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
-        ApiProcess::launch(port, database_url, &env, false).await
+        ApiProcess::launch(port, database_url, &env, false, None).await
+    }
+
+    /// The API started with a soft limit of `open_files` descriptors (its hard limit as ours),
+    /// as a common default of 1,024 would leave it.
+    pub async fn start_with_open_files(database_url: &str, open_files: u64) -> ApiProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        ApiProcess::launch(port, database_url, &[], false, Some(open_files)).await
     }
 
     /// The API, its log (stderr) kept for `log`.
     pub async fn start_logged(database_url: &str, extra_env: &[(&str, &str)]) -> ApiProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let env = extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
-        ApiProcess::launch(port, database_url, &env, true).await
+        ApiProcess::launch(port, database_url, &env, true, None).await
     }
 
     /// What the server has logged so far (empty unless started with `start_logged`).
@@ -570,8 +578,21 @@ impl ApiProcess {
         database_url: &str,
         env: &[(String, String)],
         logged: bool,
+        open_files: Option<u64>,
     ) -> ApiProcess {
         let mut command = tokio::process::Command::new(binary("taskexec-api"));
+        if let Some(soft) = open_files {
+            // SAFETY: getrlimit and setrlimit are async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                    limit.rlim_cur = soft.min(limit.rlim_max);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    Ok(())
+                });
+            }
+        }
         command
             .env_clear()
             .env("DATABASE_URL", database_url)
@@ -604,7 +625,7 @@ impl ApiProcess {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let database_url = database_url.to_owned();
-        ApiProcess { url, child, port, database_url, env: env.to_vec(), log }
+        ApiProcess { url, child, port, database_url, env: env.to_vec(), log, open_files }
     }
 
     /// Stops the server with SIGTERM, waits for it to exit, and starts it again on the same
@@ -616,7 +637,8 @@ impl ApiProcess {
             .expect("the API stops on SIGTERM")
             .expect("wait for the API");
         assert!(status.success(), "the API exited with {status}");
-        ApiProcess::launch(self.port, &self.database_url, &self.env, self.log.is_some()).await
+        let (port, logged) = (self.port, self.log.is_some());
+        ApiProcess::launch(port, &self.database_url, &self.env, logged, self.open_files).await
     }
 
     pub fn signal(&self, signal: i32) {

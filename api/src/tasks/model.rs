@@ -22,7 +22,8 @@ fn rejected(detail: impl Into<String>) -> Rejected {
 const SETTABLE: [&str; 2] = ["command", "timeout_secs"];
 
 /// Fields of the task resource that the server owns.
-const SERVER_OWNED: [&str; 22] = [
+const SERVER_OWNED: [&str; 23] = [
+    "command_truncated",
     "id",
     "status",
     "created_at",

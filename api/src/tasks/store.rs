@@ -47,6 +47,7 @@ macro_rules! task_from {
             abort_requested_at: $row.abort_requested_at,
             owner: $row.owner,
             aborted_by: $row.aborted_by,
+            command_truncated: false,
         }
     };
 }
@@ -78,6 +79,7 @@ fn queued(id: TaskId, row: &NewRow<'_>, created_at: DateTime<Utc>) -> Task {
         abort_requested_at: None,
         owner: Some(row.owner.to_owned()),
         aborted_by: None,
+        command_truncated: false,
     }
 }
 
@@ -220,7 +222,8 @@ pub async fn get(pool: &PgPool, id: TaskId, scope: Option<&str>) -> Result<Optio
         r#"SELECT id AS "id: TaskId", command, status AS "status: TaskStatus", created_at,
                   started_at, running_at, finished_at, exit_code, stdout, stderr, stdout_lossy,
                   stderr_lossy, stdout_truncated, stderr_truncated, stdout_bytes, stderr_bytes,
-                  error, agent, attempts, timeout_secs, abort_requested_at, owner, aborted_by
+                  error, agent, attempts, timeout_secs, abort_requested_at, owner, aborted_by,
+                  false AS "command_truncated!"
              FROM tasks WHERE id = $1 AND ($2::text IS NULL OR owner = $2)"#,
         id as TaskId,
         scope,
@@ -238,8 +241,11 @@ pub struct Listed {
 
 /// Newest first: tasks with `seq` below `before`, optionally of one status and of one owner;
 /// without their output (`stdout` and `stderr` are `None`: they can weigh megabytes per
-/// task). One statement per shape of the status filter, so that each gets a plan that uses
+/// task) and with commands cut to `LISTED_COMMAND_CHARS` (the 1024 in the SQL). One statement per shape of the status filter, so that each gets a plan that uses
 /// its index.
+// The statements below cut commands at 1024 characters: the constant users read says so.
+const _: () = assert!(taskexec_protocol::LISTED_COMMAND_CHARS == 1024);
+
 pub async fn list(
     pool: &PgPool,
     status: Option<TaskStatus>,
@@ -250,12 +256,22 @@ pub async fn list(
     let before = before.unwrap_or(i64::MAX);
     macro_rules! listed {
         ($rows:expr) => {
-            $rows.into_iter().map(|row| Listed { seq: row.seq, task: task_from!(row) }).collect()
+            $rows
+                .into_iter()
+                .map(|row| {
+                    let command_truncated = row.command_truncated;
+                    let mut task = task_from!(row);
+                    task.command_truncated = command_truncated;
+                    Listed { seq: row.seq, task }
+                })
+                .collect()
         };
     }
     let Some(status) = status else {
         let rows = sqlx::query!(
-            r#"SELECT id AS "id: TaskId", command, status AS "status: TaskStatus", created_at,
+            r#"SELECT id AS "id: TaskId", left(command, 1024) AS "command!",
+                      char_length(command) > 1024 AS "command_truncated!",
+                      status AS "status: TaskStatus", created_at,
                       started_at, running_at, finished_at, exit_code, NULL::text AS stdout,
                       NULL::text AS stderr, stdout_lossy, stderr_lossy, stdout_truncated,
                       stderr_truncated, stdout_bytes, stderr_bytes, error, agent, attempts,
@@ -272,7 +288,9 @@ pub async fn list(
         return Ok(listed!(rows));
     };
     let rows = sqlx::query!(
-        r#"SELECT id AS "id: TaskId", command, status AS "status: TaskStatus", created_at,
+        r#"SELECT id AS "id: TaskId", left(command, 1024) AS "command!",
+                  char_length(command) > 1024 AS "command_truncated!",
+                  status AS "status: TaskStatus", created_at,
                   started_at, running_at, finished_at, exit_code, NULL::text AS stdout,
                   NULL::text AS stderr, stdout_lossy, stderr_lossy, stdout_truncated,
                   stderr_truncated, stdout_bytes, stderr_bytes, error, agent, attempts,
