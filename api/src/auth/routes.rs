@@ -3,11 +3,12 @@
 use rocket::data::ByteUnit;
 use rocket::response::status::{Created, NoContent};
 use rocket::serde::json::Json;
-use rocket::{delete, get, post, routes, Route};
+use rocket::{delete, get, post, routes, Route, State};
 use taskexec_protocol::{CreatedToken, NewToken, TokenId, TokenInfo};
 
 use super::{tokens, Allowed, ManageTokens};
 use crate::body::{JsonBody, Limited};
+use crate::dispatch::Notifier;
 use crate::error::ApiError;
 use crate::query::StrictQuery;
 use crate::Db;
@@ -48,11 +49,13 @@ async fn revoke(
     _access: Allowed<ManageTokens>,
     _query: StrictQuery,
     db: &Db,
+    notifier: &State<Notifier>,
     id: &str,
 ) -> Result<NoContent, ApiError> {
     let id: TokenId =
         id.parse().map_err(|_| ApiError::Malformed(format!("{id:?} is not a token id")))?;
     if tokens::revoke(db.pool(), id).await? {
+        notifier.tokens_changed();
         Ok(NoContent)
     } else {
         Err(ApiError::NotFound(format!("no token with id {id}")))

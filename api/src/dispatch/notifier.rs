@@ -61,6 +61,12 @@ impl Notifier {
         self.tokens.load(Ordering::Acquire)
     }
 
+    /// A token was revoked through this process: its cached verdicts are void now, not when
+    /// the NOTIFY comes back (a request right after the revocation must be refused).
+    pub fn tokens_changed(&self) {
+        self.tokens.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Announces a committed insert (or requeue): to this process's dispatcher at once, and to
     /// every API process through one NOTIFY per burst.
     pub fn task_queued(&self) {
