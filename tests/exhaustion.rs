@@ -1,13 +1,16 @@
 //! One client against everyone else: what a caller, or a bare connection, can make the server
 //! spend. Each test is a load that hurt before (idle connections starving `/health`, HTTP/2
-//! streams without a limit, list pages of 64 KiB commands, echoed input) at a bounded size, on
+//! streams without a limit, list pages of 64 KiB commands, echoed input, waits that polled the
+//! database every second each, followers that each read every chunk) at a bounded size, on
 //! loopback.
 
 use std::io::{Read, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rocket::figment::Figment;
 use taskexec_protocol::Task;
-use taskexec_tests::{binary, ApiProcess, TestApp, TestDb, ADMIN_TOKEN};
+use taskexec_tests::{binary, ApiProcess, PgProxy, TestApp, TestDb, WorkerProcess, ADMIN_TOKEN};
 
 /// Raises this test process's own limit of open files, for the client ends of its connections.
 fn raise_open_files() {
@@ -191,4 +194,222 @@ fn a_bad_token_setting_is_refused_without_being_printed() {
         assert!(!log.contains(value.trim()), "{name}: the token is in the log: {log}");
         assert!(log.contains(says), "{name}: the log says why ({says}): {log}");
     }
+}
+
+/// A server whose every statement goes through a counting proxy, with `configure` applied.
+async fn counted(
+    configure: impl FnOnce(Figment) -> Figment + Send + 'static,
+) -> (TestApp, PgProxy) {
+    let db = Arc::new(TestDb::create().await);
+    let proxy = PgProxy::start(&db).await;
+    let url = proxy.url.clone();
+    let app = TestApp::spawn_on(db, move |figment| {
+        configure(figment.merge((taskexec_api::config::DATABASE_URL_KEY, url)))
+    })
+    .await;
+    (app, proxy)
+}
+
+/// Statements per second through `proxy` over `window`.
+async fn statement_rate(proxy: &PgProxy, window: Duration) -> f64 {
+    let before = proxy.statements();
+    tokio::time::sleep(window).await;
+    (proxy.statements() - before) as f64 / window.as_secs_f64()
+}
+
+/// Waits until no statement has gone through `proxy` for half a second (the first looks of a
+/// burst of requests are done), and returns the count then.
+async fn until_quiet(proxy: &PgProxy) -> u64 {
+    let mut before = proxy.statements();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = proxy.statements();
+        if now == before {
+            return now;
+        }
+        before = now;
+    }
+}
+
+/// Waits until the server reports `count` waits and follows held.
+async fn until_waits(app: &TestApp, count: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let health = app.health().await.expect("/health answers while requests park");
+        if health["parked_waits"] == count {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never {count} waits: {health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_waits_cost_the_database_nothing_even_when_their_clients_leave() {
+    raise_open_files();
+    let (app, proxy) = counted(|f| {
+        f.merge(("max_waits", 3000)).merge(("max_waits_per_token", 3000)).merge(("logging", "warn"))
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(app.submit(&format!("echo {i}")).await.id);
+    }
+    let idle = statement_rate(&proxy, Duration::from_secs(3)).await;
+
+    // 3,000 long polls on 20 queued tasks that nothing changes, half on the task and half on
+    // its output, each on a connection of its own.
+    let mut waits = Vec::new();
+    for n in 0..3000 {
+        let http = reqwest::Client::new();
+        let id = ids[n % ids.len()];
+        let url = match n % 2 {
+            0 => format!("{}/tasks/{id}?wait=60", app.url),
+            _ => format!("{}/tasks/{id}/output?stream=stdout&wait=60", app.url),
+        };
+        waits.push(tokio::spawn(async move {
+            http.get(url).bearer_auth(ADMIN_TOKEN).send().await.map(|r| r.status())
+        }));
+    }
+    until_waits(&app, 3000).await;
+    // One more is refused: the process holds as many as it may.
+    let refused = reqwest::Client::new()
+        .get(format!("{}/tasks/{}?wait=60", app.url, ids[0]))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    // Each wait's first look is its own.
+    until_quiet(&proxy).await;
+
+    let parked = statement_rate(&proxy, Duration::from_secs(5)).await;
+    // The clients go away; the server cannot tell, but its waits still cost nothing.
+    for wait in &waits {
+        wait.abort();
+    }
+    let dropped = statement_rate(&proxy, Duration::from_secs(5)).await;
+    eprintln!(
+        "FIGURE statements/s: idle {idle:.1}, 3,000 parked waits {parked:.1}, after their clients left {dropped:.1}"
+    );
+    assert!(
+        parked < idle + 1.0,
+        "3,000 parked waits cost {parked:.1} statements/s (idle {idle:.1})"
+    );
+    assert!(dropped < idle + 1.0, "{dropped:.1} statements/s after the clients left");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wait_wakes_on_an_event_from_another_api_process() {
+    // The task ends through the second process; the wait on the first answers at once, not at
+    // its deadline, though the first process looks at the database only on events.
+    let app = TestApp::spawn().await;
+    let peer = app.spawn_peer().await;
+    let task = app.submit("echo across").await;
+    let waiting = {
+        let app_url = app.url.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let task: Task = reqwest::Client::new()
+                .get(format!("{app_url}/tasks/{}?wait=30", task.id))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (task, started.elapsed())
+        })
+    };
+    until_waits(&app, 1).await;
+    let picked = peer.pick("elsewhere", 0).await.unwrap().expect("the task");
+    peer.finish(task.id, &taskexec_protocol::FinishReport::exited(picked.lease, 0)).await.unwrap();
+
+    let (seen, took) = waiting.await.unwrap();
+    assert!(seen.status.is_terminal(), "{seen:?}");
+    assert!(took < Duration::from_secs(10), "woken by the other process's event: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_token_cannot_hold_every_wait() {
+    let app = TestApp::spawn_with(|f| f.merge(("max_waits_per_token", 2))).await;
+    let task = app.submit("echo held").await;
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let url = format!("{}/tasks/{}/log?follow=true", app.url, task.id);
+            tokio::spawn(async move {
+                reqwest::Client::new().get(url).bearer_auth(ADMIN_TOKEN).send().await.unwrap()
+            })
+        })
+        .collect();
+    until_waits(&app, 2).await;
+
+    let third = reqwest::Client::new()
+        .get(format!("{}/tasks/{}?wait=5", app.url, task.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(third.status(), 429);
+    assert!(third.headers().contains_key("retry-after"));
+    let problem: serde_json::Value = third.json().await.unwrap();
+    assert_eq!(problem["type"], "/problems/too-many-waits");
+    // Another token is not held back, and a wait without `wait` is no wait.
+    let submitter = app.token("other", taskexec_protocol::Role::Submitter).await;
+    let other = app.as_user(&submitter).submit("echo other").await;
+    assert!(app.as_user(&submitter).wait(other.id, 0).await.is_ok());
+    assert!(app.get(task.id).await.is_ok());
+    for follow in held {
+        follow.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_followers_share_each_read() {
+    raise_open_files();
+    let (app, proxy) = counted(|f| f).await;
+    let task = app.submit("for i in $(seq 30); do echo line $i; sleep 0.1; done").await;
+    let mut followers = Vec::new();
+    let (started, mut ready) = tokio::sync::mpsc::channel(1000);
+    for _ in 0..1000 {
+        let url = format!("{}/tasks/{}/log?follow=true", app.url, task.id);
+        let started = started.clone();
+        followers.push(tokio::spawn(async move {
+            let response =
+                reqwest::Client::new().get(url).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+            assert_eq!(response.status(), 200, "a follower was refused");
+            started.send(()).await.unwrap();
+            response.text().await.unwrap()
+        }));
+    }
+    drop(started);
+    for _ in 0..1000 {
+        ready.recv().await.expect("every follower gets its response");
+    }
+    // Each follower's first read (of a log it may see) is its own; then all wait on events.
+    let before = until_quiet(&proxy).await;
+    let _worker = WorkerProcess::start(&app, "chatty", &[]);
+
+    let mut logs = Vec::new();
+    for follower in followers {
+        logs.push(follower.await.unwrap());
+    }
+    let spent = proxy.statements() - before;
+    let uploads: i64 = sqlx::query_scalar("SELECT count(*) FROM task_output WHERE task_id = $1")
+        .bind(task.id.as_uuid())
+        .fetch_one(&app.db.pool().await)
+        .await
+        .unwrap();
+    eprintln!("FIGURE 1,000 followers, {uploads} chunks: {spent} statements in all");
+    for log in &logs {
+        assert!(log.contains("line 1\n") && log.contains("line 30\n"), "{log}");
+        assert!(log.ends_with("[taskexec: task finished, exit code 0]\n"), "{log}");
+    }
+    // All of it: the agent's pick, heartbeats, uploads (a transaction each) and finish, the
+    // NOTIFY of each event, and the followers' reads (two statements each: the task's
+    // standing, its new chunks), shared. Unshared, the reads alone would be at least 2,000
+    // per chunk.
+    assert!(spent < 1000, "{spent} statements for {uploads} chunks and 1,000 followers");
 }

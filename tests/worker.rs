@@ -115,15 +115,26 @@ async fn binary_output_is_reported_lossily_and_flagged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_do_not_see_the_agent_token_or_other_secrets() {
     let app = TestApp::spawn().await;
-    let secrets = [("DB_PASSWORD", "hunter2"), ("SOME_API_KEY", "k-123"), ("HARMLESS", "visible")];
-    let _worker = WorkerProcess::start(&app, "agent", &secrets);
+    // An allowlist: what TASK_ENV_ALLOW names (and PATH, HOME, ...) passes, nothing else does,
+    // whatever its name looks like.
+    let env = [
+        ("DB_PASSWORD", "hunter2"),
+        ("SOME_API_KEY", "k-123"),
+        ("HARMLESS", "visible"),
+        ("BUILD_NUMBER", "42"),
+        ("UNLISTED", "hidden"),
+        ("TASK_ENV_ALLOW", "HARMLESS,BUILD_*"),
+    ];
+    let _worker = WorkerProcess::start(&app, "agent", &env);
 
     let task = app.submit("env").await;
 
     let task = app.until_done(task.id).await;
     let env = task.stdout.as_deref().unwrap();
-    assert!(env.contains("HARMLESS=visible"), "the environment is passed on: {env}");
-    for leaked in [TOKEN, "AGENT_TOKEN", "hunter2", "k-123"] {
+    for passed in ["HARMLESS=visible", "BUILD_NUMBER=42", "PATH="] {
+        assert!(env.contains(passed), "{passed} is passed on: {env}");
+    }
+    for leaked in [TOKEN, "AGENT_TOKEN", "hunter2", "k-123", "hidden"] {
         assert!(!env.contains(leaked), "{leaked} reached the command");
     }
 }

@@ -64,6 +64,9 @@ pub struct AppConfig {
     /// Seconds a pick is held without `wait`, and the most it is held.
     pub pick_wait_default_secs: u64,
     pub pick_wait_max_secs: u64,
+    /// Waits and follows one token may hold at once (429 past it), and this process (503).
+    pub max_waits_per_token: usize,
+    pub max_waits: usize,
     /// Seconds between rescans of the queue while picks are parked.
     pub dispatch_rescan_secs: u64,
     /// Seconds a pick's lease lasts; heartbeats extend it by as much.
@@ -133,6 +136,8 @@ impl AppConfig {
              "default_timeout_secs must be between 1 and max_timeout_secs"),
             (self.pick_wait_default_secs <= self.pick_wait_max_secs,
              "pick_wait_default_secs must not exceed pick_wait_max_secs"),
+            (1 <= self.max_waits_per_token && self.max_waits_per_token <= self.max_waits,
+             "max_waits_per_token must be from 1 to max_waits"),
         ];
         match rules.iter().find(|(ok, _)| !ok) {
             Some((_, message)) => Err((*message).to_owned()),

@@ -59,8 +59,12 @@ pub enum ApiError {
     #[error("{0}")]
     UnsupportedMediaType(String),
     /// The database cannot be reached or is shutting down; retrying later may work.
+    #[error("{0}")]
+    TooManyWaits(String),
     #[error("the database is unavailable; retry later")]
     Unavailable,
+    #[error("{0}")]
+    Busy(String),
     /// A bug or an unexpected database answer; the cause is in the server log.
     #[error("internal server error")]
     Internal,
@@ -85,7 +89,9 @@ impl ApiError {
             ApiError::OutputMismatch(_) => ProblemType::OutputMismatch,
             ApiError::PayloadTooLarge(_) => ProblemType::PayloadTooLarge,
             ApiError::UnsupportedMediaType(_) => ProblemType::UnsupportedMediaType,
+            ApiError::TooManyWaits(_) => ProblemType::TooManyWaits,
             ApiError::Unavailable => ProblemType::Unavailable,
+            ApiError::Busy(_) => ProblemType::Busy,
             ApiError::Internal => ProblemType::Internal,
         }
     }
@@ -190,7 +196,8 @@ fn problem_response<'o>(problem: &Problem) -> Response<'o> {
     if status == Status::Unauthorized {
         response.raw_header("WWW-Authenticate", "Bearer");
     }
-    if status == Status::TooManyRequests {
+    // Every 429 and 503 passes: a quota, a cap on waits, the database or this process busy.
+    if status == Status::TooManyRequests || status == Status::ServiceUnavailable {
         response.raw_header("Retry-After", RETRY_AFTER_SECS.to_string());
     }
     response.finalize()

@@ -7,7 +7,7 @@ use rocket::serde::json::Json;
 use rocket::{get, routes, Route, State};
 use serde_json::{json, Value};
 
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, WaitSlots};
 use crate::error::ApiError;
 use crate::query::StrictQuery;
 use crate::Db;
@@ -22,12 +22,13 @@ fn index(_query: StrictQuery) -> Json<Value> {
 }
 
 /// 200 when the database answers within two seconds, 503 otherwise. Also tells how many
-/// agents are parked on a pick right now.
+/// agents are parked on a pick right now, and how many waits and follows are held.
 #[get("/health")]
 async fn health(
     _query: StrictQuery,
     db: &Db,
     dispatcher: &State<Dispatcher>,
+    slots: &State<WaitSlots>,
 ) -> Result<Json<Value>, ApiError> {
     let ping = sqlx::query!("SELECT 1 AS one").fetch_one(db.pool());
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
@@ -35,6 +36,7 @@ async fn health(
             "status": "ok",
             "database": "ok",
             "parked_picks": dispatcher.parked(),
+            "parked_waits": slots.held(),
         }))),
         // Whatever the cause (down, gone, refusing us), the database does not answer.
         Ok(Err(e)) => {

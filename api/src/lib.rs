@@ -48,6 +48,7 @@ pub fn build(figment: Figment) -> Rocket<Build> {
                 log::info!("taskexec-api listening on {}:{}", config.address, config.port);
             })
         }))
+        .manage(output::feed::Feeds::default())
         .mount("/", health::routes())
         .mount("/", tasks::routes::routes())
         .mount("/", output::routes::routes())

@@ -30,7 +30,7 @@ pub async fn run_once(
         dispatcher.task_queued();
     }
     for (id, _) in &reaped.ended {
-        dispatcher.events().wake(*id, Woken::Ended);
+        dispatcher.events().announce(*id, Woken::Ended);
     }
     if !reaped.ended.is_empty() {
         log::info!(

@@ -40,14 +40,18 @@ pub enum ProblemType {
     InvalidRequest,
     /// 429: the owner has as many tasks queued as it may; retry after `Retry-After`.
     QuotaExceeded,
+    /// 429: the token has as many waits and follows open at once as it may.
+    TooManyWaits,
     /// 503: the database is unreachable; retry later.
     Unavailable,
+    /// 503: this API process holds as many waits and follows as it may; retry later.
+    Busy,
     /// 500: a bug; the cause is in the server's log.
     Internal,
 }
 
 impl ProblemType {
-    pub const ALL: [ProblemType; 17] = [
+    pub const ALL: [ProblemType; 19] = [
         ProblemType::BadRequest,
         ProblemType::BadParameter,
         ProblemType::Unauthorized,
@@ -63,7 +67,9 @@ impl ProblemType {
         ProblemType::UnsupportedMediaType,
         ProblemType::InvalidRequest,
         ProblemType::QuotaExceeded,
+        ProblemType::TooManyWaits,
         ProblemType::Unavailable,
+        ProblemType::Busy,
         ProblemType::Internal,
     ];
 
@@ -85,7 +91,9 @@ impl ProblemType {
             ProblemType::UnsupportedMediaType => "/problems/unsupported-media-type",
             ProblemType::InvalidRequest => "/problems/invalid-request",
             ProblemType::QuotaExceeded => "/problems/quota-exceeded",
+            ProblemType::TooManyWaits => "/problems/too-many-waits",
             ProblemType::Unavailable => "/problems/database-unavailable",
+            ProblemType::Busy => "/problems/busy",
             ProblemType::Internal => "/problems/internal",
         }
     }
@@ -106,8 +114,8 @@ impl ProblemType {
             ProblemType::PayloadTooLarge => 413,
             ProblemType::UnsupportedMediaType => 415,
             ProblemType::InvalidRequest => 422,
-            ProblemType::QuotaExceeded => 429,
-            ProblemType::Unavailable => 503,
+            ProblemType::QuotaExceeded | ProblemType::TooManyWaits => 429,
+            ProblemType::Unavailable | ProblemType::Busy => 503,
             ProblemType::Internal => 500,
         }
     }

@@ -811,10 +811,11 @@ fn pg_bindir() -> PathBuf {
 /// A TCP proxy in front of PostgreSQL that a test can cut, to play a database outage without
 /// touching the server other tests use.
 pub struct PgProxy {
-    /// `DATABASE_URL` of `db`, through the proxy.
+    /// `DATABASE_URL` of `db`, through the proxy (without TLS, so that it can count).
     pub url: String,
     up: Arc<std::sync::atomic::AtomicBool>,
     cuts: tokio::sync::watch::Sender<u64>,
+    statements: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl PgProxy {
@@ -825,9 +826,11 @@ impl PgProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         url.set_host(Some("127.0.0.1")).unwrap();
         url.set_port(Some(listener.local_addr().unwrap().port())).unwrap();
+        url.query_pairs_mut().append_pair("sslmode", "disable");
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (cuts, _) = tokio::sync::watch::channel(0u64);
-        let (flag, cut_tx) = (up.clone(), cuts.clone());
+        let statements = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (flag, cut_tx, counter) = (up.clone(), cuts.clone(), statements.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !flag.load(std::sync::atomic::Ordering::SeqCst) {
@@ -835,18 +838,30 @@ impl PgProxy {
                 }
                 let upstream = upstream.clone();
                 let mut cut = cut_tx.subscribe();
+                let counter = counter.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
+                    let _ = outbound.set_nodelay(true);
+                    let _ = inbound.set_nodelay(true);
+                    let (mut from_client, mut to_client) = inbound.split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = count_statements(&mut from_client, &mut to_server, &counter) => {}
+                        _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
                         _ = cut.changed() => {}
                     }
                 });
             }
         });
-        PgProxy { url: url.to_string(), up, cuts }
+        PgProxy { url: url.to_string(), up, cuts, statements }
+    }
+
+    /// Statements sent through the proxy so far: simple queries and executions of prepared
+    /// ones, as the server counts them.
+    pub fn statements(&self) -> u64 {
+        self.statements.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Closes every connection and refuses new ones until `restore`.
@@ -857,5 +872,42 @@ impl PgProxy {
 
     pub fn restore(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies a PostgreSQL client's messages to the server, counting statements: each simple
+/// query ('Q') and each execution ('E') of the extended protocol. The first message (and a
+/// refused SSL or GSS request before it) has no type byte.
+async fn count_statements(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    counter: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut started = false;
+    loop {
+        let mut head = [0u8; 5];
+        let kind = if started {
+            from.read_exact(&mut head).await?;
+            Some(head[0])
+        } else {
+            from.read_exact(&mut head[1..]).await?;
+            None
+        };
+        let length = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; length.saturating_sub(4)];
+        from.read_exact(&mut body).await?;
+        match kind {
+            Some(b'Q' | b'E') => {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Some(_) => {}
+            // 80877103 asks for SSL, 80877104 for GSS encryption; anything else starts up.
+            None => started = !matches!(body.get(..4), Some([4, 210, 22, 47] | [4, 210, 22, 48])),
+        }
+        // One write per message: a header and a body written apart wait on each other's ACK.
+        let mut message = if kind.is_some() { head.to_vec() } else { head[1..].to_vec() };
+        message.extend_from_slice(&body);
+        to.write_all(&message).await?;
     }
 }

@@ -1,24 +1,41 @@
 //! Requests parked on a task in this process (heartbeats, output and status long polls),
 //! woken when something happens to it: an abort is requested, output arrives, or the attempt
-//! ends. Events are local to one API process; a long poll also looks at the database now and
-//! then, for changes made through another.
+//! ends. An event is announced here at once and to the other API processes through one NOTIFY
+//! per burst (the notifier sends and receives them), so a parked request costs the database
+//! nothing until its task changes. Only while the LISTEN connection is down does a long poll
+//! look at the database now and then; when it comes back, every parked request looks again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rocket::Shutdown;
 use taskexec_protocol::TaskId;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 use tokio::time::{sleep, Instant};
 
 use crate::error::ApiError;
 
 /// The registry of watches, by task (managed through the `Dispatcher`).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct TaskEvents {
     watches: Arc<Mutex<HashMap<TaskId, Vec<Arc<Wake>>>>>,
+    /// Events announced here and not yet sent to the other processes, by task (`Woken` bits).
+    outgoing: Arc<Mutex<HashMap<TaskId, usize>>>,
+    pub(super) announced: Arc<Notify>,
+    /// Whether the LISTEN connection is up, so that other processes' events arrive.
+    pub(super) listening: Arc<AtomicBool>,
+    /// Looks at the database by parked requests at once: at most half the pool, so that a
+    /// burst of thousands of waits queues here rather than starving picks, heartbeats and
+    /// `/health` of connections (and timing out as 503s).
+    looks: Arc<Semaphore>,
+}
+
+impl Default for TaskEvents {
+    fn default() -> TaskEvents {
+        TaskEvents::with_look_limit(4)
+    }
 }
 
 /// What happened to a task.
@@ -47,11 +64,27 @@ pub struct Watch {
     wake: Arc<Wake>,
 }
 
-/// How often a long poll on a task looks at the database when no event wakes it: events are
-/// local to one API process, and the task may change through another.
+/// How often a long poll on a task looks at the database while the LISTEN connection is down
+/// (events from other processes cannot arrive then).
 pub const RECHECK: Duration = Duration::from_secs(1);
 
 impl TaskEvents {
+    /// Events whose parked requests look at the database `looks` at a time.
+    pub fn with_look_limit(looks: usize) -> TaskEvents {
+        TaskEvents {
+            watches: Arc::default(),
+            outgoing: Arc::default(),
+            announced: Arc::default(),
+            listening: Arc::default(),
+            looks: Arc::new(Semaphore::new(looks.max(1))),
+        }
+    }
+
+    /// A turn to look at the database for a parked request (see `looks`).
+    pub async fn look_turn(&self) -> SemaphorePermit<'_> {
+        self.looks.acquire().await.expect("the semaphore is never closed")
+    }
+
     pub fn watch(&self, id: TaskId) -> Watch {
         let wake = Arc::new(Wake::default());
         self.lock().entry(id).or_default().push(wake.clone());
@@ -60,11 +93,44 @@ impl TaskEvents {
 
     /// Wakes the requests parked on task `id` in this process.
     pub fn wake(&self, id: TaskId, what: Woken) {
+        self.wake_bits(id, what as usize);
+    }
+
+    pub(super) fn wake_bits(&self, id: TaskId, bits: usize) {
         for wake in self.lock().get(&id).into_iter().flatten() {
-            wake.seen.fetch_or(what as usize, Ordering::AcqRel);
+            wake.seen.fetch_or(bits, Ordering::AcqRel);
             // A stored permit: a watch that is not awaiting yet still sees it.
             wake.notify.notify_one();
         }
+    }
+
+    /// Wakes the requests parked on task `id` here, and in every other API process.
+    pub fn announce(&self, id: TaskId, what: Woken) {
+        self.wake(id, what);
+        *self.outgoing().entry(id).or_default() |= what as usize;
+        self.announced.notify_one();
+    }
+
+    /// The events announced since the last call, for the notifier to send.
+    pub(super) fn take_announced(&self) -> HashMap<TaskId, usize> {
+        std::mem::take(&mut *self.outgoing())
+    }
+
+    /// Makes every parked request look at the database again (without telling it that
+    /// anything happened): events may have been missed while the LISTEN connection was down.
+    pub(super) fn wake_all(&self) {
+        for wake in self.lock().values().flatten() {
+            wake.notify.notify_one();
+        }
+    }
+
+    fn outgoing(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, usize>> {
+        self.outgoing.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether events from other API processes arrive (the LISTEN connection is up).
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Vec<Arc<Wake>>>> {
@@ -72,8 +138,9 @@ impl TaskEvents {
     }
 
     /// A long poll on task `id`: `look` at it until it says the wait is over, `deadline` passes
-    /// or the server stops, and between looks wait for `what` to happen to the task here, or
-    /// `recheck`. Answers what the last look saw.
+    /// or the server stops, and between looks wait for `what` to happen to the task (here or
+    /// in another process), or for `recheck` while events from other processes cannot arrive.
+    /// Answers what the last look saw.
     ///
     /// # Errors
     /// The first error of `look`.
@@ -93,14 +160,19 @@ impl TaskEvents {
         loop {
             // Watch before looking, so that an event in between is not missed.
             let watch = self.watch(id);
+            let turn = self.look_turn().await;
             let (seen, over) = look().await?;
+            drop(turn);
             let now = Instant::now();
             if over || now >= deadline {
                 return Ok(seen);
             }
+            let pause =
+                if self.is_listening() { deadline - now } else { recheck.min(deadline - now) };
             tokio::select! {
                 _ = watch.next(what) => {}
-                _ = sleep(recheck.min(deadline - now)) => {}
+                // At the deadline, one last look: the answer shows the task as it is then.
+                _ = sleep(pause) => {}
                 _ = &mut *shutdown => return Ok(seen),
             }
         }

@@ -5,6 +5,7 @@
 pub mod dispatcher;
 pub mod events;
 pub mod notifier;
+pub mod waits;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tokio::sync::Mutex;
 pub use dispatcher::{Delivery, DispatchLoop, Dispatcher, Handover, Reply, Round};
 pub use events::{TaskEvents, Watch, Woken, RECHECK};
 pub use notifier::Notifier;
+pub use waits::{WaitSlot, WaitSlots};
 
 use crate::config::{AppConfig, DATABASE_URL_KEY};
 use crate::db::required;
@@ -49,19 +51,26 @@ pub fn stage() -> AdHoc {
             }
         };
         let rescan = Duration::from_secs(config.dispatch_rescan_secs.max(1));
-        let notifier = Notifier::default();
+        // Half the pool for parked requests' looks; the rest stays free for everything else.
+        let looks = pool.options().get_max_connections() as usize / 2;
+        let notifier = Notifier::with_events(TaskEvents::with_look_limit(looks));
         let (dispatcher, state) =
             DispatchLoop::new(pool.clone(), notifier.clone(), rescan, terms(&config));
         // The loop's end is awaited at shutdown: it puts back the tasks of picks that never
         // took them before the process exits.
         let running = Arc::new(Mutex::new(None));
         let stopping = running.clone();
-        let rocket = rocket.manage(dispatcher).manage(notifier.clone());
+        let slots = waits::WaitSlots::new(config.max_waits_per_token, config.max_waits);
+        let rocket = rocket.manage(dispatcher).manage(notifier.clone()).manage(slots);
         Ok(rocket
             .attach(AdHoc::on_liftoff("Dispatcher loop", move |rocket| {
                 Box::pin(async move {
                     let shutdown = rocket.shutdown();
                     tokio::spawn(until(shutdown.clone(), notifier.clone().listen(url)));
+                    tokio::spawn(until(
+                        shutdown.clone(),
+                        notifier.clone().send_events(pool.clone()),
+                    ));
                     tokio::spawn(until(shutdown.clone(), notifier.send(pool)));
                     *running.lock().await = Some(tokio::spawn(state.run(shutdown)));
                 })

@@ -1,9 +1,13 @@
 //! The LISTEN connection of this API process and the NOTIFYs it sends. A task notification
 //! (from any API process) becomes a hint for the dispatcher; an abort notification wakes the
-//! heartbeats of that task; a token notification voids the cached verdicts on tokens. The connection is its own, not one from the request pool; when it
-//! drops, `listening` says so (the dispatcher then stops trusting "the queue is empty"), and it
-//! reconnects with backoff and hints a rescan.
+//! heartbeats of that task; an event notification (another process's task events, in bursts)
+//! wakes the requests parked on those tasks; a token notification voids the cached verdicts on
+//! tokens. The connection is its own, not one from the request pool; when it drops,
+//! `listening` says so (the dispatcher then stops trusting "the queue is empty", long polls
+//! look at the database every second), and it reconnects with backoff, hints a rescan and
+//! makes every parked request look again.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +16,8 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::time::sleep;
+
+use taskexec_protocol::TaskId;
 
 use super::events::{TaskEvents, Woken};
 use crate::auth::tokens::TOKENS_CHANNEL;
@@ -38,22 +44,42 @@ impl Hints {
 }
 
 /// The notifier's state, shared with the dispatcher and the request handlers.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Notifier {
     pub hints: Arc<Hints>,
-    listening: Arc<AtomicBool>,
     /// Raised per committed insert; the sender turns each burst into one NOTIFY.
     queued: Arc<Notify>,
     pub events: TaskEvents,
     /// Moves on at each revocation of a token (and each reconnect, which may have missed
     /// one): cached verdicts of an older generation are void.
     tokens: Arc<AtomicU64>,
+    /// This process among the API processes, to skip its own events when they come back.
+    instance: String,
+}
+
+impl Default for Notifier {
+    fn default() -> Notifier {
+        Notifier::with_events(TaskEvents::default())
+    }
+}
+
+impl Notifier {
+    /// A notifier that wakes requests parked on `events`.
+    pub fn with_events(events: TaskEvents) -> Notifier {
+        Notifier {
+            hints: Arc::default(),
+            queued: Arc::default(),
+            events,
+            tokens: Arc::default(),
+            instance: instance_id(),
+        }
+    }
 }
 
 impl Notifier {
     /// Whether notifications can arrive (the LISTEN connection is up).
     pub fn is_listening(&self) -> bool {
-        self.listening.load(Ordering::Acquire)
+        self.events.is_listening()
     }
 
     /// The current token generation (see `tokens`).
@@ -88,9 +114,11 @@ impl Notifier {
                 }
             };
             delay = Duration::from_millis(100);
-            self.listening.store(true, Ordering::Release);
+            self.events.listening.store(true, Ordering::Release);
             self.hints.hint();
             self.tokens.fetch_add(1, Ordering::AcqRel);
+            // Events of other processes may have been missed while the connection was down.
+            self.events.wake_all();
             loop {
                 match listener.try_recv().await {
                     Ok(Some(n)) if n.channel() == store::ABORT_CHANNEL => {
@@ -100,6 +128,11 @@ impl Notifier {
                     }
                     Ok(Some(n)) if n.channel() == TOKENS_CHANNEL => {
                         self.tokens.fetch_add(1, Ordering::AcqRel);
+                    }
+                    Ok(Some(n)) if n.channel() == store::EVENTS_CHANNEL => {
+                        for (id, bits) in parse_events(n.payload(), &self.instance) {
+                            self.events.wake_bits(id, bits);
+                        }
                     }
                     Ok(Some(_)) => self.hints.hint(),
                     Ok(None) => {
@@ -112,8 +145,23 @@ impl Notifier {
                     }
                 }
             }
-            self.listening.store(false, Ordering::Release);
+            self.events.listening.store(false, Ordering::Release);
             self.hints.hint();
+        }
+    }
+
+    /// Sends the task events announced here to the other API processes: one NOTIFY per burst
+    /// (a few for a large one), until the future is dropped. A lost burst delays the waiters
+    /// elsewhere until their deadline, at worst.
+    pub async fn send_events(self, pool: PgPool) {
+        loop {
+            self.events.announced.notified().await;
+            let burst = self.events.take_announced();
+            for payload in payloads(&self.instance, &burst) {
+                if let Err(e) = store::notify_events(&pool, &payload).await {
+                    log::warn!("NOTIFY of task events failed: {e}");
+                }
+            }
         }
     }
 
@@ -130,6 +178,69 @@ impl Notifier {
 
 async fn connect(url: &str) -> sqlx::Result<PgListener> {
     let mut listener = PgListener::connect(url).await?;
-    listener.listen_all([store::CHANNEL, store::ABORT_CHANNEL, TOKENS_CHANNEL]).await?;
+    let channels = [store::CHANNEL, store::ABORT_CHANNEL, store::EVENTS_CHANNEL, TOKENS_CHANNEL];
+    listener.listen_all(channels).await?;
     Ok(listener)
+}
+
+/// 64 random bits in hex: which API process sent an event burst.
+fn instance_id() -> String {
+    let mut bytes = [0u8; 8];
+    // A failure leaves zeros: the process then skips another's events only if both failed.
+    let _ = getrandom::getrandom(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The most of a NOTIFY payload used (PostgreSQL allows 8,000 bytes).
+const MAX_PAYLOAD: usize = 7_900;
+
+/// Payloads for a burst of events: `instance;bits:id;bits:id...`, each under `MAX_PAYLOAD`.
+fn payloads(instance: &str, events: &HashMap<TaskId, usize>) -> Vec<String> {
+    let mut payloads = Vec::new();
+    let mut current = String::from(instance);
+    for (id, bits) in events {
+        let item = format!(";{bits}:{id}");
+        if current.len() + item.len() > MAX_PAYLOAD {
+            payloads.push(std::mem::replace(&mut current, String::from(instance)));
+        }
+        current.push_str(&item);
+    }
+    if current.len() > instance.len() {
+        payloads.push(current);
+    }
+    payloads
+}
+
+/// The events of another process's payload; none from this process's own (already woken).
+fn parse_events(payload: &str, instance: &str) -> Vec<(TaskId, usize)> {
+    let mut parts = payload.split(';');
+    if parts.next() == Some(instance) {
+        return Vec::new();
+    }
+    parts
+        .filter_map(|item| {
+            let (bits, id) = item.split_once(':')?;
+            Some((id.parse().ok()?, bits.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_go_through_payloads_and_not_back_to_their_sender() {
+        let events: HashMap<TaskId, usize> =
+            (0..500).map(|i| (TaskId::random(), 1 + i % 6)).collect();
+        let payloads = payloads("a1", &events);
+        assert!(payloads.len() > 1, "500 events need several payloads");
+        assert!(payloads.iter().all(|p| p.len() <= MAX_PAYLOAD));
+        let mut back: HashMap<TaskId, usize> = HashMap::new();
+        for payload in &payloads {
+            assert!(parse_events(payload, "a1").is_empty(), "our own");
+            back.extend(parse_events(payload, "b2"));
+        }
+        assert_eq!(back, events);
+    }
 }

@@ -15,12 +15,13 @@ use taskexec_protocol::output::headers;
 use taskexec_protocol::{LeaseToken, OutputAck, OutputCap, Stream, TaskStatus};
 use tokio::time::Instant;
 
+use super::feed::{Feeds, Shared};
 use super::store::{self, Appended, Chunk, Standing};
 use crate::auth::verifier::Verifier;
 use crate::auth::{Allowed, Read, Run};
 use crate::body::read_within;
 use crate::config::AppConfig;
-use crate::dispatch::{Dispatcher, Woken, RECHECK};
+use crate::dispatch::{Dispatcher, WaitSlots, Woken, RECHECK};
 use crate::error::ApiError;
 use crate::query::{self, StrictQuery};
 use crate::tasks::lease::Lease;
@@ -34,8 +35,8 @@ pub fn routes() -> Vec<Route> {
 /// The largest answer to one read, in bytes.
 const MAX_READ: usize = 256 * 1024;
 
-/// How often a followed log looks at the database without an event, and how long it may go
-/// without anything to send before it ends (the client reconnects; a follower that went away
+/// How often a followed log checks its caller's token again (and looks at the database, while
+/// events cannot arrive), and how long it may go without anything to send before it ends (the client reconnects; a follower that went away
 /// without a word cannot be told from one that waits, so it must not cost forever).
 const FOLLOW_RECHECK: Duration = Duration::from_secs(5);
 const FOLLOW_IDLE: Duration = Duration::from_secs(15 * 60);
@@ -101,7 +102,7 @@ async fn upload(
     let cap = OutputCap::new(config.max_output_bytes as usize);
     match store::append(db, &lease, chunk, cap).await? {
         Appended::Stored { next } => {
-            dispatcher.events().wake(lease.task, Woken::Output);
+            dispatcher.events().announce(lease.task, Woken::Output);
             Ok(Json(OutputAck { next_offset: next }))
         }
         Appended::Gap { expected } => Err(ApiError::OffsetGap { expected_offset: expected }),
@@ -141,6 +142,7 @@ async fn read(
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
+    slots: &State<WaitSlots>,
     id: &str,
     stream: Option<&str>,
     offset: Option<&str>,
@@ -151,6 +153,7 @@ async fn read(
     let stream = self::stream(stream)?;
     let offset = self::offset(offset)?;
     let wait = Duration::from_secs(query::wait_secs(wait, 0, config.pick_wait_max_secs)?);
+    let _slot = if wait.is_zero() { None } else { Some(slots.take(&access.who)?) };
     let scope = access.who.scope();
     let look = || async {
         let read = store::read(db, id, scope, stream, offset, MAX_READ)
@@ -179,8 +182,9 @@ fn ending(standing: &Standing) -> String {
 /// stdout and stderr combined, in the order the agent sent them, as `text/plain`. With
 /// `follow=true` the response goes on (chunked) until the task ends, like `tail -f`, and then
 /// says how it ended. Bytes that were dropped (a flood) are replaced by a line that says how
-/// many. A followed log checks its caller's token again every `FOLLOW_RECHECK`, and ends once
-/// it is revoked or expired.
+/// many. A follower waits on the task's events and shares the reads of the others here (see
+/// `feed`); its timer only checks its caller's token again every `FOLLOW_RECHECK` (it ends once
+/// the token is revoked or expired) and, while events cannot arrive, looks at the log.
 #[get("/tasks/<id>/log?<follow>")]
 #[allow(clippy::too_many_arguments)]
 async fn log(
@@ -189,51 +193,70 @@ async fn log(
     db: &Db,
     dispatcher: &State<Dispatcher>,
     verifier: &State<Verifier>,
+    feeds: &State<Feeds>,
+    slots: &State<WaitSlots>,
     id: &str,
     follow: Option<&str>,
     shutdown: Shutdown,
-) -> Result<(ContentType, ByteStream![Vec<u8>]), ApiError> {
+) -> Result<(ContentType, ByteStream![Shared]), ApiError> {
     let id = parse_id(id)?;
     let follow = query::flag("follow", follow, false)?;
+    let slot = if follow { Some(slots.take(&access.who)?) } else { None };
     // The check of the caller's scope: the stream below reads a task it may see.
     store::log(db, id, access.who.scope(), i64::MAX)
         .await?
         .ok_or_else(|| ApiError::task_not_found(id))?;
     let (pool, events) = (db.pool().clone(), dispatcher.events().clone());
     let (verifier, who) = (verifier.inner().clone(), access.who);
+    let feed = feeds.feed(id);
     let stream = ByteStream! {
+        let _slot = slot;
         let mut shutdown = shutdown;
         let (mut after, mut next) = (0i64, [0u64; 2]);
         let (mut last_sent, mut checked) = (Instant::now(), Instant::now());
-        loop {
-            if checked.elapsed() >= FOLLOW_RECHECK {
-                if let Err(e) = verifier.recheck(&who).await {
-                    let why = match e {
-                        ApiError::Unauthorized(_) => "the token was revoked or has expired",
-                        _ => "the token could not be checked again",
-                    };
-                    yield format!("\n[taskexec: stopped following: {why}]\n").into_bytes();
-                    break;
-                }
-                checked = Instant::now();
-            }
-            let watch = events.watch(id);
-            let Ok(Some((chunks, standing))) = store::log(&pool, id, None, after).await else {
+        // Events after `since` wake `watch`; what came before is in any read started after it,
+        // so a read of another follower's that started after `since` will do.
+        let mut watch = events.watch(id);
+        let mut since = Instant::now();
+        'follow: loop {
+            let Ok(Some((chunks, standing))) = feed.read(&pool, &events, after, since).await else {
                 break;
             };
             if chunks.is_empty() {
                 let ended = standing.status.is_terminal();
                 if ended && follow {
-                    yield ending(&standing).into_bytes();
+                    yield Shared::from(ending(&standing).into_bytes());
                 }
-                if ended || !follow || last_sent.elapsed() >= FOLLOW_IDLE {
+                if ended || !follow {
                     break;
                 }
-                tokio::select! {
-                    _ = watch.next(Woken::Output) => {}
-                    _ = tokio::time::sleep(FOLLOW_RECHECK) => {}
-                    _ = &mut shutdown => break,
+                loop {
+                    tokio::select! {
+                        _ = watch.next(Woken::Output) => break,
+                        _ = tokio::time::sleep(FOLLOW_RECHECK) => {}
+                        _ = &mut shutdown => break 'follow,
+                    }
+                    if last_sent.elapsed() >= FOLLOW_IDLE {
+                        break 'follow;
+                    }
+                    if checked.elapsed() >= FOLLOW_RECHECK {
+                        if let Err(e) = verifier.recheck(&who).await {
+                            let why = match e {
+                                ApiError::Unauthorized(_) => "the token was revoked or has expired",
+                                _ => "the token could not be checked again",
+                            };
+                            let line = format!("\n[taskexec: stopped following: {why}]\n");
+                            yield Shared::from(line.into_bytes());
+                            break 'follow;
+                        }
+                        checked = Instant::now();
+                    }
+                    if !events.is_listening() {
+                        break;
+                    }
                 }
+                watch = events.watch(id);
+                since = Instant::now();
                 continue;
             }
             last_sent = Instant::now();
@@ -242,7 +265,7 @@ async fn log(
                 let seen = &mut next[chunk.stream.index()];
                 if chunk.start == 0 && *seen > 0 {
                     // A new attempt (the task was requeued) starts its streams again.
-                    yield b"\n[taskexec: the task started again]\n".to_vec();
+                    yield Shared::from(b"\n[taskexec: the task started again]\n".to_vec());
                     next = [0, 0];
                 }
                 let seen = &mut next[chunk.stream.index()];
@@ -252,9 +275,9 @@ async fn log(
                         chunk.start - *seen,
                         chunk.stream
                     );
-                    yield marker.into_bytes();
+                    yield Shared::from(marker.into_bytes());
                 }
-                *seen = chunk.start + chunk.data.len() as u64;
+                *seen = chunk.start + chunk.data.0.len() as u64;
                 yield chunk.data;
             }
         }

@@ -344,7 +344,11 @@ pub struct Standing {
     pub error: Option<String>,
 }
 
-/// Chunks of both streams that arrived after `after` (a `seq`), oldest first, and how the
+/// The most chunks one read of the log returns.
+pub const LOG_CHUNKS: usize = 16;
+
+/// Chunks of both streams that arrived after `after` (a `seq`), oldest first (at most
+/// `LOG_CHUNKS`), and how the
 /// task stands (read before the chunks, so that none that arrive before its end are missed).
 /// `None` when the task does not exist or is not in `scope`.
 pub async fn log(
@@ -366,9 +370,10 @@ pub async fn log(
     let Some(standing) = standing else { return Ok(None) };
     let chunks = sqlx::query!(
         r#"SELECT seq, stream AS "stream: Stream", start, data FROM task_output
-            WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT 16"#,
+            WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"#,
         id as TaskId,
         after,
+        LOG_CHUNKS as i64,
     )
     .fetch_all(pool)
     .await

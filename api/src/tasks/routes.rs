@@ -25,7 +25,7 @@ use super::store::{self, Aborted};
 use crate::auth::{Abort, AgentName, Allowed, Read, Run, Submit};
 use crate::body::JsonBody;
 use crate::config::AppConfig;
-use crate::dispatch::{Delivery, Dispatcher, Handover, Woken, RECHECK};
+use crate::dispatch::{Delivery, Dispatcher, Handover, WaitSlots, Woken, RECHECK};
 use crate::error::ApiError;
 use crate::output::store::{self as output, Uploads};
 use crate::query::{self, StrictQuery};
@@ -125,12 +125,14 @@ async fn show(
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
+    slots: &State<WaitSlots>,
     id: &str,
     wait: Option<&str>,
     mut shutdown: Shutdown,
 ) -> Result<Json<Task>, ApiError> {
     let id = parse_id(id)?;
     let wait = Duration::from_secs(query::wait_secs(wait, 0, config.pick_wait_max_secs)?);
+    let _slot = if wait.is_zero() { None } else { Some(slots.take(&access.who)?) };
     let deadline = tokio::time::Instant::now() + wait;
     let scope = access.who.scope();
     let look = || async {
@@ -165,7 +167,7 @@ async fn abort(
     let (who, scope) = (&access.who.name, access.who.scope());
     match store::abort(db, id, who, scope).await? {
         Some(Aborted::Cancelled(task)) => {
-            dispatcher.events().wake(id, Woken::Ended);
+            dispatcher.events().announce(id, Woken::Ended);
             Ok(AbortResponse::Cancelled(Json(task)))
         }
         Some(Aborted::Requested(task)) => Ok(AbortResponse::Requested(Json(task))),
@@ -335,7 +337,7 @@ async fn release(
     let Some(task) = lease.release(db, config.max_attempts).await? else {
         return Err(not_current(db, lease).await);
     };
-    dispatcher.events().wake(lease.task, Woken::Ended);
+    dispatcher.events().announce(lease.task, Woken::Ended);
     if task.status == TaskStatus::Queued {
         dispatcher.task_queued();
     }
@@ -387,7 +389,7 @@ async fn finish(
     };
     if let Some(task) = recorded {
         // The attempt is over: its parked heartbeat need not wait out its hold.
-        dispatcher.events().wake(lease.task, Woken::Ended);
+        dispatcher.events().announce(lease.task, Woken::Ended);
         return Ok(Json(task));
     }
     // Nothing written. A repeat of the report that ended this very attempt is answered as it

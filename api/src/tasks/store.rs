@@ -452,6 +452,19 @@ pub async fn get_with_lease(
 }
 
 /// Tells every listening API process that a task may be waiting.
+/// The channel of task events (ended, output, abort) between API processes, in bursts; the
+/// payload is written and read by the notifier.
+pub const EVENTS_CHANNEL: &str = "taskexec_task_events";
+
+/// Sends one burst of task events to every API process.
+pub async fn notify_events(db: impl PgExecutor<'_>, payload: &str) -> Result<(), DbError> {
+    sqlx::query!("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, payload)
+        .execute(db)
+        .await
+        .op("notify task events")?;
+    Ok(())
+}
+
 pub async fn notify(db: impl PgExecutor<'_>) -> Result<(), DbError> {
     sqlx::query!("SELECT pg_notify($1, '')", CHANNEL)
         .execute(db)
