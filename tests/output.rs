@@ -488,3 +488,35 @@ async fn a_command_printing_forever_keeps_the_agent_small_and_the_server_unharme
     );
     assert!(stored <= (1 << 20) + 64 * 1024, "the database keeps the cap: {stored} bytes");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interleaved_streams_keep_uploading_past_the_first_half() {
+    // A command that alternates stdout and stderr line by line makes a run of every line. Past
+    // the first half (8 KiB here) the uploads went at one run per half second per stream, so
+    // the live output fell further and further behind; now they go at a byte rate.
+    let app = TestApp::spawn_with(|f| f.merge(("max_output_bytes", 16384))).await;
+    let _worker = WorkerProcess::start(&app, "interleaver", &[]);
+    let task = app
+        .submit(
+            "for i in $(seq 400); do printf '%099d\\n' $i; printf '%099d\\n' $i >&2; \
+             sleep 0.01; done; sleep 8",
+        )
+        .await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = app.get(task.id).await.unwrap();
+        if seen.stdout_bytes == 40_000 && seen.stderr_bytes == 40_000 {
+            assert_eq!(seen.status, TaskStatus::InProgress, "caught up while it runs: {seen:?}");
+            break;
+        }
+        assert!(
+            !seen.status.is_terminal() && Instant::now() < deadline,
+            "the live output never caught up before the end: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done = app.until_done(task.id).await;
+    assert_eq!(done.exit_code, Some(0));
+    assert!(done.stdout.unwrap().ends_with(&format!("{:099}\n", 400)));
+}

@@ -1,8 +1,10 @@
 //! Live output: what the command prints is uploaded while it runs, in chunks of at most 64 KiB
 //! at absolute offsets, at least every `TICK` when there is something new. Chunks follow the
 //! order in which the two streams were read (their runs), so the combined log keeps it. The
-//! first half of each stream goes up as fast as it comes; past it (a flood), one chunk per
-//! `PACE`, skipping what the agent's ring has already dropped, and the rest at the end. The
+//! first half of each stream goes up as fast as it comes; past it (a flood), at most `CHUNK`
+//! bytes of each stream per `PACE`, in as many runs as they take (a command that interleaves
+//! its streams makes a run of every line), skipping what the agent's ring has already dropped,
+//! and the rest at the end. The
 //! server keeps each stream by the same rule as the agent's buffers, so they agree on offsets.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -19,8 +21,10 @@ use crate::client::{Attempt, ClientError};
 const CHUNK: usize = 64 * 1024;
 /// How often the uploader looks for new output.
 pub const TICK: Duration = Duration::from_millis(250);
-/// Past a stream's first half, at most one chunk of it per this long while the command runs.
+/// Past a stream's first half, at most `CHUNK` bytes of it per this long while the command runs.
 const PACE: Duration = Duration::from_millis(500);
+/// Past the first halves, at most this many uploads per look (a run of one line each, at worst).
+const MAX_PACED_UPLOADS: usize = 32;
 /// Answers that move nothing forward, in a row, before the uploads are given up.
 const MAX_STALLS: u32 = 3;
 
@@ -30,7 +34,9 @@ pub struct Streamer {
     runs: Arc<Mutex<Runs>>,
     /// Where the server's copy of each stream ends.
     sent: [u64; 2],
-    last_paced: [Option<Instant>; 2],
+    /// Past the first half: when the stream's current `PACE` window began, and the bytes
+    /// uploaded in it.
+    paced: [(Instant, usize); 2],
     chunk: usize,
     stalls: u32,
     /// The server refused the uploads for good: the finish then states no lengths.
@@ -47,7 +53,7 @@ impl Streamer {
             buffers,
             runs,
             sent: [0, 0],
-            last_paced: [None, None],
+            paced: [(Instant::now(), 0); 2],
             chunk: CHUNK,
             stalls: 0,
             gone: false,
@@ -55,11 +61,12 @@ impl Streamer {
     }
 
     /// Uploads what is due, run by run: with `until` (the final flush), everything up to those
-    /// lengths; else all of the first halves and one chunk per `PACE` beyond them.
+    /// lengths; else all of the first halves and `CHUNK` bytes per `PACE` beyond them.
     ///
     /// # Errors
     /// A retryable error (the API is unreachable); what was sent stays sent.
     pub fn send_due(&mut self, until: Option<[u64; 2]>) -> Result<(), ClientError> {
+        let mut paced_uploads = 0;
         while !self.gone {
             let Some((stream, run_end)) = lock_runs(&self.runs).front() else { return Ok(()) };
             // Read the buffer before the runs again: a run is noted before its bytes show.
@@ -80,11 +87,15 @@ impl Streamer {
                 }
                 return Ok(());
             }
-            if until.is_none() && !in_head {
-                if self.last_paced[stream.index()].is_some_and(|at| at.elapsed() < PACE) {
+            let paced = until.is_none() && !in_head;
+            if paced {
+                let (window, used) = &mut self.paced[stream.index()];
+                if window.elapsed() >= PACE {
+                    (*window, *used) = (Instant::now(), 0);
+                }
+                if *used >= CHUNK || paced_uploads >= MAX_PACED_UPLOADS {
                     return Ok(());
                 }
-                self.last_paced[stream.index()] = Some(Instant::now());
             }
             let Some((start, mut bytes)) = lock(&self.buffers[stream.index()])
                 .from_offset(self.sent[stream.index()], self.chunk)
@@ -100,8 +111,9 @@ impl Streamer {
             }
             bytes.truncate((end - start) as usize);
             self.upload(stream, start, &bytes)?;
-            if until.is_none() && !in_head {
-                return Ok(());
+            if paced {
+                self.paced[stream.index()].1 += bytes.len();
+                paced_uploads += 1;
             }
         }
         Ok(())
