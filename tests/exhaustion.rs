@@ -114,29 +114,20 @@ async fn list_pages_shorten_long_commands_and_stay_small() {
     eprintln!("FIGURE 8 concurrent pages of 1,000 tasks with 64 KiB commands: {} bytes each, API peak RSS {} MiB", pages[0], peak >> 20);
     assert!(peak < 150 << 20, "the API peaked at {} MiB (bound: 150 MiB)", peak >> 20);
 
-    let listed: serde_json::Value = http
-        .get(format!("{}/tasks?limit=1", api.url))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: serde_json::Value = get_as_admin(format!("{}/tasks?limit=1", api.url)).await;
     let first = &listed["tasks"][0];
     assert_eq!(first["command"].as_str().unwrap().chars().count(), 1024, "{first}");
     assert_eq!(first["command_truncated"], true);
-    let full: Task = http
-        .get(format!("{}/tasks/{}", api.url, first["id"].as_str().unwrap()))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let full: Task =
+        get_as_admin(format!("{}/tasks/{}", api.url, first["id"].as_str().unwrap())).await;
     assert_eq!(full.command.len(), 65536);
     assert!(!full.command_truncated);
+}
+
+/// A GET with the admin token, its JSON body.
+async fn get_as_admin<T: serde::de::DeserializeOwned>(url: String) -> T {
+    let response = reqwest::Client::new().get(url).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    response.json().await.unwrap()
 }
 
 /// Runs the futures concurrently and collects their outputs in order.
@@ -311,15 +302,7 @@ async fn a_wait_wakes_on_an_event_from_another_api_process() {
         let app_url = app.url.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let task: Task = reqwest::Client::new()
-                .get(format!("{app_url}/tasks/{}?wait=30", task.id))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let task: Task = get_as_admin(format!("{app_url}/tasks/{}?wait=30", task.id)).await;
             (task, started.elapsed())
         })
     };
