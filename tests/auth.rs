@@ -429,6 +429,27 @@ async fn a_followed_log_ends_when_its_token_is_revoked() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_followed_log_of_a_busy_task_ends_when_its_token_is_revoked() {
+    // Output every 100 ms: the follower never waits long on its timer, and must still check
+    // its token again.
+    let app = TestApp::spawn().await;
+    let _worker = WorkerProcess::start(&app, "busy", &[]);
+    let created = app.create_token(&token("busy-follower", Role::Submitter)).await.unwrap();
+    let follower = app.as_user(&created.token);
+    let task = follower.submit("while true; do echo tick; sleep 0.1; done").await;
+    let follow = follower.request(Method::GET, &format!("/tasks/{}/log?follow=true", task.id));
+    let response = follow.send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    app.revoke_token(created.id).await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(15), response.text()).await;
+
+    let body = body.expect("the stream ended while the task runs").unwrap();
+    assert!(body.contains("the token was revoked or has expired"), "{body:?}");
+    app.abort(task.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_agent_token_bound_to_a_name_takes_no_other_name() {
     let app = TestApp::spawn().await;
     let bound = NewToken { agent_name: Some("runner-1".into()), ..token("runner", Role::Agent) };

@@ -208,11 +208,22 @@ async fn limits_bound_a_fork_bomb_and_a_file_and_say_which_limit() {
     }
     let app = TestApp::spawn().await;
     let user = TestUser::create();
-    let _worker = WorkerProcess::start(
-        &app,
-        "limited",
-        &[("RUN_AS", &user.name), ("TASK_MAX_PROCESSES", "10"), ("TASK_MAX_FILE_SIZE", "1M")],
-    );
+    let env = [
+        ("RUN_AS", user.name.as_str()),
+        ("TASK_MAX_PROCESSES", "10"),
+        ("TASK_MAX_FILE_SIZE", "1M"),
+    ];
+    // Started with SIGXFSZ ignored (as Python and some supervisors leave it): the guard must
+    // give the command default signals, or a write past the limit fails quietly instead.
+    let _worker = WorkerProcess::start_customized(&app, "limited", &env, |command| {
+        // SAFETY: signal() is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+    });
 
     // Each `sleep &` that gets a process writes a line; those refused do not.
     let bomb = run(&app, "for i in $(seq 40); do (sleep 30 &) && echo forked; done; exit 1").await;

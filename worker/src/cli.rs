@@ -81,6 +81,12 @@ pub fn main() -> ExitCode {
 fn isolate(config: &Config) -> Result<(), String> {
     // SAFETY: prctl with these options only changes attributes of this process.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let confined = config.run_as.is_some() || config.limits != crate::isolation::Limits::default();
+    if confined && std::env::current_exe().is_err() {
+        return Err("RUN_AS and TASK_MAX_* need the guard (this binary), whose path cannot be \
+                    found: refusing to run commands unconfined"
+            .into());
+    }
     let Some(user) = &config.run_as else {
         log::warn!("{}", crate::isolation::SHARED_USER_WARNING);
         return Ok(());

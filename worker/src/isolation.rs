@@ -35,6 +35,12 @@ impl RunAs {
         if found.uid.is_root() {
             return Err(bad("is root: commands must run as an unprivileged user".into()));
         }
+        // Every process of the user is killed after each task: not a user other services share.
+        if found.name == "nobody" || found.gid.as_raw() == 0 {
+            return Err(bad(
+                "is shared (nobody) or in group root: give the agent a user of its own".into(),
+            ));
+        }
         // SAFETY: getuid cannot fail.
         if found.uid.as_raw() == unsafe { libc::getuid() } {
             return Err(bad("is the agent's own user: a command could reach the agent".into()));
@@ -192,6 +198,17 @@ impl Confinement {
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                 || libc::setgid(*gid) != 0
                 || libc::setuid(*uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // A non-root agent with CAP_SETUID keeps its capabilities across setuid (only
+            // leaving uid 0 clears them): drop them all, ambient and inheritable included, and
+            // let nothing exec'd gain new ones (setuid binaries, file capabilities).
+            libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+            let header: [u32; 2] = [0x2008_0522, 0]; // _LINUX_CAPABILITY_VERSION_3, this process
+            let none = [0u32; 6];
+            if libc::syscall(libc::SYS_capset, header.as_ptr(), none.as_ptr()) != 0
+                || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }

@@ -29,13 +29,18 @@ fn all() -> Vec<Entry> {
 }
 
 fn read(pid: libc::pid_t) -> Option<Entry> {
+    read_any(pid).filter(|(_, zombie)| !zombie).map(|(entry, _)| entry)
+}
+
+/// A process, zombie or not (and whether it is one).
+fn read_any(pid: libc::pid_t) -> Option<(Entry, bool)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the command name: state, ppid, pgrp.
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    if *fields.first()? == "Z" {
-        return None;
-    }
-    Some(Entry { pid, ppid: fields.get(1)?.parse().ok()?, pgid: fields.get(2)?.parse().ok()? })
+    let zombie = *fields.first()? == "Z";
+    let entry =
+        Entry { pid, ppid: fields.get(1)?.parse().ok()?, pgid: fields.get(2)?.parse().ok()? };
+    Some((entry, zombie))
 }
 
 /// The real uid of `pid`, from its status: not the owner of /proc/<pid>, which a process can
@@ -68,7 +73,8 @@ pub fn descends_from(pid: libc::pid_t, ancestor: libc::pid_t) -> bool {
     let mut current = pid;
     // A chain of parents is short; the bound only guards against a loop read mid-change.
     for _ in 0..4096 {
-        match read(current) {
+        // A zombie counts: a `kill` that has just exited still has its parent.
+        match read_any(current).map(|(entry, _)| entry) {
             Some(entry) if entry.ppid == ancestor => return true,
             Some(entry) if entry.ppid > 1 => current = entry.ppid,
             _ => return false,
@@ -98,9 +104,9 @@ impl Scope {
 }
 
 /// SIGKILLs every process in `scope` and reaps those that are our children, until none is left
-/// (a process may fork while it is being killed). Returns how many were killed.
+/// (a process may fork while it is being killed). Returns how many processes were killed.
 pub fn sweep(scope: Scope) -> usize {
-    let mut killed = 0;
+    let mut killed = std::collections::HashSet::new();
     // SAFETY: getpid cannot fail.
     let own = matches!(scope, Scope::DescendantsOf(root) if root == unsafe { libc::getpid() });
     for round in 0..50 {
@@ -108,23 +114,23 @@ pub fn sweep(scope: Scope) -> usize {
         // Our own descendants all have an ancestor among our children (orphans come back to a
         // subreaper): none, no walk through /proc.
         if own && !has_children() {
-            return killed;
+            return killed.len();
         }
         let members = scope.members();
         if members.is_empty() {
-            return killed;
+            return killed.len();
         }
         for pid in &members {
             // SAFETY: kill only sends a signal.
             if unsafe { libc::kill(*pid, libc::SIGKILL) } == 0 {
-                killed += 1;
+                killed.insert(*pid);
             }
         }
         reap();
         std::thread::sleep(Duration::from_millis(if round < 10 { 2 } else { 20 }));
     }
     log::warn!("processes of a task survived 50 rounds of SIGKILL: {:?}", scope.members());
-    killed
+    killed.len()
 }
 
 /// Collects the exit status of any finished child (orphans re-parented to us included).

@@ -47,6 +47,9 @@ pub enum Woken {
     Ended = 2,
     /// The agent uploaded output.
     Output = 4,
+    /// Nothing in particular: events may have been missed (the LISTEN connection came back),
+    /// look again. Every wait honours it.
+    Rescan = 8,
 }
 
 #[derive(Default)]
@@ -111,15 +114,24 @@ impl TaskEvents {
         self.announced.notify_one();
     }
 
+    /// Puts back a burst the notifier could not send.
+    pub(super) fn requeue(&self, burst: HashMap<TaskId, usize>) {
+        let mut outgoing = self.outgoing();
+        for (id, bits) in burst {
+            *outgoing.entry(id).or_default() |= bits;
+        }
+    }
+
     /// The events announced since the last call, for the notifier to send.
     pub(super) fn take_announced(&self) -> HashMap<TaskId, usize> {
         std::mem::take(&mut *self.outgoing())
     }
 
-    /// Makes every parked request look at the database again (without telling it that
-    /// anything happened): events may have been missed while the LISTEN connection was down.
+    /// Makes every parked request look at the database again (`Rescan`): events may have been
+    /// missed while the LISTEN connection was down.
     pub(super) fn wake_all(&self) {
         for wake in self.lock().values().flatten() {
+            wake.seen.fetch_or(Woken::Rescan as usize, Ordering::AcqRel);
             wake.notify.notify_one();
         }
     }
@@ -138,16 +150,17 @@ impl TaskEvents {
     }
 
     /// A long poll on task `id`: `look` at it until it says the wait is over, `deadline` passes
-    /// or the server stops, and between looks wait for `what` to happen to the task (here or
-    /// in another process), or for `recheck` while events from other processes cannot arrive.
-    /// Answers what the last look saw.
+    /// or the server stops, and between looks wait for one of `what` to happen to the task
+    /// (here or in another process), or for `recheck` while events from other processes cannot
+    /// arrive. A look waits for its turn (`looks`) until the deadline at most; a look at or past
+    /// the deadline (a plain read, the last look) goes at once. Answers what the last look saw.
     ///
     /// # Errors
     /// The first error of `look`.
     pub async fn poll<T, Look, Seen>(
         &self,
         id: TaskId,
-        what: Woken,
+        what: &[Woken],
         deadline: Instant,
         recheck: Duration,
         shutdown: &mut Shutdown,
@@ -160,7 +173,14 @@ impl TaskEvents {
         loop {
             // Watch before looking, so that an event in between is not missed.
             let watch = self.watch(id);
-            let turn = self.look_turn().await;
+            let turn = if Instant::now() < deadline {
+                tokio::select! {
+                    turn = self.look_turn() => Some(turn),
+                    _ = tokio::time::sleep_until(deadline) => None,
+                }
+            } else {
+                None
+            };
             let (seen, over) = look().await?;
             drop(turn);
             let now = Instant::now();
@@ -170,7 +190,7 @@ impl TaskEvents {
             let pause =
                 if self.is_listening() { deadline - now } else { recheck.min(deadline - now) };
             tokio::select! {
-                _ = watch.next(what) => {}
+                _ = watch.until(what) => {}
                 // At the deadline, one last look: the answer shows the task as it is then.
                 _ = sleep(pause) => {}
                 _ = &mut *shutdown => return Ok(seen),
@@ -180,10 +200,13 @@ impl TaskEvents {
 }
 
 impl Watch {
-    /// Resolves at the next event, and tells whether `what` has happened since the watch began.
-    pub async fn next(&self, what: Woken) -> bool {
-        self.wake.notify.notified().await;
-        self.seen(what)
+    /// Resolves once one of `what`, or a `Rescan`, has happened since the watch began (other
+    /// events pass it by: a wait for the end does not look again at every upload).
+    pub async fn until(&self, what: &[Woken]) {
+        let mask = what.iter().fold(Woken::Rescan as usize, |mask, kind| mask | *kind as usize);
+        while self.wake.seen.load(Ordering::Acquire) & mask == 0 {
+            self.wake.notify.notified().await;
+        }
     }
 
     /// Whether `what` has happened since the watch began.

@@ -67,10 +67,9 @@ pub fn stage() -> AdHoc {
                 Box::pin(async move {
                     let shutdown = rocket.shutdown();
                     tokio::spawn(until(shutdown.clone(), notifier.clone().listen(url)));
-                    tokio::spawn(until(
-                        shutdown.clone(),
-                        notifier.clone().send_events(pool.clone()),
-                    ));
+                    // Not stopped at shutdown: events of the requests served in the grace
+                    // must reach the other processes; it ends when the pool closes.
+                    tokio::spawn(notifier.clone().send_events(pool.clone()));
                     tokio::spawn(until(shutdown.clone(), notifier.send(pool)));
                     *running.lock().await = Some(tokio::spawn(state.run(shutdown)));
                 })

@@ -151,15 +151,23 @@ impl Notifier {
     }
 
     /// Sends the task events announced here to the other API processes: one NOTIFY per burst
-    /// (a few for a large one), until the future is dropped. A lost burst delays the waiters
-    /// elsewhere until their deadline, at worst.
+    /// (a few for a large one), until the pool closes (it runs through the shutdown's grace, so
+    /// that the events of requests finished then still go out). A failed burst is sent again.
     pub async fn send_events(self, pool: PgPool) {
         loop {
             self.events.announced.notified().await;
             let burst = self.events.take_announced();
             for payload in payloads(&self.instance, &burst) {
                 if let Err(e) = store::notify_events(&pool, &payload).await {
-                    log::warn!("NOTIFY of task events failed: {e}");
+                    if pool.is_closed() {
+                        return;
+                    }
+                    // Not lost: the burst goes again with the next, after a pause.
+                    log::warn!("NOTIFY of task events failed, retrying: {e}");
+                    self.events.requeue(burst);
+                    sleep(Duration::from_secs(1)).await;
+                    self.events.announced.notify_one();
+                    break;
                 }
             }
         }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use sqlx::PgPool;
 use taskexec_protocol::{Stream, TaskId};
@@ -48,7 +49,12 @@ pub struct Feeds {
 pub struct Feed {
     id: TaskId,
     last: tokio::sync::Mutex<Option<LastRead>>,
+    /// When the followers' look on the timer last moved on (see `safety_mark`).
+    safety: Mutex<Instant>,
 }
+
+/// How often the followers of a task look at its log without an event, all of them together.
+const SAFETY_LOOK: Duration = Duration::from_secs(60);
 
 struct LastRead {
     after: i64,
@@ -64,13 +70,27 @@ impl Feeds {
             return feed;
         }
         feeds.retain(|_, feed| feed.strong_count() > 0);
-        let feed = Arc::new(Feed { id, last: tokio::sync::Mutex::new(None) });
+        let feed = Arc::new(Feed {
+            id,
+            last: tokio::sync::Mutex::new(None),
+            safety: Mutex::new(Instant::now()),
+        });
         feeds.insert(id, Arc::downgrade(&feed));
         feed
     }
 }
 
 impl Feed {
+    /// The oldest read start a look on the timer takes: it moves on every `SAFETY_LOOK`, so the
+    /// first follower to look after that reads, and the others take its read.
+    pub fn safety_mark(&self) -> Instant {
+        let mut mark = self.safety.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if mark.elapsed() >= SAFETY_LOOK {
+            *mark = Instant::now();
+        }
+        *mark
+    }
+
     /// The chunks after `after` (a `seq`) and how the task stands, from a read that started no
     /// earlier than `since` (when the caller began to watch the task's events): the last
     /// follower's when it did and covers `after`, else a new one. `None` when the task is gone.

@@ -164,7 +164,9 @@ async fn read(
     };
     let events = dispatcher.events();
     let deadline = Instant::now() + wait;
-    let read = events.poll(id, Woken::Output, deadline, RECHECK, &mut shutdown, look).await?;
+    let read = events
+        .poll(id, &[Woken::Output, Woken::Ended], deadline, RECHECK, &mut shutdown, look)
+        .await?;
     Ok(OutputRead(read))
 }
 
@@ -183,8 +185,9 @@ fn ending(standing: &Standing) -> String {
 /// `follow=true` the response goes on (chunked) until the task ends, like `tail -f`, and then
 /// says how it ended. Bytes that were dropped (a flood) are replaced by a line that says how
 /// many. A follower waits on the task's events and shares the reads of the others here (see
-/// `feed`); its timer only checks its caller's token again every `FOLLOW_RECHECK` (it ends once
-/// the token is revoked or expired) and, while events cannot arrive, looks at the log.
+/// `feed`); it checks its caller's token again every `FOLLOW_RECHECK` (and ends once the token
+/// is revoked or expired), and looks at the log on its timer only now and then, in case an
+/// event was lost (every time while no event can arrive).
 #[get("/tasks/<id>/log?<follow>")]
 #[allow(clippy::too_many_arguments)]
 async fn log(
@@ -214,11 +217,25 @@ async fn log(
         let mut shutdown = shutdown;
         let (mut after, mut next) = (0i64, [0u64; 2]);
         let (mut last_sent, mut checked) = (Instant::now(), Instant::now());
-        // Events after `since` wake `watch`; what came before is in any read started after it,
-        // so a read of another follower's that started after `since` will do.
+        // Events after `watched` wake `watch`; what came before is in any read started after
+        // it. `since` is the oldest read start the next read takes: `watched`, or later for a
+        // look on the timer.
         let mut watch = events.watch(id);
-        let mut since = Instant::now();
+        let mut watched = Instant::now();
+        let mut since = watched;
         'follow: loop {
+            if checked.elapsed() >= FOLLOW_RECHECK {
+                if let Err(e) = verifier.recheck(&who).await {
+                    let why = match e {
+                        ApiError::Unauthorized(_) => "the token was revoked or has expired",
+                        _ => "the token could not be checked again",
+                    };
+                    let line = format!("\n[taskexec: stopped following: {why}]\n");
+                    yield Shared::from(line.into_bytes());
+                    break;
+                }
+                checked = Instant::now();
+            }
             let Ok(Some((chunks, standing))) = feed.read(&pool, &events, after, since).await else {
                 break;
             };
@@ -227,36 +244,27 @@ async fn log(
                 if ended && follow {
                     yield Shared::from(ending(&standing).into_bytes());
                 }
-                if ended || !follow {
+                if ended || !follow || last_sent.elapsed() >= FOLLOW_IDLE {
                     break;
                 }
-                loop {
-                    tokio::select! {
-                        _ = watch.next(Woken::Output) => break,
-                        _ = tokio::time::sleep(FOLLOW_RECHECK) => {}
-                        _ = &mut shutdown => break 'follow,
+                tokio::select! {
+                    _ = watch.until(&[Woken::Output, Woken::Ended]) => {
+                        watch = events.watch(id);
+                        watched = Instant::now();
+                        since = watched;
                     }
-                    if last_sent.elapsed() >= FOLLOW_IDLE {
-                        break 'follow;
+                    _ = tokio::time::sleep(FOLLOW_RECHECK) => {
+                        // Against an event that never came (a lost NOTIFY): a look now and then,
+                        // one read per task for all its followers here; every time while no
+                        // event can arrive at all.
+                        since = if events.is_listening() {
+                            watched.max(feed.safety_mark())
+                        } else {
+                            Instant::now()
+                        };
                     }
-                    if checked.elapsed() >= FOLLOW_RECHECK {
-                        if let Err(e) = verifier.recheck(&who).await {
-                            let why = match e {
-                                ApiError::Unauthorized(_) => "the token was revoked or has expired",
-                                _ => "the token could not be checked again",
-                            };
-                            let line = format!("\n[taskexec: stopped following: {why}]\n");
-                            yield Shared::from(line.into_bytes());
-                            break 'follow;
-                        }
-                        checked = Instant::now();
-                    }
-                    if !events.is_listening() {
-                        break;
-                    }
+                    _ = &mut shutdown => break 'follow,
                 }
-                watch = events.watch(id);
-                since = Instant::now();
                 continue;
             }
             last_sent = Instant::now();

@@ -141,7 +141,7 @@ async fn show(
         Ok((task, ended))
     };
     let events = dispatcher.events();
-    let task = events.poll(id, Woken::Ended, deadline, RECHECK, &mut shutdown, look).await?;
+    let task = events.poll(id, &[Woken::Ended], deadline, RECHECK, &mut shutdown, look).await?;
     Ok(Json(task))
 }
 
@@ -305,12 +305,10 @@ async fn heartbeat(
     };
     // Output events come and go; an abort answers at once, the attempt's end ends the hold.
     let abort_or_end = async {
-        loop {
-            watch.next(Woken::Abort).await;
-            if watch.seen(Woken::Abort) || watch.seen(Woken::Ended) {
-                return watch.seen(Woken::Abort);
-            }
-        }
+        // A rescan (events may have been missed) ends the hold too: the next heartbeat reads
+        // the abort from the database.
+        watch.until(&[Woken::Abort, Woken::Ended]).await;
+        watch.seen(Woken::Abort)
     };
     let abort = beat.abort
         || tokio::select! {
