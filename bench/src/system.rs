@@ -131,7 +131,9 @@ impl Env {
                     let mut spawned = 0u64;
                     while std::time::Instant::now() < until {
                         let status = std::process::Command::new(&worker)
-                            .args(["__guard", &me, "true"])
+                            // No confinement (the empty argument): the guard as a native
+                            // agent without RUN_AS runs it.
+                            .args(["__guard", &me, "", "true"])
                             .status()
                             .expect("run the guard");
                         assert!(status.success());
