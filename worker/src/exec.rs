@@ -106,18 +106,10 @@ pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
         .full_env(spec.env.iter().cloned())
         .unchecked()
         .before_spawn(|child| {
-            // A session of its own (so a process group of its own, which the whole tree can be
-            // signalled through), without the agent's controlling terminal: a command must not
-            // reach the operator's terminal.
-            // SAFETY: setsid is async-signal-safe.
-            unsafe {
-                child.pre_exec(|| {
-                    if libc::setsid() == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            // Its own process group, so the whole tree can be signalled at once. (The guard
+            // gives up the agent's controlling terminal itself: a `setsid` here would need a
+            // pre_exec hook, which costs the agent posix_spawn's fast path on every task.)
+            child.process_group(0);
             Ok(())
         });
     let handle = expression.start();

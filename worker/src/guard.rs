@@ -48,8 +48,11 @@ fn run(agent: &OsString, confinement: &OsString, command: &OsString) -> ExitCode
         eprintln!("taskexec: the guard's confinement argument is malformed");
         return ExitCode::from(125);
     };
-    // Whatever this process inherited beyond 0, 1 and 2 stays out of the command.
+    // Whatever this process inherited beyond 0, 1 and 2 stays out of the command, and so do
+    // ignored signals (nohup, Python) and the operator's terminal.
     close_on_exec_from_3();
+    reset_signals();
+    leave_terminal();
     // SAFETY: prctl with these options only changes attributes of this process.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, SIGHUP as libc::c_ulong, 0, 0, 0);
@@ -79,9 +82,14 @@ fn run(agent: &OsString, confinement: &OsString, command: &OsString) -> ExitCode
     });
     let mut sh = Command::new("sh");
     sh.arg("-c").arg(command);
-    let applied = confinement.clone();
-    // SAFETY: `apply` makes only async-signal-safe calls (setrlimit, setgroups, setgid, setuid).
-    unsafe { sh.pre_exec(move || applied.apply()) };
+    // Without a user or limits to apply, no hook: std then starts `sh` with posix_spawn, which
+    // costs less than a fork on every task.
+    if confinement != Confinement::default() {
+        let applied = confinement.clone();
+        // SAFETY: `apply` makes only async-signal-safe calls (signal, setrlimit, setgroups,
+        // setgid, setuid, prctl, capset).
+        unsafe { sh.pre_exec(move || applied.apply()) };
+    }
     let status = match sh.status() {
         Ok(status) => status,
         Err(e) => {
@@ -150,6 +158,32 @@ fn signal_strays(signal: libc::c_int) {
         if pgid != group {
             // SAFETY: kill only sends a signal.
             unsafe { libc::kill(pid, signal) };
+        }
+    }
+}
+
+/// Sets every signal the guard inherited as ignored back to its default, before the guard's
+/// own handlers go in: `sh` and the command start with default signals (an exec keeps ignored
+/// ones), whatever the agent's parent ignored.
+fn reset_signals() {
+    // SIGPIPE stays: Rust ignores it in this process, and std gives children the default.
+    for signal in 1..libc::SIGRTMAX() {
+        if ![libc::SIGKILL, libc::SIGSTOP, libc::SIGPIPE].contains(&signal) {
+            // SAFETY: signal() with SIG_DFL only changes this process's dispositions.
+            unsafe { libc::signal(signal, libc::SIG_DFL) };
+        }
+    }
+}
+
+/// Gives up the controlling terminal the agent may have (started by hand in a shell), so that
+/// a command cannot open `/dev/tty` and type into the operator's shell. Without one, nothing.
+fn leave_terminal() {
+    // SAFETY: open of a constant path, an ioctl without argument on the descriptor, and its close.
+    unsafe {
+        let tty = libc::open(c"/dev/tty".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if tty >= 0 {
+            libc::ioctl(tty, libc::TIOCNOTTY);
+            libc::close(tty);
         }
     }
 }
