@@ -162,23 +162,13 @@ impl Confinement {
         Some(confinement)
     }
 
-    /// Resets the signals, applies the limits, then drops to the user: in the child, between
-    /// fork and exec.
+    /// Applies the limits, then drops to the user: in the child, between fork and exec.
     ///
     /// # Safety
     /// Only async-signal-safe calls: this runs in a forked child of a threaded process.
     pub unsafe fn apply(&self) -> std::io::Result<()> {
-        // Signals as a fresh process has them: the agent's parent may have ignored some (nohup
-        // ignores SIGHUP, Python SIGXFSZ and SIGPIPE), and a command must not inherit that (a
-        // write past TASK_MAX_FILE_SIZE would fail quietly instead of ending it).
-        for signal in 1..libc::SIGRTMAX() {
-            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-                libc::signal(signal, libc::SIG_DFL);
-            }
-        }
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // Signal dispositions need nothing here: the guard reset the ignored ones at its start
+        // (`guard::reset_signals`), and std clears the mask in the child.
         let limits = [
             (libc::RLIMIT_NPROC, self.limits.processes),
             (libc::RLIMIT_AS, self.limits.memory),
