@@ -13,8 +13,9 @@ use futures::future::{FutureExt, Future, BoxFuture};
 use http_body_util::{Either, Empty, StreamBody};
 use hyper_util::rt::TokioIo;
 
+use hyper_util::rt::TokioTimer;
 #[cfg(feature = "http2")]
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 #[cfg(feature = "http2")]
 use hyper_util::server::conn::auto::Builder;
 #[cfg(not(feature = "http2"))]
@@ -25,7 +26,7 @@ use crate::form::Form;
 use crate::outcome::Outcome;
 use crate::error::{Error, ErrorKind};
 use crate::ext::{AsyncReadExt, CancellableListener};
-use crate::request::ConnectionMeta;
+use crate::request::{ClientGone, ConnectionMeta};
 use crate::data::IoHandler;
 
 use crate::http::{hyper, uncased, Method, Status, Header};
@@ -88,7 +89,7 @@ async fn hyper_service_fn(
     // This future must return a hyper::Response, but the response body might
     // borrow from the request. Instead, write the body in another future that
     // sends the response metadata (and a body channel) prior.
-    let (tx, rx) = oneshot::channel();
+    let (mut tx, rx) = oneshot::channel();
     let version = hyp_req.version();
 
     #[cfg(not(broken_fmt))]
@@ -102,10 +103,22 @@ async fn hyper_service_fn(
         let (h_parts, mut h_body) = hyp_req.into_parts();
         match Request::from_hyp(&rocket, &h_parts, Some(conn)) {
             Ok(mut req) => {
+                // taskexec patch: tell the handler when its client has gone (hyper drops the
+                // response channel when it sees the connection end), so a long poll can stop.
+                let (gone_tx, gone) = ClientGone::pair();
+                req.local_cache(move || gone);
+
                 // Convert into Rocket `Data`, dispatch request, write response.
                 let mut data = Data::from(&mut h_body);
                 let token = rocket.preprocess_request(&mut req, &mut data).await;
-                let mut response = rocket.dispatch(token, &req, data).await;
+                let mut responding = pin!(rocket.dispatch(token, &req, data));
+                let mut response = loop {
+                    tokio::select! {
+                        biased;
+                        response = &mut responding => break response,
+                        _ = tx.closed(), if !*gone_tx.borrow() => { gone_tx.send_replace(true); }
+                    }
+                };
                 let upgrade = response.take_upgrade(req.headers().get("upgrade"));
                 if let Ok(Some((proto, handler))) = upgrade {
                     rocket.handle_upgrade(response, proto, handler, pending_upgrade, tx, version)
@@ -208,7 +221,14 @@ impl Rocket<Orbit> {
         let body = response.body_mut();
         let max_chunk_size = body.max_chunk_size();
         let mut stream = body.into_bytes_stream(max_chunk_size);
-        while let Some(next) = stream.next().await {
+        // taskexec patch: a body waiting for its next chunk ends when the client has gone,
+        // rather than at the next chunk (an idle follower would never learn it).
+        let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "client disconnected");
+        while let Some(next) = tokio::select! {
+            biased;
+            next = stream.next() => next,
+            _ = sender.closed() => return Err(gone()),
+        } {
             sender.send(Ok(Frame::data(next?))).await
                 .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e))?;
         }
@@ -635,10 +655,14 @@ impl Rocket<Orbit> {
         #[cfg(not(feature = "http2"))]
         let http1 = &mut builder;
 
+        // taskexec patch: hyper's header read timeout also runs while a kept-alive connection
+        // waits for its next request, so it closes idle connections too.
+        let limits = ConnectionLimits::from_figment(self.figment());
         let keep_alive = self.config.keep_alive;
         http1.keep_alive(keep_alive != 0)
             .preserve_header_case(true)
-            .header_read_timeout(None);
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout);
 
         #[cfg(feature = "http2")]
         builder.http2()
@@ -656,9 +680,22 @@ impl Rocket<Orbit> {
         let mut incoming = pin!(incoming);
 
         while let Some(conn) = incoming.next().await.transpose()? {
+            // taskexec patch: past `max_client_connections`, a connection gets a short refusal
+            // and is closed, so the process never runs out of descriptors for its database.
+            let permit = match &limits.slots {
+                None => None,
+                Some(slots) => match slots.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        limits.refuse(conn);
+                        continue;
+                    }
+                },
+            };
             let (rocket, server) = (self.clone(), server.clone());
             let shutdown = rocket.shutdown();
             tokio::spawn(async move {
+                let _permit = permit;
                 let connection = ConnectionMeta {
                     remote: conn.peer_address(),
                     client_certificates: conn.peer_certificates(),
@@ -695,5 +732,85 @@ impl Rocket<Orbit> {
         }
 
         Ok(())
+    }
+}
+
+/// taskexec patch: the connection limits upstream Rocket 0.5 does not offer, read from the
+/// figment like its own settings. Rocket 0.6 has them in its listener API.
+///
+/// - `header_read_timeout` (seconds, 0 for none, the default): how long a connection may take
+///   to send a request's head, and how long a kept-alive connection may wait for its next one.
+/// - `max_client_connections` (0 for no cap, the default): connections served at once.
+/// - `connection_refusal` (a problem+json document): the body of the 503 a connection past the
+///   cap gets, with `Retry-After: 1`.
+struct ConnectionLimits {
+    header_read_timeout: Option<Duration>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Refusals being written at once, bounded too: past it, a connection is closed unanswered.
+    refusing: Arc<tokio::sync::Semaphore>,
+    refusal: Arc<[u8]>,
+}
+
+impl ConnectionLimits {
+    /// Refusals written at once, each for at most `REFUSAL_TIME`.
+    const REFUSALS: usize = 64;
+    const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
+    fn from_figment(figment: &figment::Figment) -> Self {
+        let seconds = figment.extract_inner::<u64>("header_read_timeout").unwrap_or(0);
+        let cap = figment.extract_inner::<usize>("max_client_connections").unwrap_or(0);
+        let body = figment.extract_inner::<String>("connection_refusal").unwrap_or_else(|_| {
+            r#"{"type":"about:blank","title":"Service Unavailable","status":503}"#.into()
+        });
+        let refusal = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n\
+             retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{}",
+            body.len(),
+            body
+        );
+        ConnectionLimits {
+            header_read_timeout: (seconds > 0).then(|| Duration::from_secs(seconds)),
+            slots: (cap > 0).then(|| Arc::new(tokio::sync::Semaphore::new(cap))),
+            refusing: Arc::new(tokio::sync::Semaphore::new(Self::REFUSALS)),
+            refusal: refusal.into_bytes().into(),
+        }
+    }
+
+    /// Answers `conn`'s request with the refusal and closes it, or closes it at once when
+    /// enough refusals are being written already. The answer waits for the request's head (a
+    /// client does not expect an answer before it has asked: hyper's rejects one); what the
+    /// client sends after it is read and dropped until it closes its side (a lingering close:
+    /// closing on unread data would send a reset, which may destroy the answer unread).
+    fn refuse<C: Connection + Send + Unpin + 'static>(&self, conn: C) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let Ok(permit) = self.refusing.clone().try_acquire_owned() else { return };
+        let refusal = self.refusal.clone();
+        tokio::spawn(async move {
+            let mut conn = conn;
+            let mut head = Vec::with_capacity(1024);
+            let asked = tokio::time::timeout(Self::REFUSAL_TIME, async {
+                let mut chunk = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 << 10 {
+                    match conn.read(&mut chunk).await? {
+                        0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        n => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                Ok::<(), io::Error>(())
+            });
+            if !matches!(asked.await, Ok(Ok(()))) {
+                return;
+            }
+            let _ = tokio::time::timeout(Self::REFUSAL_TIME, async {
+                conn.write_all(&refusal).await?;
+                conn.shutdown().await?;
+                let mut sink = [0u8; 4096];
+                while conn.read(&mut sink).await? > 0 {}
+                Ok::<(), io::Error>(())
+            })
+            .await;
+            drop(permit);
+        });
     }
 }

@@ -4,6 +4,7 @@ mod request;
 mod from_param;
 mod from_request;
 mod atomic_method;
+mod client_gone;
 
 #[cfg(test)]
 mod tests;
@@ -11,6 +12,7 @@ mod tests;
 pub use self::request::Request;
 pub use self::from_request::{FromRequest, Outcome};
 pub use self::from_param::{FromParam, FromSegments};
+pub use self::client_gone::ClientGone;
 
 #[doc(inline)]
 pub use crate::response::flash::FlashMessage;
