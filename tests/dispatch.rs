@@ -33,6 +33,27 @@ fn park(dispatcher: &Dispatcher, agent: &str) -> Reply {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_handover_that_never_reached_its_agent_goes_back_to_the_queue() {
+    // Its client left in the instant the task was handed over, before the response went out
+    // (a pick that leaves earlier is let go and gets nothing): the handover is dropped
+    // undelivered, and the next round puts the task back, its attempt given back.
+    let (_db, pool) = migrated().await;
+    let (_, dispatcher, mut dispatch) = dispatcher(&pool);
+    let reply = park(&dispatcher, "gone");
+    let task = store::insert(&pool, "echo back", 60, "tester").await.unwrap().id;
+    let round = dispatch.run_once().await;
+    assert_eq!(round, Round { queried: true, delivered: 1, returned: 0, expired: 0 });
+    drop(reply.await.unwrap().expect("a task"));
+
+    let round = dispatch.run_once().await;
+
+    assert_eq!(round.returned, 1, "{round:?}");
+    let back = store::get(&pool, task, None).await.unwrap().unwrap();
+    assert_eq!(back.status, TaskStatus::Queued);
+    assert_eq!(back.attempts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn one_claim_serves_all_parked_picks_oldest_waiter_first() {
     let (_db, pool) = migrated().await;
     let (_, dispatcher, mut dispatch) = dispatcher(&pool);
@@ -59,7 +80,7 @@ async fn parking_on_a_known_empty_queue_costs_no_query() {
     let (db, pool) = migrated().await;
     let (notifier, dispatcher, mut dispatch) = dispatcher(&pool);
     // "Empty" is trusted only while notifications can arrive to say otherwise.
-    tokio::spawn(notifier.clone().listen(db.url.clone()));
+    tokio::spawn(notifier.clone().listen(db.url.clone(), Duration::from_secs(15)));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !notifier.is_listening() {
         assert!(Instant::now() < deadline, "the listener never connected");

@@ -53,6 +53,154 @@ async fn idle_connections_do_not_starve_health() {
     drop(idle);
 }
 
+/// Reads `stream` to its end; `None` if it is still open after `limit`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(limit, stream.read_to_end(&mut answer)).await.ok().map(|_| answer)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_slow_and_idle_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn_with(|f| f.merge(("header_read_timeout", 1))).await;
+    let address = app.url.trim_start_matches("http://").to_owned();
+    let connect = || tokio::net::TcpStream::connect(address.clone());
+
+    // One that never says a word; one that sends half a request's head (slowloris); one that
+    // makes a request, reads the answer and keeps the connection without using it.
+    let mut silent = connect().await.unwrap();
+    let mut slow = connect().await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut idle = connect().await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let began = tokio::time::Instant::now();
+
+    let limit = Duration::from_secs(10);
+    let (silent, slow, idle) = tokio::join!(
+        read_until_closed(&mut silent, limit),
+        read_until_closed(&mut slow, limit),
+        read_until_closed(&mut idle, limit),
+    );
+    let took = began.elapsed();
+    eprintln!("FIGURE silent, slow and idle connections closed within {took:?} (timeout 1 s)");
+    assert!(silent.is_some(), "a silent connection stayed open");
+    assert!(slow.is_some(), "half a request's head kept its connection open");
+    let idle = String::from_utf8_lossy(&idle.expect("an idle kept-alive connection stayed open"))
+        .into_owned();
+    assert!(idle.starts_with("HTTP/1.1 200"), "the request was answered first: {idle}");
+    assert!(took < Duration::from_secs(5), "closed only after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_past_the_cap_get_a_busy_problem_and_the_database_keeps_its_share() {
+    raise_open_files();
+    let db = TestDb::create().await;
+    // A hard limit of 400 open files, which the server cannot raise: it caps connections
+    // below it (400 - the pool's 8 - 128 kept back = 264) rather than at its setting (16,384).
+    let api = ApiProcess::start_with_file_limit(&db.url, 400).await;
+    let address = api.url.trim_start_matches("http://").to_owned();
+    // A client with a kept-alive connection, made before the flood.
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(format!("{}/health", api.url)).send().await.unwrap().status(), 200);
+
+    // 300 connections, each asking for /health and keeping its connection: those served stay
+    // open (kept alive), those past the cap are answered and closed.
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        flood.push(stream);
+    }
+    let answers = futures_join_all(flood.into_iter().map(|mut stream| async move {
+        let answer = read_until_closed(&mut stream, Duration::from_secs(2)).await;
+        (stream, answer)
+    }))
+    .await;
+    let refused: Vec<String> = answers
+        .iter()
+        .filter_map(|(_, answer)| answer.as_ref().map(|a| String::from_utf8_lossy(a).into_owned()))
+        .collect();
+    eprintln!("FIGURE 300 connections against a limit of 400 files: {} refused", refused.len());
+    assert_eq!(refused.len(), 300 - 263, "one connection is the client's: {refused:?}");
+    for answer in &refused {
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("content-type: application/problem+json"), "{answer}");
+        assert!(answer.contains("retry-after: 1"), "{answer}");
+        assert!(answer.contains("\"type\":\"/problems/busy\""), "{answer}");
+    }
+    // The database still has its descriptors: a submission on the kept-alive connection works.
+    let created = client
+        .post(format!("{}/tasks", api.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({ "command": "true" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert!(
+        api.log().contains("max_client_connections lowered from 16384 to 264"),
+        "{}",
+        api.log()
+    );
+    // A client that sends its request at once reads the refusal too (no reset for it).
+    let refused = reqwest::Client::new().get(format!("{}/health", api.url)).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(problem["type"], "/problems/busy", "{problem}");
+
+    // Once the flood leaves, new connections are served again.
+    drop(answers);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let fresh = reqwest::Client::new().get(format!("{}/health", api.url)).send().await;
+        if fresh.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "new connections are still refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pick_and_a_follower_whose_clients_left_let_go_at_once() {
+    let app = TestApp::spawn().await;
+    let pick = tokio::spawn(
+        reqwest::Client::new()
+            .get(format!("{}/tasks/pick?wait=60", app.url))
+            .bearer_auth(taskexec_tests::TOKEN)
+            .header("X-Agent-Name", "leaving")
+            .send(),
+    );
+    until_health(&app, "parked_picks", 1).await;
+    pick.abort();
+    let left = tokio::time::Instant::now();
+    until_health(&app, "parked_picks", 0).await;
+    let pick_gone = left.elapsed();
+
+    // A follower of a task that nothing runs: its response has begun, then waits for output.
+    let task = app.submit("echo never").await;
+    let follower = reqwest::Client::new()
+        .get(format!("{}/tasks/{}/log?follow=true", app.url, task.id))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follower.status(), 200);
+    until_waits(&app, 1).await;
+    drop(follower);
+    let left = tokio::time::Instant::now();
+    until_waits(&app, 0).await;
+    let follower_gone = left.elapsed();
+    eprintln!(
+        "FIGURE let go after the client left: pick {pick_gone:?}, follower {follower_gone:?}"
+    );
+    assert!(pick_gone < Duration::from_secs(5), "the pick stayed parked {pick_gone:?}");
+    assert!(follower_gone < Duration::from_secs(5), "the follow went on {follower_gone:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cleartext_http2_is_not_spoken() {
     let app = TestApp::spawn().await;
@@ -224,14 +372,19 @@ async fn until_quiet(proxy: &PgProxy) -> u64 {
 
 /// Waits until the server reports `count` waits and follows held.
 async fn until_waits(app: &TestApp, count: u64) {
+    until_health(app, "parked_waits", count).await
+}
+
+/// Waits until the server's `/health` reports `count` as `key`.
+async fn until_health(app: &TestApp, key: &str, count: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let health = app.health().await.expect("/health answers while requests park");
-        if health["parked_waits"] == count {
+        if health[key] == count {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never {count} waits: {health}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(tokio::time::Instant::now() < deadline, "never {count} {key}: {health}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -276,13 +429,18 @@ async fn parked_waits_cost_the_database_nothing_even_when_their_clients_leave() 
     until_quiet(&proxy).await;
 
     let parked = statement_rate(&proxy, Duration::from_secs(5)).await;
-    // The clients go away; the server cannot tell, but its waits still cost nothing.
+    // The clients go away: their waits end within a few seconds, not at their deadline, and
+    // cost nothing meanwhile.
     for wait in &waits {
         wait.abort();
     }
+    let left = tokio::time::Instant::now();
+    until_waits(&app, 0).await;
+    let released = left.elapsed();
+    assert!(released < Duration::from_secs(5), "the waits were let go after {released:?}");
     let dropped = statement_rate(&proxy, Duration::from_secs(5)).await;
     eprintln!(
-        "FIGURE statements/s: idle {idle:.1}, 3,000 parked waits {parked:.1}, after their clients left {dropped:.1}"
+        "FIGURE statements/s: idle {idle:.1}, 3,000 parked waits {parked:.1}, after their clients left {dropped:.1}; waits let go {released:?} after their clients left"
     );
     assert!(
         parked < idle + 1.0,
@@ -313,6 +471,34 @@ async fn a_wait_wakes_on_an_event_from_another_api_process() {
     let (seen, took) = waiting.await.unwrap();
     assert!(seen.status.is_terminal(), "{seen:?}");
     assert!(took < Duration::from_secs(10), "woken by the other process's event: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listen_connection_gone_silent_is_replaced() {
+    // The first process's LISTEN connection stays open but carries nothing, as when the
+    // database's host vanishes without a FIN: the event of the second process never arrives
+    // on it. Silent for 1 s, it is asked a question; unanswered within 1 s, it is replaced,
+    // and the wait looks again, well before its 30 s deadline.
+    let (app, proxy) = counted(|f| f.merge(("listen_probe_secs", 1))).await;
+    let peer = app.spawn_peer().await;
+    let task = app.submit("echo across").await;
+    proxy.freeze_listeners();
+    let waiting = {
+        let app_url = app.url.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let task: Task = get_as_admin(format!("{app_url}/tasks/{}?wait=30", task.id)).await;
+            (task, started.elapsed())
+        })
+    };
+    until_waits(&app, 1).await;
+    let picked = peer.pick("elsewhere", 0).await.unwrap().expect("the task");
+    peer.finish(task.id, &taskexec_protocol::FinishReport::exited(picked.lease, 0)).await.unwrap();
+
+    let (seen, took) = waiting.await.unwrap();
+    eprintln!("FIGURE a wait across a frozen LISTEN connection answered after {took:?}");
+    assert!(seen.status.is_terminal(), "{seen:?}");
+    assert!(took < Duration::from_secs(10), "the silent connection was kept: {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -67,6 +67,15 @@ pub struct AppConfig {
     /// Waits and follows one token may hold at once (429 past it), and this process (503).
     pub max_waits_per_token: usize,
     pub max_waits: usize,
+    /// Seconds a connection may take to send a request's head, and may wait idle for its next
+    /// one (enforced by the patched Rocket, `vendor/rocket`).
+    pub header_read_timeout: u64,
+    /// Connections served at once; past it, a new one gets 503 (`connections.rs` keeps it below
+    /// the descriptor limit).
+    pub max_client_connections: u64,
+    /// Seconds of silence after which the LISTEN connection must answer a query (within as
+    /// many seconds) or be replaced.
+    pub listen_probe_secs: u64,
     /// Seconds between rescans of the queue while picks are parked.
     pub dispatch_rescan_secs: u64,
     /// Seconds a pick's lease lasts; heartbeats extend it by as much.
@@ -138,6 +147,10 @@ impl AppConfig {
              "pick_wait_default_secs must not exceed pick_wait_max_secs"),
             (1 <= self.max_waits_per_token && self.max_waits_per_token <= self.max_waits,
              "max_waits_per_token must be from 1 to max_waits"),
+            ((1..=3600).contains(&self.header_read_timeout),
+             "header_read_timeout must be from 1 to 3600 seconds"),
+            (self.max_client_connections >= 1, "max_client_connections must be at least 1"),
+            (self.listen_probe_secs >= 1, "listen_probe_secs must be at least 1"),
         ];
         match rules.iter().find(|(ok, _)| !ok) {
             Some((_, message)) => Err((*message).to_owned()),

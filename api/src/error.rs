@@ -117,7 +117,7 @@ impl ApiError {
         (status, self)
     }
 
-    fn problem(&self) -> Problem {
+    pub(crate) fn problem(&self) -> Problem {
         let kind = self.kind();
         let mut problem = Problem {
             kind: kind.uri().to_owned(),

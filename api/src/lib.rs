@@ -10,6 +10,7 @@ pub mod auth;
 mod body;
 pub mod cli;
 pub mod config;
+mod connections;
 mod db;
 pub mod dispatch;
 mod error;
@@ -32,8 +33,7 @@ pub fn rocket() -> Rocket<Build> {
 pub fn build(figment: Figment) -> Rocket<Build> {
     let level = figment.extract_inner("logging").unwrap_or(log::LevelFilter::Info);
     logging::init(level);
-    raise_open_file_limit();
-    rocket::custom(figment)
+    rocket::custom(connections::limit(figment))
         .attach(config::stage())
         .attach(Db::init())
         .attach(AdHoc::try_on_ignite("Migrations", migrate))
@@ -54,23 +54,6 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         .mount("/", output::routes::routes())
         .mount("/", auth::routes::routes())
         .register("/", catchers![error::catch_all])
-}
-
-/// Raises this process's limit of open files to its hard limit: each connection, parked or
-/// not, is a descriptor, and 1,024 (a common default) let idle connections starve `/health`.
-fn raise_open_file_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit with a valid pointer; they affect only this process.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            let before = limit.rlim_cur;
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                log::debug!("open files limit raised from {before} to {}", limit.rlim_max);
-            }
-        }
-    }
 }
 
 /// Applies the embedded migrations before the server takes requests.

@@ -544,7 +544,7 @@ pub struct ApiProcess {
     env: Vec<(String, String)>,
     /// Its log (stderr), when it is kept.
     log: Option<Arc<std::sync::Mutex<String>>>,
-    open_files: Option<u64>,
+    open_files: Option<(u64, bool)>,
 }
 
 impl ApiProcess {
@@ -558,7 +558,14 @@ impl ApiProcess {
     /// as a common default of 1,024 would leave it.
     pub async fn start_with_open_files(database_url: &str, open_files: u64) -> ApiProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        ApiProcess::launch(port, database_url, &[], false, Some(open_files)).await
+        ApiProcess::launch(port, database_url, &[], false, Some((open_files, false))).await
+    }
+
+    /// The API with a hard limit of `open_files` open files (which it cannot raise), its log
+    /// kept for `log`.
+    pub async fn start_with_file_limit(database_url: &str, open_files: u64) -> ApiProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        ApiProcess::launch(port, database_url, &[], true, Some((open_files, true))).await
     }
 
     /// The API, its log (stderr) kept for `log`.
@@ -578,16 +585,19 @@ impl ApiProcess {
         database_url: &str,
         env: &[(String, String)],
         logged: bool,
-        open_files: Option<u64>,
+        open_files: Option<(u64, bool)>,
     ) -> ApiProcess {
         let mut command = tokio::process::Command::new(binary("taskexec-api"));
-        if let Some(soft) = open_files {
+        if let Some((soft, hard)) = open_files {
             // SAFETY: getrlimit and setrlimit are async-signal-safe.
             unsafe {
                 command.pre_exec(move || {
                     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
                     libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
                     limit.rlim_cur = soft.min(limit.rlim_max);
+                    if hard {
+                        limit.rlim_max = limit.rlim_cur;
+                    }
                     libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
                     Ok(())
                 });
@@ -815,6 +825,7 @@ pub struct PgProxy {
     pub url: String,
     up: Arc<std::sync::atomic::AtomicBool>,
     cuts: tokio::sync::watch::Sender<u64>,
+    freezes: tokio::sync::watch::Sender<u64>,
     statements: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -829,8 +840,10 @@ impl PgProxy {
         url.query_pairs_mut().append_pair("sslmode", "disable");
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (freezes, _) = tokio::sync::watch::channel(0u64);
         let statements = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (flag, cut_tx, counter) = (up.clone(), cuts.clone(), statements.clone());
+        let freeze_tx = freezes.clone();
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !flag.load(std::sync::atomic::Ordering::SeqCst) {
@@ -838,8 +851,10 @@ impl PgProxy {
                 }
                 let upstream = upstream.clone();
                 let mut cut = cut_tx.subscribe();
+                let mut freeze = freeze_tx.subscribe();
                 let counter = counter.clone();
                 tokio::spawn(async move {
+                    let listens = std::sync::atomic::AtomicBool::new(false);
                     let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
@@ -847,15 +862,29 @@ impl PgProxy {
                     let _ = inbound.set_nodelay(true);
                     let (mut from_client, mut to_client) = inbound.split();
                     let (mut from_server, mut to_server) = outbound.into_split();
+                    let frozen = async {
+                        loop {
+                            if freeze.changed().await.is_err() {
+                                return std::future::pending().await;
+                            }
+                            if listens.load(std::sync::atomic::Ordering::SeqCst) {
+                                return;
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = count_statements(&mut from_client, &mut to_server, &counter) => {}
+                        _ = count_statements(&mut from_client, &mut to_server, &counter, &listens) => {}
                         _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
-                        _ = cut.changed() => {}
+                        _ = cut.changed() => return,
+                        _ = frozen => {
+                            // Open, but nothing passes either way: its host has vanished.
+                            let _ = cut.changed().await;
+                        }
                     }
                 });
             }
         });
-        PgProxy { url: url.to_string(), up, cuts, statements }
+        PgProxy { url: url.to_string(), up, cuts, freezes, statements }
     }
 
     /// Statements sent through the proxy so far: simple queries and executions of prepared
@@ -870,6 +899,13 @@ impl PgProxy {
         self.cuts.send_modify(|n| *n += 1);
     }
 
+    /// The LISTEN connections through the proxy stay open, but nothing passes on them any
+    /// more either way, as when their peer's host vanishes without a FIN; other connections,
+    /// and new ones, are untouched.
+    pub fn freeze_listeners(&self) {
+        self.freezes.send_modify(|n| *n += 1);
+    }
+
     pub fn restore(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
     }
@@ -882,6 +918,7 @@ async fn count_statements(
     from: &mut (impl tokio::io::AsyncRead + Unpin),
     to: &mut (impl tokio::io::AsyncWrite + Unpin),
     counter: &std::sync::atomic::AtomicU64,
+    listens: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut started = false;
@@ -900,6 +937,9 @@ async fn count_statements(
         match kind {
             Some(b'Q' | b'E') => {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if kind == Some(b'Q') && body.windows(7).any(|w| w == b"LISTEN ") {
+                    listens.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
             }
             Some(_) => {}
             // 80877103 asks for SSL, 80877104 for GSS encryption; anything else starts up.

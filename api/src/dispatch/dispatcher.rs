@@ -35,6 +35,8 @@ const MAX_BATCH: usize = 512;
 pub struct Dispatcher {
     parks: mpsc::UnboundedSender<Waiter>,
     parked: Arc<AtomicUsize>,
+    /// Raised when a parked pick's client has gone, so that the loop lets it go at once.
+    left: Arc<Notify>,
     notifier: Notifier,
 }
 
@@ -57,6 +59,13 @@ impl Dispatcher {
         let (reply, receiver) = oneshot::channel();
         self.parks.send(Waiter { agent, deadline, reply }).map_err(|_| ApiError::Unavailable)?;
         Ok(receiver)
+    }
+
+    /// A parked pick's client has gone: the dispatcher drops it in a round now (one without a
+    /// query unless one was due anyway) rather than at its next rescan, and claims nothing
+    /// for it.
+    pub fn left(&self) {
+        self.left.notify_one();
     }
 
     /// How many picks are parked right now (as of the dispatcher's last round).
@@ -191,6 +200,7 @@ pub struct DispatchLoop {
     /// Handovers neither delivered nor come back yet.
     in_flight: Arc<InFlight>,
     parked: Arc<AtomicUsize>,
+    left: Arc<Notify>,
     notifier: Notifier,
     terms: LeaseTerms,
     waiters: VecDeque<Waiter>,
@@ -211,7 +221,13 @@ impl DispatchLoop {
         let (parks, parks_rx) = mpsc::unbounded_channel();
         let (undelivered, undelivered_rx) = mpsc::unbounded_channel();
         let parked = Arc::new(AtomicUsize::new(0));
-        let dispatcher = Dispatcher { parks, parked: parked.clone(), notifier: notifier.clone() };
+        let left = Arc::new(Notify::new());
+        let dispatcher = Dispatcher {
+            parks,
+            parked: parked.clone(),
+            left: left.clone(),
+            notifier: notifier.clone(),
+        };
         let state = DispatchLoop {
             pool,
             parks: parks_rx,
@@ -220,6 +236,7 @@ impl DispatchLoop {
             returning: Vec::new(),
             in_flight: Arc::default(),
             parked,
+            left,
             notifier,
             terms,
             waiters: VecDeque::new(),
@@ -244,6 +261,7 @@ impl DispatchLoop {
                 },
                 Some(lease) = self.undelivered.recv() => self.returning.push(lease),
                 _ = self.notifier.hints.wake.notified() => {}
+                _ = self.left.notified() => {}
                 _ = sleep_until(next_deadline.unwrap_or(rescan_at)), if next_deadline.is_some() => {}
                 _ = sleep_until(rescan_at), if !self.waiters.is_empty() => self.queue_empty = false,
             }

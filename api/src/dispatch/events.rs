@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rocket::request::ClientGone;
 use rocket::Shutdown;
 use taskexec_protocol::TaskId;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
@@ -150,7 +151,7 @@ impl TaskEvents {
     }
 
     /// A long poll on task `id`: `look` at it until it says the wait is over, `deadline` passes
-    /// or the server stops, and between looks wait for one of `what` to happen to the task
+    /// or `stop` resolves (see [`ended`]), and between looks wait for one of `what` to happen to the task
     /// (here or in another process), or for `recheck` while events from other processes cannot
     /// arrive. A look waits for its turn (`looks`) until the deadline at most; a look at or past
     /// the deadline (a plain read, the last look) goes at once. Answers what the last look saw.
@@ -163,13 +164,14 @@ impl TaskEvents {
         what: &[Woken],
         deadline: Instant,
         recheck: Duration,
-        shutdown: &mut Shutdown,
+        stop: impl std::future::Future<Output = ()>,
         mut look: Look,
     ) -> Result<T, ApiError>
     where
         Look: FnMut() -> Seen,
         Seen: std::future::Future<Output = Result<(T, bool), ApiError>>,
     {
+        let mut stop = std::pin::pin!(stop);
         loop {
             // Watch before looking, so that an event in between is not missed.
             let watch = self.watch(id);
@@ -193,9 +195,18 @@ impl TaskEvents {
                 _ = watch.until(what) => {}
                 // At the deadline, one last look: the answer shows the task as it is then.
                 _ = sleep(pause) => {}
-                _ = &mut *shutdown => return Ok(seen),
+                _ = &mut stop => return Ok(seen),
             }
         }
+    }
+}
+
+/// Resolves when a parked request has no reason to go on: the server stops, or its client has
+/// gone (so that a departed waiter frees its slot at once, not at its deadline).
+pub async fn ended(shutdown: Shutdown, gone: ClientGone) {
+    tokio::select! {
+        _ = shutdown => {}
+        _ = gone.departed() => {}
     }
 }
 

@@ -16,7 +16,7 @@ use taskexec_protocol::LeaseTerms;
 use tokio::sync::Mutex;
 
 pub use dispatcher::{Delivery, DispatchLoop, Dispatcher, Handover, Reply, Round};
-pub use events::{TaskEvents, Watch, Woken, RECHECK};
+pub use events::{ended, TaskEvents, Watch, Woken, RECHECK};
 pub use notifier::Notifier;
 pub use waits::{WaitSlot, WaitSlots};
 
@@ -51,6 +51,7 @@ pub fn stage() -> AdHoc {
             }
         };
         let rescan = Duration::from_secs(config.dispatch_rescan_secs.max(1));
+        let listen_probe = Duration::from_secs(config.listen_probe_secs.max(1));
         // Half the pool for parked requests' looks; the rest stays free for everything else.
         let looks = pool.options().get_max_connections() as usize / 2;
         let notifier = Notifier::with_events(TaskEvents::with_look_limit(looks));
@@ -66,7 +67,10 @@ pub fn stage() -> AdHoc {
             .attach(AdHoc::on_liftoff("Dispatcher loop", move |rocket| {
                 Box::pin(async move {
                     let shutdown = rocket.shutdown();
-                    tokio::spawn(until(shutdown.clone(), notifier.clone().listen(url)));
+                    tokio::spawn(until(
+                        shutdown.clone(),
+                        notifier.clone().listen(url, listen_probe),
+                    ));
                     // Not stopped at shutdown: events of the requests served in the grace
                     // must reach the other processes; it ends when the pool closes.
                     tokio::spawn(notifier.clone().send_events(pool.clone()));

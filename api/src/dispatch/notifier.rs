@@ -100,8 +100,11 @@ impl Notifier {
         self.queued.notify_one();
     }
 
-    /// Follows the LISTEN connection on `url` until the future is dropped.
-    pub async fn listen(self, url: String) {
+    /// Follows the LISTEN connection on `url` until the future is dropped. A connection silent
+    /// for `probe` is asked to answer a query within `probe`, or replaced: one whose peer
+    /// vanished without closing it (a host gone, a partition) would otherwise look alive
+    /// forever while the other processes' events never came.
+    pub async fn listen(self, url: String, probe: Duration) {
         let mut delay = Duration::from_millis(100);
         loop {
             let mut listener = match connect(&url).await {
@@ -120,7 +123,18 @@ impl Notifier {
             // Events of other processes may have been missed while the connection was down.
             self.events.wake_all();
             loop {
-                match listener.try_recv().await {
+                let Ok(received) = tokio::time::timeout(probe, listener.try_recv()).await else {
+                    match tokio::time::timeout(probe, store::probe(&mut listener)).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => log::warn!("LISTEN connection failed its probe: {e}"),
+                        Err(_) => log::warn!(
+                            "LISTEN connection silent for {probe:?} did not answer within \
+                             {probe:?}; reconnecting"
+                        ),
+                    }
+                    break;
+                };
+                match received {
                     Ok(Some(n)) if n.channel() == store::ABORT_CHANNEL => {
                         if let Ok(id) = n.payload().parse() {
                             self.events.wake(id, Woken::Abort);

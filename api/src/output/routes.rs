@@ -6,7 +6,7 @@ use std::time::Duration;
 use rocket::data::{Data, Limits, ToByteUnit};
 use rocket::http::{ContentType, Header, Status};
 use rocket::outcome::Outcome;
-use rocket::request::{self, FromRequest};
+use rocket::request::{self, ClientGone, FromRequest};
 use rocket::response::stream::ByteStream;
 use rocket::response::{self, Responder};
 use rocket::serde::json::Json;
@@ -21,7 +21,7 @@ use crate::auth::verifier::Verifier;
 use crate::auth::{Allowed, Read, Run};
 use crate::body::read_within;
 use crate::config::AppConfig;
-use crate::dispatch::{Dispatcher, WaitSlots, Woken, RECHECK};
+use crate::dispatch::{ended, Dispatcher, WaitSlots, Woken, RECHECK};
 use crate::error::ApiError;
 use crate::query::{self, StrictQuery};
 use crate::tasks::lease::Lease;
@@ -147,7 +147,8 @@ async fn read(
     stream: Option<&str>,
     offset: Option<&str>,
     wait: Option<&str>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
+    gone: ClientGone,
 ) -> Result<OutputRead, ApiError> {
     let id = parse_id(id)?;
     let stream = self::stream(stream)?;
@@ -165,7 +166,7 @@ async fn read(
     let events = dispatcher.events();
     let deadline = Instant::now() + wait;
     let read = events
-        .poll(id, &[Woken::Output, Woken::Ended], deadline, RECHECK, &mut shutdown, look)
+        .poll(id, &[Woken::Output, Woken::Ended], deadline, RECHECK, ended(shutdown, gone), look)
         .await?;
     Ok(OutputRead(read))
 }

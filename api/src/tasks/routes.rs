@@ -7,6 +7,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use rocket::http::ContentType;
+use rocket::request::ClientGone;
 use rocket::response::status::Created;
 use rocket::response::{self, Responder};
 use rocket::serde::json::Json;
@@ -25,7 +26,7 @@ use super::store::{self, Aborted};
 use crate::auth::{Abort, AgentName, Allowed, Read, Run, Submit};
 use crate::body::JsonBody;
 use crate::config::AppConfig;
-use crate::dispatch::{Delivery, Dispatcher, Handover, WaitSlots, Woken, RECHECK};
+use crate::dispatch::{ended, Delivery, Dispatcher, Handover, WaitSlots, Woken, RECHECK};
 use crate::error::ApiError;
 use crate::output::store::{self as output, Uploads};
 use crate::query::{self, StrictQuery};
@@ -128,7 +129,8 @@ async fn show(
     slots: &State<WaitSlots>,
     id: &str,
     wait: Option<&str>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
+    gone: ClientGone,
 ) -> Result<Json<Task>, ApiError> {
     let id = parse_id(id)?;
     let wait = Duration::from_secs(query::wait_secs(wait, 0, config.pick_wait_max_secs)?);
@@ -141,7 +143,8 @@ async fn show(
         Ok((task, ended))
     };
     let events = dispatcher.events();
-    let task = events.poll(id, &[Woken::Ended], deadline, RECHECK, &mut shutdown, look).await?;
+    let stop = ended(shutdown, gone);
+    let task = events.poll(id, &[Woken::Ended], deadline, RECHECK, stop, look).await?;
     Ok(Json(task))
 }
 
@@ -188,6 +191,7 @@ enum PickResponse {
 
 /// Hands the oldest queued task to the agent, waiting up to `wait` seconds for one to arrive.
 #[get("/tasks/pick?<wait>")]
+#[allow(clippy::too_many_arguments)]
 async fn pick(
     _access: Allowed<Run>,
     _query: StrictQuery,
@@ -196,16 +200,22 @@ async fn pick(
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
     shutdown: Shutdown,
+    gone: ClientGone,
 ) -> Result<PickResponse, ApiError> {
     let wait = query::wait_secs(wait, config.pick_wait_default_secs, config.pick_wait_max_secs)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut reply = dispatcher.park(agent.0, deadline)?;
     // The dispatcher answers by the deadline unless the database holds it up; the margin keeps
     // this response inside the agent's read timeout even then.
+    let mut departed = false;
     let handed = tokio::select! {
         biased;
         answer = &mut reply => answer.unwrap_or(None),
         _ = shutdown => None,
+        _ = gone.departed() => {
+            departed = true;
+            None
+        }
         _ = tokio::time::sleep_until(deadline + Duration::from_secs(5)) => None,
     };
     // Giving up: close the channel so that the dispatcher puts back anything it claims from
@@ -214,6 +224,10 @@ async fn pick(
         reply.close();
         reply.try_recv().ok().flatten()
     });
+    if departed {
+        // An agent that has gone leaves the parked picks now, not at the next rescan.
+        dispatcher.left();
+    }
     Ok(match handed {
         Some(handover) => PickResponse::Task(Box::new(Handed(handover))),
         None => PickResponse::Nothing(()),

@@ -473,6 +473,11 @@ pub async fn notify(db: impl PgExecutor<'_>) -> Result<(), DbError> {
         .op("notify the dispatchers")
 }
 
+/// A query on the LISTEN connection that has been silent, to learn that it still answers.
+pub async fn probe(db: impl PgExecutor<'_>) -> Result<(), DbError> {
+    sqlx::query_scalar!("SELECT 1 AS alive").fetch_one(db).await.map(|_| ()).op("probe LISTEN")
+}
+
 /// How an attempt ended other than by its agent's finish (the `attempt_fate` enum of the
 /// schema, where `end_attempt` applies it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type)]
