@@ -123,7 +123,8 @@ async fn connections_past_the_cap_get_a_busy_problem_and_the_database_keeps_its_
         .filter_map(|(_, answer)| answer.as_ref().map(|a| String::from_utf8_lossy(a).into_owned()))
         .collect();
     eprintln!("FIGURE 300 connections against a limit of 400 files: {} refused", refused.len());
-    assert_eq!(refused.len(), 300 - 263, "one connection is the client's: {refused:?}");
+    // One connection is the client's; the start-up check's may not have been let go yet.
+    assert!((37..=38).contains(&refused.len()), "{} refused: {refused:?}", refused.len());
     for answer in &refused {
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(answer.contains("content-type: application/problem+json"), "{answer}");
@@ -166,7 +167,8 @@ async fn connections_past_the_cap_get_a_busy_problem_and_the_database_keeps_its_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pick_and_a_follower_whose_clients_left_let_go_at_once() {
-    let app = TestApp::spawn().await;
+    // No rescan: only the pick's own leaving can take it out of the parked ones in time.
+    let app = TestApp::spawn_with(|f| f.merge(("dispatch_rescan_secs", 3600))).await;
     let pick = tokio::spawn(
         reqwest::Client::new()
             .get(format!("{}/tasks/pick?wait=60", app.url))
@@ -197,7 +199,7 @@ async fn a_pick_and_a_follower_whose_clients_left_let_go_at_once() {
     eprintln!(
         "FIGURE let go after the client left: pick {pick_gone:?}, follower {follower_gone:?}"
     );
-    assert!(pick_gone < Duration::from_secs(5), "the pick stayed parked {pick_gone:?}");
+    assert!(pick_gone < Duration::from_secs(2), "the pick stayed parked {pick_gone:?}");
     assert!(follower_gone < Duration::from_secs(5), "the follow went on {follower_gone:?}");
 }
 

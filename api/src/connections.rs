@@ -30,7 +30,7 @@ pub fn limit(figment: Figment) -> Figment {
         );
     }
     let refusal = ApiError::Busy(format!(
-        "this server holds its most connections ({cap}); retry shortly, on a kept-alive connection"
+        "this server holds as many connections as it serves at once ({cap}); retry shortly"
     ));
     let refusal = serde_json::to_string(&refusal.problem()).unwrap_or_default();
     figment.merge(("max_client_connections", cap)).merge(("connection_refusal", refusal))

@@ -123,6 +123,9 @@ impl Notifier {
             // Events of other processes may have been missed while the connection was down.
             self.events.wake_all();
             loop {
+                // A timeout that cuts a notification half-read leaves the stream out of step;
+                // the probe then fails and the connection is replaced, every waiter woken: a
+                // spurious reconnect at worst.
                 let Ok(received) = tokio::time::timeout(probe, listener.try_recv()).await else {
                     match tokio::time::timeout(probe, store::probe(&mut listener)).await {
                         Ok(Ok(())) => continue,

@@ -13,6 +13,7 @@ use futures::future::{FutureExt, Future, BoxFuture};
 use http_body_util::{Either, Empty, StreamBody};
 use hyper_util::rt::TokioIo;
 
+// taskexec patch: the timer for the header-read timeout.
 use hyper_util::rt::TokioTimer;
 #[cfg(feature = "http2")]
 use hyper_util::rt::TokioExecutor;
@@ -89,6 +90,7 @@ async fn hyper_service_fn(
     // This future must return a hyper::Response, but the response body might
     // borrow from the request. Instead, write the body in another future that
     // sends the response metadata (and a body channel) prior.
+    // taskexec patch: `mut`, for `tx.closed()` below.
     let (mut tx, rx) = oneshot::channel();
     let version = hyp_req.version();
 
@@ -695,7 +697,7 @@ impl Rocket<Orbit> {
             let (rocket, server) = (self.clone(), server.clone());
             let shutdown = rocket.shutdown();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permit = permit; // taskexec patch: held while the connection lives
                 let connection = ConnectionMeta {
                     remote: conn.peer_address(),
                     client_certificates: conn.peer_certificates(),
@@ -721,6 +723,12 @@ impl Rocket<Orbit> {
 
                 if let Err(e) = result {
                     let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+                    // taskexec patch: a connection closed by the header-read timeout is the
+                    // timeout doing its work (an idle kept-alive client), not a failure.
+                    if e.downcast_ref::<hyper::Error>().is_some_and(|e| e.is_timeout()) {
+                        debug!("Connection closed: {}", e);
+                        return;
+                    }
                     warn!("Connection failed: {}", e);
                     let mut source = e.source();
                     while let Some(e) = source {
@@ -749,10 +757,14 @@ struct ConnectionLimits {
     /// Refusals being written at once, bounded too: past it, a connection is closed unanswered.
     refusing: Arc<tokio::sync::Semaphore>,
     refusal: Arc<[u8]>,
+    /// Connections refused so far, and when that was last logged (once a minute at most).
+    refused: std::sync::atomic::AtomicU64,
+    logged: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl ConnectionLimits {
-    /// Refusals written at once, each for at most `REFUSAL_TIME`.
+    /// Refusals under way at once; each waits at most `REFUSAL_TIME` for the request's head,
+    /// then at most as long to write the answer and for the client to close.
     const REFUSALS: usize = 64;
     const REFUSAL_TIME: Duration = Duration::from_secs(1);
 
@@ -773,6 +785,8 @@ impl ConnectionLimits {
             slots: (cap > 0).then(|| Arc::new(tokio::sync::Semaphore::new(cap))),
             refusing: Arc::new(tokio::sync::Semaphore::new(Self::REFUSALS)),
             refusal: refusal.into_bytes().into(),
+            refused: Default::default(),
+            logged: Default::default(),
         }
     }
 
@@ -784,6 +798,13 @@ impl ConnectionLimits {
     fn refuse<C: Connection + Send + Unpin + 'static>(&self, conn: C) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+        let refused = self.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if let Ok(mut logged) = self.logged.lock() {
+            if logged.map_or(true, |at| at.elapsed() >= Duration::from_secs(60)) {
+                *logged = Some(std::time::Instant::now());
+                warn!("Connection refused: at max_client_connections ({refused} refused so far).");
+            }
+        }
         let Ok(permit) = self.refusing.clone().try_acquire_owned() else { return };
         let refusal = self.refusal.clone();
         tokio::spawn(async move {

@@ -4,6 +4,7 @@ mod request;
 mod from_param;
 mod from_request;
 mod atomic_method;
+// taskexec patch: `ClientGone`.
 mod client_gone;
 
 #[cfg(test)]
@@ -12,7 +13,7 @@ mod tests;
 pub use self::request::Request;
 pub use self::from_request::{FromRequest, Outcome};
 pub use self::from_param::{FromParam, FromSegments};
-pub use self::client_gone::ClientGone;
+pub use self::client_gone::ClientGone; // taskexec patch
 
 #[doc(inline)]
 pub use crate::response::flash::FlashMessage;
