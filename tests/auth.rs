@@ -112,7 +112,7 @@ struct Endpoint {
     answers: [u16; 4],
 }
 
-const ENDPOINTS: [Endpoint; 16] = [
+const ENDPOINTS: [Endpoint; 19] = [
     Endpoint { name: "GET /", public: true, answers: [200, 200, 200, 200] },
     Endpoint { name: "GET /health", public: true, answers: [200, 200, 200, 200] },
     Endpoint { name: "POST /tasks", public: false, answers: [201, 201, 403, 403] },
@@ -129,6 +129,9 @@ const ENDPOINTS: [Endpoint; 16] = [
     Endpoint { name: "POST /tokens", public: false, answers: [201, 403, 403, 403] },
     Endpoint { name: "GET /tokens", public: false, answers: [200, 403, 403, 403] },
     Endpoint { name: "DELETE /tokens/<id>", public: false, answers: [204, 403, 403, 403] },
+    Endpoint { name: "GET /metrics", public: false, answers: [200, 403, 200, 403] },
+    Endpoint { name: "GET /agents", public: false, answers: [200, 403, 200, 403] },
+    Endpoint { name: "POST /agents/leave", public: false, answers: [204, 403, 403, 204] },
 ];
 
 /// A request to `endpoint` on fresh state: a new queued task of the admin's (the only queued
@@ -168,6 +171,9 @@ async fn call(app: &TestApp, endpoint: &str, authorization: Option<&str>) -> u16
             (Method::POST, "/tokens".into(), Some(json!({"name": "new", "role": "reader"})))
         }
         "GET /tokens" => (Method::GET, "/tokens".into(), None),
+        "GET /metrics" => (Method::GET, "/metrics".into(), None),
+        "GET /agents" => (Method::GET, "/agents".into(), None),
+        "POST /agents/leave" => (Method::POST, "/agents/leave".into(), None),
         "DELETE /tokens/<id>" => {
             let doomed = app.create_token(&token("doomed", Role::Reader)).await.unwrap();
             (Method::DELETE, format!("/tokens/{}", doomed.id), None)

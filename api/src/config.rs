@@ -6,6 +6,7 @@ use rocket::figment::providers::{Env, Format, Serialized, Toml};
 use rocket::figment::{Figment, Profile};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use taskexec_protocol::logline::LogFormat;
 
 /// The defaults, compiled in so that the binary needs no file to run.
 const DEFAULTS: &str = include_str!("../../Rocket.toml");
@@ -23,6 +24,7 @@ unit, and can be overridden with ROCKET_<KEY>, e.g. ROCKET_LEASE_SECS=60):
                        [default: postgres://postgres@localhost:5432/postgres]
   SERVER_PORT          listen port [default: 3500]
   LOG_LEVEL            error, warn, info, debug or trace [default: info]
+  LOG_FORMAT           text, or json for one JSON object per line [default: text]
   ROCKET_CONFIG        the settings file [default: Rocket.toml; built-in defaults without it]
 
 SIGTERM or SIGINT: parked picks answer 204 at once, requests in flight get a short grace,
@@ -44,6 +46,9 @@ pub const DATABASE_URL_KEY: &str = "databases.taskexec.url";
 pub struct AppConfig {
     /// Log level: error, warn, info, debug or trace.
     pub logging: log::LevelFilter,
+    /// Log lines as `text` (the default) or `json` (`LOG_FORMAT`).
+    #[serde(default)]
+    pub log_format: LogFormat,
     /// The bearer token agents must present; checked at ignite, so never empty at run time.
     /// A secret: its `Debug` prints no value, and it is read only through `agent_token()`.
     #[serde(default)]
@@ -73,6 +78,8 @@ pub struct AppConfig {
     /// Connections served at once; past it, a new one gets 503 (`connections.rs` keeps it below
     /// the descriptor limit).
     pub max_client_connections: u64,
+    /// Seconds between two counts of the queue for `GET /metrics`, for all API processes.
+    pub metrics_refresh_secs: u64,
     /// Seconds of silence after which the LISTEN connection must answer a query (within as
     /// many seconds) or be replaced.
     pub listen_probe_secs: u64,
@@ -151,6 +158,7 @@ impl AppConfig {
              "header_read_timeout must be from 1 to 3600 seconds"),
             (self.max_client_connections >= 1, "max_client_connections must be at least 1"),
             (self.listen_probe_secs >= 1, "listen_probe_secs must be at least 1"),
+            (self.metrics_refresh_secs >= 1, "metrics_refresh_secs must be at least 1"),
         ];
         match rules.iter().find(|(ok, _)| !ok) {
             Some((_, message)) => Err((*message).to_owned()),
@@ -184,6 +192,9 @@ fn container_env(var: impl Fn(&str) -> Option<String>) -> Figment {
     }
     if let Some(level) = var("LOG_LEVEL") {
         env = env.merge(Serialized::global("logging", level));
+    }
+    if let Some(format) = var("LOG_FORMAT") {
+        env = env.merge(Serialized::global("log_format", format));
     }
     for (key, name) in [("agent_token", "AGENT_TOKEN"), ("admin_token", "ADMIN_TOKEN")] {
         match (var(name), var(&format!("{name}_FILE"))) {

@@ -182,9 +182,13 @@ fn capped(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-fn problem_response<'o>(problem: &Problem) -> Response<'o> {
+/// The problem as a response, naming its request (`instance`) so that a client's report of it
+/// leads to the request's log lines.
+fn problem_response<'o>(problem: &Problem, request: &Request<'_>) -> Response<'o> {
     let status = Status::from_code(problem.status).unwrap_or(Status::InternalServerError);
     let mut problem = problem.clone();
+    problem.instance =
+        Some(format!("urn:taskexec:request:{}", crate::logging::request_id(request)));
     problem.detail = capped(&problem.detail, MAX_DETAIL_BYTES);
     problem.parameter = problem.parameter.map(|name| capped(&name, MAX_PARAMETER_BYTES));
     let body = serde_json::to_vec(&problem).unwrap_or_default();
@@ -204,8 +208,8 @@ fn problem_response<'o>(problem: &Problem) -> Response<'o> {
 }
 
 impl<'r> Responder<'r, 'static> for ApiError {
-    fn respond_to(self, _: &'r Request<'_>) -> response::Result<'static> {
-        Ok(problem_response(&self.problem()))
+    fn respond_to(self, request: &'r Request<'_>) -> response::Result<'static> {
+        Ok(problem_response(&self.problem(), request))
     }
 }
 
@@ -241,7 +245,7 @@ impl<'r> Responder<'r, 'static> for Caught {
                     detail,
                     ..Problem::default()
                 };
-                Ok(problem_response(&problem))
+                Ok(problem_response(&problem, request))
             }
         }
     }

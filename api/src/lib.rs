@@ -6,7 +6,8 @@ use rocket::figment::Figment;
 use rocket::{catchers, Build, Rocket};
 use rocket_db_pools::Database;
 
-pub mod auth;
+pub mod agents;
+mod auth;
 mod body;
 pub mod cli;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod dispatch;
 mod error;
 mod health;
 mod logging;
+pub mod metrics;
 pub mod output;
 mod query;
 pub mod reaper;
@@ -32,16 +34,21 @@ pub fn rocket() -> Rocket<Build> {
 /// The server for a given figment.
 pub fn build(figment: Figment) -> Rocket<Build> {
     let level = figment.extract_inner("logging").unwrap_or(log::LevelFilter::Info);
-    logging::init(level);
+    // A bad format is refused by the settings' check; until then, lines are text.
+    let format = figment.extract_inner("log_format").unwrap_or_default();
+    logging::init(level, format);
     rocket::custom(connections::limit(figment))
         .attach(config::stage())
+        .attach(metrics::stage())
         .attach(Db::init())
         .attach(AdHoc::try_on_ignite("Migrations", migrate))
         .attach(tasks::intake::stage())
         .attach(dispatch::stage())
         .attach(auth::verifier::stage())
         .attach(reaper::stage())
+        .attach(agents::stage())
         .attach(logging::RequestLog)
+        .attach(metrics::HttpMetrics)
         .attach(AdHoc::on_liftoff("Announce", |rocket| {
             Box::pin(async move {
                 let config = rocket.config();
@@ -53,6 +60,8 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         .mount("/", tasks::routes::routes())
         .mount("/", output::routes::routes())
         .mount("/", auth::routes::routes())
+        .mount("/", metrics::routes())
+        .mount("/", agents::routes())
         .register("/", catchers![error::catch_all])
 }
 

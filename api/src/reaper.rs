@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use crate::config::AppConfig;
 use crate::db::{required, DbError};
 use crate::dispatch::{Dispatcher, Woken};
+use crate::metrics::Metrics;
 use crate::tasks::store::{self, Fate, Reaped};
 
 /// One pass. Requeued tasks are announced so that parked picks get them at once; the requests
@@ -58,6 +59,10 @@ pub fn stage() -> AdHoc {
                 return Err(rocket);
             }
         };
+        let Some(metrics) = rocket.state::<Metrics>().cloned() else {
+            log::error!("the reaper cannot start without its metrics");
+            return Err(rocket);
+        };
         Ok(rocket.attach(AdHoc::on_liftoff("Reaper loop", move |rocket| {
             let mut shutdown = rocket.shutdown();
             Box::pin(async move {
@@ -70,8 +75,9 @@ pub fn stage() -> AdHoc {
                             _ = &mut shutdown => break,
                             _ = tick.tick() => {}
                         }
-                        if let Err(e) = run_once(&pool, &config, &dispatcher).await {
-                            log::warn!("reaper pass failed: {e}");
+                        match run_once(&pool, &config, &dispatcher).await {
+                            Ok(reaped) => metrics.reaped(&reaped),
+                            Err(e) => log::warn!("reaper pass failed: {e}"),
                         }
                     }
                 });

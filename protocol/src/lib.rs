@@ -4,13 +4,17 @@
 //! capped. Types carry the rules: a [`TaskId`] is not a [`LeaseToken`], a [`TaskStatus`] knows
 //! whether it is terminal, a [`ProblemType`] is matched as a value, not a string.
 
+pub mod agent;
 mod ids;
 pub mod lease;
+#[cfg(feature = "log")]
+pub mod logline;
 pub mod output;
 mod problem;
 mod task;
 pub mod token;
 
+pub use agent::{AgentInfo, AgentState};
 pub use ids::{LeaseToken, ParseIdError, TaskId, TokenId};
 pub use lease::{Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseTerms};
 pub use output::{OutputAck, OutputCap, Stream};

@@ -64,12 +64,14 @@ impl FromStr for Stream {
     }
 }
 
-/// Header names of the output endpoints.
+/// Header names of the agent and output endpoints.
 pub mod headers {
     /// The lease of an upload (its body is the raw bytes).
     pub const LEASE: &str = "X-Lease";
     /// The agent's name, on every agent request.
     pub const AGENT_NAME: &str = "X-Agent-Name";
+    /// The agent's version, on every agent request (shown by `GET /agents`).
+    pub const AGENT_VERSION: &str = "X-Agent-Version";
     /// Where the next read starts.
     pub const NEXT_OFFSET: &str = "Taskexec-Next-Offset";
     /// Bytes between the requested offset and the first byte returned that are not kept.

@@ -136,6 +136,10 @@ pub struct Problem {
     pub title: String,
     pub status: u16,
     pub detail: String,
+    /// This occurrence: `urn:taskexec:request:<id>`, the `X-Request-Id` of the request, which
+    /// the server's log lines of it carry too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// The query parameter at fault (`bad-parameter`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameter: Option<String>,

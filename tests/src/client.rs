@@ -9,9 +9,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use taskexec_protocol::output::headers;
 use taskexec_protocol::{
-    Assignment, CreatedToken, FinishReport, HeartbeatReply, LeaseBody, LeaseToken, NewTask,
-    NewToken, OutputAck, Problem, ProblemType, Role, Stream, Task, TaskId, TaskPage, TokenId,
-    TokenInfo,
+    AgentInfo, Assignment, CreatedToken, FinishReport, HeartbeatReply, LeaseBody, LeaseToken,
+    NewTask, NewToken, OutputAck, Problem, ProblemType, Role, Stream, Task, TaskId, TaskPage,
+    TokenId, TokenInfo,
 };
 
 /// A non-success answer: its status and its problem (empty if the body was not one).
@@ -205,6 +205,11 @@ impl Api {
             return Err(failure(response).await);
         }
         Ok(response.bytes().await.unwrap().to_vec())
+    }
+
+    /// `GET /agents`.
+    pub async fn agents(&self) -> Answer<Vec<AgentInfo>> {
+        self.get_json("/agents").await
     }
 
     /// `GET /health`.

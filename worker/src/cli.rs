@@ -20,6 +20,7 @@ Settings (environment variables):
   PICK_WAIT                 how long the server may hold a pick [default: 25s]
   POLL_INTERVAL             pause after the API was unreachable [default: 5s]
   DRAIN_TIMEOUT             after SIGTERM, how long a running task may go on [default: 30s]
+  LOG_FORMAT                text, or json for one JSON object per line [default: text]
   LOG_LEVEL                 error, warn, info, debug or trace [default: info]
   RUN_AS                    the user commands run as (a user of this agent's own: all its
                             processes are killed when a task ends); needs root, or
@@ -60,7 +61,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(config.log_level);
+    init_logging(&config);
     if let Err(why) = isolate(&config) {
         log::error!("{why}");
         return ExitCode::FAILURE;
@@ -108,18 +109,14 @@ fn isolate(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-fn init_logging(level: log::LevelFilter) {
+/// Every line names the agent that wrote it (several agents often log to one place).
+fn init_logging(config: &Config) {
+    let (format, name) = (config.log_format, config.name.clone());
     let _ = fern::Dispatch::new()
-        .format(|out, message, record| {
-            out.finish(format_args!(
-                "{} {:<5} {}: {}",
-                humantime::format_rfc3339_millis(std::time::SystemTime::now()),
-                record.level(),
-                record.target(),
-                message
-            ))
+        .format(move |out, message, record| {
+            out.finish(format_args!("{}", format.line(record, message, &[("agent", &name)])))
         })
-        .level(level)
+        .level(config.log_level)
         .level_for("ureq", log::LevelFilter::Warn)
         .level_for("ureq_proto", log::LevelFilter::Warn)
         .chain(std::io::stderr())

@@ -156,11 +156,8 @@ impl Client {
 
     fn try_pick(&self) -> Result<Option<Assignment>, ClientError> {
         let mut response = self
-            .http
-            .get(self.url("/tasks/pick"))
+            .identified(self.http.get(self.url("/tasks/pick")))
             .query("wait", self.pick_wait.as_secs().to_string())
-            .header("Authorization", self.authorization.expose_secret())
-            .header(headers::AGENT_NAME, &self.name)
             .config()
             .timeout_global(Some(self.pick_wait + PICK_READ_MARGIN))
             .build()
@@ -181,6 +178,30 @@ impl Client {
         }
     }
 
+    /// Tells the API this agent is exiting, so that it shows as gone at once.
+    pub fn leave(&self) -> Result<(), ClientError> {
+        let response = self
+            .identified(self.http.post(self.url("/agents/leave")))
+            .config()
+            .timeout_global(Some(CALL_TIMEOUT))
+            .build()
+            .send_empty()
+            .map_err(|e| self.fail_over(transport(e)))?;
+        match response.status().as_u16() {
+            204 => Ok(()),
+            _ => Err(self.fail_over(status_error(response))),
+        }
+    }
+
+    /// `request` with what every agent request carries: the token, the agent's name and its
+    /// version.
+    fn identified<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        request
+            .header("Authorization", self.authorization.expose_secret())
+            .header(headers::AGENT_NAME, &self.name)
+            .header(headers::AGENT_VERSION, env!("CARGO_PKG_VERSION"))
+    }
+
     /// A POST with the agent's credentials; Ok only for 200.
     fn post(
         &self,
@@ -189,10 +210,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<ureq::http::Response<ureq::Body>, ClientError> {
         let response = self
-            .http
-            .post(self.url(path))
-            .header("Authorization", self.authorization.expose_secret())
-            .header(headers::AGENT_NAME, &self.name)
+            .identified(self.http.post(self.url(path)))
             .config()
             .timeout_global(Some(timeout))
             .build()
@@ -256,13 +274,10 @@ impl Attempt {
     ) -> Result<u64, ClientError> {
         let client = &self.client;
         let response = client
-            .http
-            .post(client.url(&format!("/tasks/{}/output", self.task)))
+            .identified(client.http.post(client.url(&format!("/tasks/{}/output", self.task))))
             .query("stream", stream.as_str())
             .query("offset", offset.to_string())
             .query("skip", skip.to_string())
-            .header("Authorization", client.authorization.expose_secret())
-            .header(headers::AGENT_NAME, &client.name)
             .header(headers::LEASE, self.lease.to_string())
             .content_type("application/octet-stream")
             .config()

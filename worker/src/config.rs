@@ -4,6 +4,7 @@ use std::env;
 use std::time::Duration;
 
 use secrecy::SecretString;
+use taskexec_protocol::logline::LogFormat;
 
 use crate::isolation::{parse_size, Limits, RunAs};
 use crate::Error;
@@ -31,6 +32,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// `LOG_LEVEL` (default info).
     pub log_level: log::LevelFilter,
+    /// `LOG_FORMAT`: text (default) or json lines.
+    pub log_format: LogFormat,
     /// `BACKEND_API_CA_FILE`: PEM certificates trusted besides the system's roots, for an API
     /// behind a private CA (read at start, so that a wrong path stops the agent at once).
     pub ca_certs: Option<Vec<u8>>,
@@ -99,6 +102,10 @@ impl Config {
                     ))
                 })?,
                 None => log::LevelFilter::Info,
+            },
+            log_format: match var("LOG_FORMAT") {
+                Some(format) => format.parse().map_err(Error::Config)?,
+                None => LogFormat::Text,
             },
             ca_certs,
             run_as: var("RUN_AS").map(|user| RunAs::resolve(user.trim())).transpose()?,

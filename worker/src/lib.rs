@@ -77,8 +77,14 @@ impl Worker {
         };
         let attempt = Attempt::new(self.client.clone(), &assignment);
         let (events, inbox) = mpsc::channel();
-        let busy = stop.busy(events.clone());
         let id = attempt.task;
+        let Some(busy) = stop.busy(events.clone()) else {
+            // Exiting on a signal that came while the pick was answered: hand the task back
+            // unstarted (if the exit comes first, the server refunds the pick after its
+            // confirmation window; either way it runs once, elsewhere).
+            let _ = attempt.release(self.config.drain_timeout);
+            return Step::Idle;
+        };
         log::info!("task {id}: picked (attempt {})", assignment.task.attempts);
         let started = Instant::now();
         // Heartbeats go on until the report is in: a finish retried through an API outage
@@ -282,6 +288,8 @@ impl Worker {
     pub fn run(&self, stop: &Stop) {
         let urls = self.config.api_urls.join(", ");
         log::info!("agent {:?} taking tasks from {urls}", self.config.name);
+        let client = self.client.clone();
+        stop.on_exit(move || leave(&client));
         while !stop.requested() {
             match self.run_once(stop) {
                 Step::Unavailable(e) => {
@@ -294,7 +302,16 @@ impl Worker {
                 _ => {}
             }
         }
+        leave(&self.client);
         log::info!("stopped");
+    }
+}
+
+/// Tells the API this agent is leaving: shown as gone at once rather than a lease later (an
+/// API that cannot be told finds out by then anyway).
+fn leave(client: &Client) {
+    if let Err(e) = client.leave() {
+        log::warn!("could not tell the API this agent is leaving: {e}");
     }
 }
 

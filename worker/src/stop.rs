@@ -29,6 +29,10 @@ struct State {
     /// Exit the process when the agent is idle, or when a second signal comes while reporting
     /// (false for tests, which drive a `Stop` by hand).
     exits: bool,
+    /// Called before such an exit: the agent tells the API it is leaving.
+    farewell: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// The process is about to exit (it is saying farewell): no task may start any more.
+    leaving: bool,
 }
 
 /// What the agent is doing, as far as a stop request is concerned.
@@ -86,34 +90,48 @@ impl Stop {
         }
         state.signals += 1;
         let first = state.signals == 1;
-        match &state.phase {
+        let exit = match &state.phase {
             Phase::Idle => {
                 log::info!("signal {signal}: stopping");
-                if state.exits {
-                    std::process::exit(0);
-                }
+                true
             }
             Phase::Running(task) if first => {
                 log::info!("signal {signal}: draining; the running task may finish");
                 let _ = task.send(Event::Drain);
+                false
             }
             Phase::Running(task) => {
                 log::info!("signal {signal} again: killing the command and handing the task back");
                 let _ = task.send(Event::Quit);
+                false
             }
             Phase::Reporting if first => {
                 log::info!("signal {signal}: reporting the result, for DRAIN_TIMEOUT at most");
+                false
             }
             Phase::Reporting => {
                 log::warn!(
                     "signal {signal} again: exiting without the report; the server requeues \
                      the task when its lease runs out"
                 );
-                if state.exits {
-                    std::process::exit(0);
-                }
+                true
             }
+        };
+        if exit && state.exits {
+            // A pick may still deliver a task while the farewell is sent: it must not start.
+            state.leaving = true;
+            let farewell = state.farewell.clone();
+            drop(state);
+            if let Some(farewell) = farewell {
+                farewell();
+            }
+            std::process::exit(0);
         }
+    }
+
+    /// What to do before the process exits on a signal.
+    pub fn on_exit(&self, farewell: impl Fn() + Send + Sync + 'static) {
+        self.lock().farewell = Some(Arc::new(farewell));
     }
 
     /// Whether a stop was requested.
@@ -126,9 +144,13 @@ impl Stop {
         self.lock().signals > 1
     }
 
-    /// Marks a task as under way, with the inbox that signals go to, until the guard drops.
-    pub fn busy(&self, inbox: Sender<Event>) -> Busy<'_> {
+    /// Marks a task as under way, with the inbox that signals go to, until the guard drops;
+    /// `None` when the process is exiting, and the task must not start.
+    pub fn busy(&self, inbox: Sender<Event>) -> Option<Busy<'_>> {
         let mut state = self.lock();
+        if state.leaving {
+            return None;
+        }
         match state.signals {
             0 => {}
             // A signal came while the pick was being answered: drain this task at once.
@@ -136,7 +158,7 @@ impl Stop {
             _ => drop(inbox.send(Event::Quit)),
         }
         state.phase = Phase::Running(inbox);
-        Busy(self)
+        Some(Busy(self))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

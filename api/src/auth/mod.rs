@@ -87,6 +87,13 @@ impl Access for Run {
     const WHAT: &'static str = "use the agent endpoints";
 }
 
+/// The operator's view: metrics, agents.
+pub enum Observe {}
+impl Access for Observe {
+    const ROLES: &'static [Role] = &[Role::Admin, Role::Reader];
+    const WHAT: &'static str = "read the operator's metrics";
+}
+
 /// Creating, listing and revoking tokens.
 pub enum ManageTokens {}
 impl Access for ManageTokens {

@@ -73,6 +73,11 @@ impl Dispatcher {
         self.parked.load(Ordering::Relaxed)
     }
 
+    /// How many times the LISTEN connection was established again after the first.
+    pub fn listen_reconnects(&self) -> u64 {
+        self.notifier.reconnects()
+    }
+
     /// Whether notifications can arrive (the LISTEN connection is up). When they cannot,
     /// long polls that wait for one should wait less.
     pub fn is_listening(&self) -> bool {

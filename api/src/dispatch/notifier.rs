@@ -55,6 +55,8 @@ pub struct Notifier {
     tokens: Arc<AtomicU64>,
     /// This process among the API processes, to skip its own events when they come back.
     instance: String,
+    /// LISTEN connections established; all but the first are reconnects.
+    connections: Arc<AtomicU64>,
 }
 
 impl Default for Notifier {
@@ -72,6 +74,7 @@ impl Notifier {
             events,
             tokens: Arc::default(),
             instance: instance_id(),
+            connections: Arc::default(),
         }
     }
 }
@@ -80,6 +83,11 @@ impl Notifier {
     /// Whether notifications can arrive (the LISTEN connection is up).
     pub fn is_listening(&self) -> bool {
         self.events.is_listening()
+    }
+
+    /// How many times the LISTEN connection was established again after the first.
+    pub fn reconnects(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed).saturating_sub(1)
     }
 
     /// The current token generation (see `tokens`).
@@ -117,6 +125,7 @@ impl Notifier {
                 }
             };
             delay = Duration::from_millis(100);
+            self.connections.fetch_add(1, Ordering::Relaxed);
             self.events.listening.store(true, Ordering::Release);
             self.hints.hint();
             self.tokens.fetch_add(1, Ordering::AcqRel);

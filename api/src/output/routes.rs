@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::feed::{Feeds, Shared};
 use super::store::{self, Appended, Chunk, Standing};
+use crate::agents::Agent;
 use crate::auth::verifier::Verifier;
 use crate::auth::{Allowed, Read, Run};
 use crate::body::read_within;
@@ -79,6 +80,7 @@ fn stream(value: Option<&str>) -> Result<Stream, ApiError> {
 async fn upload(
     _access: Allowed<Run>,
     _query: StrictQuery,
+    _agent: Agent,
     lease: LeaseHeader,
     db: &Db,
     config: &State<AppConfig>,

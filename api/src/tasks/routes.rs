@@ -20,14 +20,17 @@ use taskexec_protocol::{
 };
 
 use super::intake::Intake;
+use super::journal;
 use super::lease::Lease;
 use super::model::{self, NewTaskBody, NewTaskLimits, Outcome};
 use super::store::{self, Aborted};
-use crate::auth::{Abort, AgentName, Allowed, Read, Run, Submit};
+use crate::agents::Agent;
+use crate::auth::{Abort, Allowed, Read, Run, Submit};
 use crate::body::JsonBody;
 use crate::config::AppConfig;
 use crate::dispatch::{ended, Delivery, Dispatcher, Handover, WaitSlots, Woken, RECHECK};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::output::store::{self as output, Uploads};
 use crate::query::{self, StrictQuery};
 use crate::Db;
@@ -53,6 +56,7 @@ async fn create(
     let timeout_secs = new.timeout_secs.unwrap_or(config.default_timeout_secs);
     let task = intake.submit(new, timeout_secs, access.who.name).await?;
     dispatcher.task_queued();
+    journal::created(&task);
     let location = format!("/tasks/{}", task.id);
     Ok(Created::new(location).body(Json(task)))
 }
@@ -164,6 +168,7 @@ async fn abort(
     _query: StrictQuery,
     db: &Db,
     dispatcher: &State<Dispatcher>,
+    metrics: &State<Metrics>,
     id: &str,
 ) -> Result<AbortResponse, ApiError> {
     let id = parse_id(id)?;
@@ -171,9 +176,14 @@ async fn abort(
     match store::abort(db, id, who, scope).await? {
         Some(Aborted::Cancelled(task)) => {
             dispatcher.events().announce(id, Woken::Ended);
+            metrics.ended(&task);
+            journal::ended(&task);
             Ok(AbortResponse::Cancelled(Json(task)))
         }
-        Some(Aborted::Requested(task)) => Ok(AbortResponse::Requested(Json(task))),
+        Some(Aborted::Requested(task)) => {
+            journal::abort_requested(&task);
+            Ok(AbortResponse::Requested(Json(task)))
+        }
         None => {
             let task =
                 store::get(db, id, scope).await?.ok_or_else(|| ApiError::task_not_found(id))?;
@@ -195,16 +205,17 @@ enum PickResponse {
 async fn pick(
     _access: Allowed<Run>,
     _query: StrictQuery,
-    agent: AgentName,
+    agent: Agent,
     wait: Option<&str>,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
+    metrics: &State<Metrics>,
     shutdown: Shutdown,
     gone: ClientGone,
 ) -> Result<PickResponse, ApiError> {
     let wait = query::wait_secs(wait, config.pick_wait_default_secs, config.pick_wait_max_secs)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-    let mut reply = dispatcher.park(agent.0, deadline)?;
+    let mut reply = dispatcher.park(agent.name.clone(), deadline)?;
     // The dispatcher answers by the deadline unless the database holds it up; the margin keeps
     // this response inside the agent's read timeout even then.
     let mut departed = false;
@@ -229,7 +240,11 @@ async fn pick(
         dispatcher.left();
     }
     Ok(match handed {
-        Some(handover) => PickResponse::Task(Box::new(Handed(handover))),
+        Some(handover) => {
+            metrics.picked(&handover.assignment.task);
+            journal::picked(&handover.assignment.task);
+            PickResponse::Task(Box::new(Handed(handover)))
+        }
         None => PickResponse::Nothing(()),
     })
 }
@@ -297,6 +312,7 @@ impl AsyncSeek for Signed {
 async fn heartbeat(
     _access: Allowed<Run>,
     _query: StrictQuery,
+    _agent: Agent,
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
@@ -336,12 +352,15 @@ async fn heartbeat(
 
 /// Hands the task back to the queue without counting the attempt (an agent that is draining).
 #[post("/tasks/<id>/release", data = "<body>")]
+#[allow(clippy::too_many_arguments)]
 async fn release(
     _access: Allowed<Run>,
     _query: StrictQuery,
+    _agent: Agent,
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
+    metrics: &State<Metrics>,
     id: &str,
     body: JsonBody<LeaseBody>,
 ) -> Result<Json<Task>, ApiError> {
@@ -353,6 +372,9 @@ async fn release(
     if task.status == TaskStatus::Queued {
         dispatcher.task_queued();
     }
+    // Handed back too often, it fails.
+    metrics.ended(&task);
+    journal::released(&task);
     Ok(Json(task))
 }
 
@@ -362,12 +384,15 @@ async fn release(
 /// uploads' lengths, and a reported text must be that text, so that the task's text and
 /// `/output` can never disagree.
 #[post("/tasks/<id>/finish", data = "<report>")]
+#[allow(clippy::too_many_arguments)]
 async fn finish(
     _access: Allowed<Run>,
     _query: StrictQuery,
+    agent: Agent,
     db: &Db,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
+    metrics: &State<Metrics>,
     id: &str,
     report: JsonBody<FinishReport>,
 ) -> Result<Json<Task>, ApiError> {
@@ -402,6 +427,11 @@ async fn finish(
     if let Some(task) = recorded {
         // The attempt is over: its parked heartbeat need not wait out its hold.
         dispatcher.events().announce(lease.task, Woken::Ended);
+        metrics.ended(&task);
+        journal::ended(&task);
+        if let Some(picker) = &task.agent {
+            agent.reported_end(picker);
+        }
         return Ok(Json(task));
     }
     // Nothing written. A repeat of the report that ended this very attempt is answered as it

@@ -1,0 +1,163 @@
+//! The agent registry: `GET /agents` for operators, `POST /agents/leave` for an agent that
+//! exits. Every agent request carries its name (and version); the `Agent` guard notes the
+//! sighting in memory, and a thin loop writes the sightings of all agents in one statement at
+//! most every `sightings::TICK`, only when something changed or a present agent is due again
+//! (every third of the lease). Busy or idle is read from the tasks in progress, gone from the
+//! times: nothing is written per task.
+
+pub mod sightings;
+mod store;
+
+use std::time::Duration;
+
+use rocket::fairing::AdHoc;
+use rocket::http::Status;
+use rocket::outcome::Outcome;
+use rocket::request::{self, FromRequest};
+use rocket::serde::json::Json;
+use rocket::{get, post, routes, Build, Request, Rocket, Route, State};
+use sqlx::PgPool;
+use taskexec_protocol::agent::is_agent_version;
+use taskexec_protocol::output::headers;
+use taskexec_protocol::AgentInfo;
+
+use crate::auth::{AgentName, Allowed, Observe, Run};
+use crate::config::AppConfig;
+use crate::db::{required, DbError};
+use crate::error::ApiError;
+use crate::query::StrictQuery;
+use crate::Db;
+pub use sightings::Sightings;
+use sightings::{Presence, TICK};
+
+pub fn routes() -> Vec<Route> {
+    routes![list, leave]
+}
+
+/// The agent making a request, by its `X-Agent-Name`: present until the request is answered.
+/// Goes after the access guard, so that only a caller allowed to act as an agent is noted.
+pub struct Agent {
+    pub name: String,
+    presence: Presence,
+}
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for Agent {
+    type Error = ApiError;
+
+    async fn from_request(request: &'r Request<'_>) -> request::Outcome<Self, ApiError> {
+        let name = match AgentName::from_request(request).await {
+            Outcome::Success(AgentName(name)) => name,
+            Outcome::Error(e) => return Outcome::Error(e),
+            Outcome::Forward(status) => return Outcome::Forward(status),
+        };
+        let version = request.headers().get_one(headers::AGENT_VERSION).map(str::trim);
+        if version.is_some_and(|version| !is_agent_version(version)) {
+            let detail = format!(
+                "{} must be 1 to {} visible ASCII characters",
+                headers::AGENT_VERSION,
+                taskexec_protocol::agent::MAX_AGENT_VERSION_CHARS
+            );
+            return Outcome::Error(ApiError::Malformed(detail).remember(request));
+        }
+        let Some(sightings) = request.rocket().state::<Sightings>() else {
+            return Outcome::Error(ApiError::Internal.remember(request));
+        };
+        let presence = sightings.arrive(&name, version);
+        Outcome::Success(Agent { name, presence: presence })
+    }
+}
+
+impl Agent {
+    /// A task picked by `picker` (normally this agent) ended by this request's report.
+    pub fn reported_end(&self, picker: &str) {
+        self.presence.sightings().finished(picker);
+    }
+}
+
+/// Every agent seen in the last day, by name.
+#[get("/agents")]
+async fn list(
+    _access: Allowed<Observe>,
+    _query: StrictQuery,
+    db: &Db,
+    config: &State<AppConfig>,
+) -> Result<Json<Vec<AgentInfo>>, ApiError> {
+    Ok(Json(store::list(db.pool(), config.lease_secs).await?))
+}
+
+/// The agent is exiting: it is `gone` from now on, unless it comes back under the same name.
+#[post("/agents/leave")]
+async fn leave(
+    _access: Allowed<Run>,
+    _query: StrictQuery,
+    agent: AgentName,
+    db: &Db,
+    sightings: &State<Sightings>,
+) -> Result<Status, ApiError> {
+    let row = sightings.leave(&agent.0);
+    let at = row.seen;
+    if let Err(e) = store::record(db.pool(), std::slice::from_ref(&row), Some(at)).await {
+        sightings.restore(vec![row]);
+        return Err(e.into());
+    }
+    log::info!("agent {:?} left", agent.0);
+    Ok(Status::NoContent)
+}
+
+/// Writes what is due of the sightings; on failure they are kept for the next pass.
+///
+/// # Errors
+/// The database's.
+pub async fn run_once(pool: &PgPool, sightings: &Sightings) -> Result<usize, DbError> {
+    let rows = sightings.take_due();
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    match store::record(pool, &rows, None).await {
+        Ok(()) => Ok(rows.len()),
+        Err(e) => {
+            sightings.restore(rows);
+            Err(e)
+        }
+    }
+}
+
+/// The sightings, and the loop that writes them from liftoff to shutdown (once more then).
+pub fn stage() -> AdHoc {
+    AdHoc::try_on_ignite("Agents", |rocket: Rocket<Build>| async {
+        let (pool, config) = match required(&rocket) {
+            Ok(found) => found,
+            Err(what) => {
+                log::error!("the agent registry cannot start without {what}");
+                return Err(rocket);
+            }
+        };
+        // A present agent's sighting is written every third of the lease, and the writer looks
+        // at least that often: one not seen for a lease has surely gone.
+        let refresh = Duration::from_secs(u64::from(config.heartbeat_hold_secs().max(1)));
+        let sightings = Sightings::new(refresh);
+        let writer = sightings.clone();
+        Ok(rocket.manage(sightings).attach(AdHoc::on_liftoff("Agents writer", move |rocket| {
+            let mut shutdown = rocket.shutdown();
+            Box::pin(async move {
+                let mut tick = tokio::time::interval(TICK.min(refresh));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tokio::spawn(async move {
+                    loop {
+                        let stopping = tokio::select! {
+                            _ = &mut shutdown => true,
+                            _ = tick.tick() => false,
+                        };
+                        if let Err(e) = run_once(&pool, &writer).await {
+                            log::warn!("the agents' sightings could not be written: {e}");
+                        }
+                        if stopping {
+                            break;
+                        }
+                    }
+                });
+            })
+        })))
+    })
+}

@@ -1,0 +1,227 @@
+//! What this process saw of the agents since it last wrote: who has a request in flight or
+//! made one, which version it sent, how many task ends it reported. Written in one statement
+//! per `TICK` at most, and only when something changed or a present agent's sighting is due
+//! again (every third of the lease, so that a present agent never looks gone).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+/// How often the writer looks at the sightings.
+pub const TICK: Duration = Duration::from_secs(2);
+
+/// Sightings not yet written, shared by the request guards and the writer.
+#[derive(Clone)]
+pub struct Sightings {
+    inner: Arc<Mutex<HashMap<String, Entry>>>,
+    /// How often a present agent's sighting is written again when nothing else changed.
+    refresh: Duration,
+}
+
+#[derive(Default)]
+struct Entry {
+    /// Requests of this agent being answered right now (a parked pick, a held heartbeat).
+    in_flight: u32,
+    /// The end of its latest request since the last write.
+    seen: Option<DateTime<Utc>>,
+    version: Option<String>,
+    /// `version` changed since the last write.
+    new_version: bool,
+    /// Task ends it reported since the last write.
+    finished: u64,
+    /// When it was last written; never, for an agent new to this process.
+    written: Option<Instant>,
+}
+
+/// One agent's row to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sighting {
+    pub name: String,
+    pub version: Option<String>,
+    /// When it was last seen (for one whose count alone changed, as its report came under
+    /// another name: when the row was taken).
+    pub seen: DateTime<Utc>,
+    pub finished: u64,
+}
+
+impl Sightings {
+    pub fn new(refresh: Duration) -> Sightings {
+        Sightings { inner: Arc::default(), refresh }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while the lock was held leaves counts that are still counts.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A request of agent `name` has arrived; it is present until the returned guard drops.
+    pub fn arrive(&self, name: &str, version: Option<&str>) -> Presence {
+        let mut entries = self.entries();
+        let entry = entries.entry(name.to_owned()).or_default();
+        entry.in_flight += 1;
+        if let Some(version) = version {
+            if entry.version.as_deref() != Some(version) {
+                entry.version = Some(version.to_owned());
+                entry.new_version = true;
+            }
+        }
+        Presence { sightings: self.clone(), name: name.to_owned() }
+    }
+
+    fn depart(&self, name: &str) {
+        if let Some(entry) = self.entries().get_mut(name) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            entry.seen = Some(Utc::now());
+        }
+    }
+
+    /// Agent `name` reported the end of a task.
+    pub fn finished(&self, name: &str) {
+        self.entries().entry(name.to_owned()).or_default().finished += 1;
+    }
+
+    /// Agent `name` is leaving: what was not written of it, to be written with its leave.
+    pub fn leave(&self, name: &str) -> Sighting {
+        let entry = self.entries().remove(name).unwrap_or_default();
+        let seen = Utc::now();
+        Sighting { name: name.to_owned(), version: entry.version, seen, finished: entry.finished }
+    }
+
+    /// The rows to write now, if any: every agent that changed or was present, when one
+    /// changed or one's sighting is due. Agents silent since their last write are forgotten.
+    pub fn take_due(&self) -> Vec<Sighting> {
+        let now = Instant::now();
+        let at = Utc::now();
+        let mut entries = self.entries();
+        let due = entries.values().any(|entry| {
+            let present = entry.in_flight > 0 || entry.seen.is_some();
+            let changed = entry.written.is_none() || entry.new_version || entry.finished > 0;
+            let stale = entry.written.is_some_and(|written| now - written >= self.refresh);
+            changed || (present && stale)
+        });
+        let mut rows = Vec::new();
+        if !due {
+            entries.retain(|_, entry| self.keep(entry, now));
+            return rows;
+        }
+        for (name, entry) in entries.iter_mut() {
+            let present = entry.in_flight > 0 || entry.seen.is_some();
+            if !present && entry.finished == 0 && !entry.new_version {
+                continue;
+            }
+            let seen = if entry.in_flight > 0 { at } else { entry.seen.unwrap_or(at) };
+            rows.push(Sighting {
+                name: name.clone(),
+                version: entry.version.clone(),
+                seen,
+                finished: entry.finished,
+            });
+            entry.seen = None;
+            entry.finished = 0;
+            entry.new_version = false;
+            entry.written = Some(now);
+        }
+        entries.retain(|_, entry| self.keep(entry, now));
+        // The same order in every process: concurrent writes lock the rows in one order.
+        rows.sort_by(|a, b| a.name.cmp(&b.name));
+        rows
+    }
+
+    /// Whether to remember an agent: it is present, has something to write, or was written
+    /// within the refresh period (so that its next request is not news).
+    fn keep(&self, entry: &Entry, now: Instant) -> bool {
+        entry.in_flight > 0
+            || entry.seen.is_some()
+            || entry.finished > 0
+            || entry.written.is_some_and(|written| now - written < self.refresh)
+    }
+
+    /// Rows that could not be written: their counts go back, to be written next time.
+    pub fn restore(&self, rows: Vec<Sighting>) {
+        let mut entries = self.entries();
+        for row in rows {
+            let entry = entries.entry(row.name).or_default();
+            entry.finished += row.finished;
+            entry.seen = entry.seen.max(Some(row.seen));
+            entry.new_version |= row.version.is_some();
+            if entry.version.is_none() {
+                entry.version = row.version;
+            }
+            entry.written = None;
+        }
+    }
+}
+
+/// An agent's request in flight; its end is a sighting.
+pub struct Presence {
+    sightings: Sightings,
+    name: String,
+}
+
+impl Presence {
+    /// The registry this presence is noted in.
+    pub fn sightings(&self) -> &Sightings {
+        &self.sightings
+    }
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        self.sightings.depart(&self.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_agent_is_written_at_once_then_only_when_due() {
+        let sightings = Sightings::new(Duration::from_secs(3600));
+        let presence = sightings.arrive("a", Some("1.0"));
+        let rows = sightings.take_due();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].version.as_deref(), Some("1.0"));
+        // Present, nothing changed, not due: nothing to write.
+        assert!(sightings.take_due().is_empty());
+        sightings.finished("a");
+        let rows = sightings.take_due();
+        assert_eq!((rows.len(), rows[0].finished), (1, 1));
+        drop(presence);
+        // Its request ended: a sighting, but not one that is due yet.
+        assert!(sightings.take_due().is_empty());
+    }
+
+    #[test]
+    fn a_present_agent_is_written_again_every_refresh() {
+        let sightings = Sightings::new(Duration::ZERO);
+        let _presence = sightings.arrive("a", None);
+        assert_eq!(sightings.take_due().len(), 1);
+        assert_eq!(sightings.take_due().len(), 1, "due again after the refresh");
+    }
+
+    #[test]
+    fn a_silent_agent_is_forgotten_and_a_leave_takes_its_counts() {
+        let sightings = Sightings::new(Duration::ZERO);
+        drop(sightings.arrive("a", None));
+        assert_eq!(sightings.take_due().len(), 1);
+        assert!(sightings.take_due().is_empty());
+        assert!(sightings.entries().is_empty(), "silent since its write");
+        sightings.finished("b");
+        let leave = sightings.leave("b");
+        assert_eq!(leave.finished, 1);
+        assert!(sightings.take_due().is_empty());
+    }
+
+    #[test]
+    fn restored_rows_are_written_again() {
+        let sightings = Sightings::new(Duration::from_secs(3600));
+        sightings.finished("a");
+        let rows = sightings.take_due();
+        sightings.restore(rows);
+        let rows = sightings.take_due();
+        assert_eq!(rows[0].finished, 1);
+    }
+}

@@ -1,0 +1,49 @@
+//! The lines an operator reads about tasks, at info: created, picked by whom, ended how,
+//! handed back, abort asked. (Requeues by the reaper and put-backs are logged where they
+//! happen.) Each carries the task id, and the agent where there is one, as fields.
+
+use taskexec_protocol::{Task, TaskStatus};
+
+const TARGET: &str = "taskexec_api::tasks";
+
+pub fn created(task: &Task) {
+    let owner = task.owner.as_deref().unwrap_or("-");
+    log::info!(target: TARGET, task:% = task.id, owner = owner; "task created by {owner}");
+}
+
+pub fn picked(task: &Task) {
+    let agent = task.agent.as_deref().unwrap_or("-");
+    let attempt = task.attempts;
+    log::info!(target: TARGET, task:% = task.id, agent = agent, attempt = attempt;
+        "task picked by {agent} (attempt {attempt})");
+}
+
+/// A task whose end this process recorded (its agent's report, an abort, a hand-back too
+/// many). Nothing for a task still going.
+pub fn ended(task: &Task) {
+    if !task.status.is_terminal() {
+        return;
+    }
+    let agent = task.agent.as_deref().unwrap_or("-");
+    let how = match (task.status, task.exit_code, &task.error) {
+        (TaskStatus::Finished, Some(code), _) => format!("finished with exit code {code}"),
+        (status, _, Some(error)) => format!("{status}: {error}"),
+        (status, _, None) => status.to_string(),
+    };
+    log::info!(target: TARGET, task:% = task.id, agent = agent, status:% = task.status;
+        "task {how}");
+}
+
+/// Handed back by a draining agent: queued again (or failed, when handed back too often).
+pub fn released(task: &Task) {
+    if task.status.is_terminal() {
+        return ended(task);
+    }
+    log::info!(target: TARGET, task:% = task.id; "task handed back by its agent; queued again");
+}
+
+pub fn abort_requested(task: &Task) {
+    let agent = task.agent.as_deref().unwrap_or("-");
+    log::info!(target: TARGET, task:% = task.id, agent = agent;
+        "abort of the running task requested; its agent is told");
+}
