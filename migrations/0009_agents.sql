@@ -1,7 +1,7 @@
 -- The agent registry behind GET /agents: one row per name an agent gave in X-Agent-Name. Each
 -- API process writes its sightings in batches (at most one statement per few seconds, for all
--- the agents it saw), never per request. Whether an agent is busy comes from tasks, at read
--- time; whether it is gone from these times.
+-- the agents it saw), never per request. Every time here is by the database's clock. Whether
+-- an agent is busy comes from tasks, at read time; whether it is gone from these times.
 
 CREATE TABLE agents (
     name            text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 128),
@@ -9,15 +9,19 @@ CREATE TABLE agents (
     version         text CHECK (length(version) BETWEEN 1 AND 64),
     first_seen_at   timestamptz NOT NULL,
     last_seen_at    timestamptz NOT NULL CHECK (last_seen_at >= first_seen_at),
-    -- Its exit, announced by POST /agents/leave: gone while no later sighting follows.
+    -- The run of the agent last seen (X-Agent-Instance, drawn at each start), if it sends one.
+    instance        uuid,
+    -- Its exit, announced by POST /agents/leave: gone while no later sighting follows, and
+    -- sightings of the run that left (its last requests, written late by another API
+    -- process) are not later ones.
     left_at         timestamptz,
+    left_instance   uuid,
     -- Tasks whose end it reported.
     tasks_finished  bigint NOT NULL DEFAULT 0 CHECK (tasks_finished >= 0)
 );
 
 -- GET /agents lists those seen in the last day.
 CREATE INDEX agents_by_last_seen ON agents (last_seen_at);
-
 
 CREATE TYPE agent_state AS ENUM ('idle', 'busy', 'gone');
 

@@ -20,4 +20,4 @@ CREATE TABLE metrics_snapshot (
 
 INSERT INTO metrics_snapshot
     (taken_at, queued, in_progress, oldest_queued_secs, stuck, agents_idle, agents_busy, agents_gone)
-VALUES ('-infinity', 0, 0, 0, 0, 0, 0, 0);
+VALUES ('epoch', 0, 0, 0, 0, 0, 0, 0);

@@ -121,3 +121,40 @@ async fn the_registry_takes_only_what_an_agent_may_say() {
     let response = app.agent(reqwest::Method::POST, "/agents/leave", "").send().await.unwrap();
     taskexec_tests::assert_problem(response, 400, "X-Agent-Name").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leave_holds_against_the_agents_last_requests_on_another_process() {
+    let app = TestApp::spawn().await;
+    let peer = app.spawn_peer().await;
+    let run = uuid::Uuid::new_v4().to_string();
+    // The agent's pick is parked on the other process, as behind a load balancer.
+    let parked = {
+        let (peer, run) = (peer.api.clone(), run.clone());
+        tokio::spawn(async move {
+            let request = peer.agent(reqwest::Method::GET, "/tasks/pick?wait=2", "x");
+            request.header("X-Agent-Instance", run).send().await.unwrap().status()
+        })
+    };
+    agent_until(&app, "x", Duration::from_secs(30), |a| a.state == AgentState::Idle).await;
+
+    let leave = app.agent(reqwest::Method::POST, "/agents/leave", "x");
+    let response = leave.header("X-Agent-Instance", &run).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    let gone =
+        |agents: &[AgentInfo]| agents.iter().any(|a| a.name == "x" && a.state == AgentState::Gone);
+    assert!(gone(&app.agents().await.unwrap()));
+
+    // The parked pick ends on the peer, which writes what it saw of it. Once another agent's
+    // later request there is listed, the peer has written all it saw of x: x stays gone.
+    assert_eq!(parked.await.unwrap(), 204);
+    assert_eq!(peer.pick("y", 0).await.unwrap(), None);
+    agent_until(&app, "y", Duration::from_secs(30), |_| true).await;
+    let agents = app.agents().await.unwrap();
+    assert!(gone(&agents), "a late sighting brought it back: {agents:?}");
+
+    // A new run under the same name is alive.
+    let back = peer.agent(reqwest::Method::GET, "/tasks/pick?wait=0", "x");
+    let fresh = uuid::Uuid::new_v4().to_string();
+    assert_eq!(back.header("X-Agent-Instance", fresh).send().await.unwrap().status(), 204);
+    agent_until(&app, "x", Duration::from_secs(30), |a| a.state == AgentState::Idle).await;
+}

@@ -13,7 +13,6 @@ use rocket::fairing::{Fairing, Info, Kind};
 use rocket::http::{Header, Method};
 use rocket::{Data, Request, Response};
 use taskexec_protocol::logline::LogFormat;
-use taskexec_protocol::output::headers;
 
 /// The header a request id comes in (from a client or a proxy) and goes back in.
 pub const REQUEST_ID: &str = "X-Request-Id";
@@ -116,11 +115,8 @@ impl Fairing for RequestLog {
         if let Some(task) = task {
             fields.push(("task", Value::from(task)));
         }
-        let agent = request
-            .headers()
-            .get_one(headers::AGENT_NAME)
-            .filter(|name| crate::auth::is_agent_name(name));
-        if let Some(agent) = agent {
+        // The name the agent guard accepted, never the header as sent (anyone can send one).
+        if let Some(agent) = crate::agents::agent_of(request) {
             fields.push(("agent", Value::from(agent)));
         }
         log::logger().log(

@@ -72,6 +72,9 @@ pub mod headers {
     pub const AGENT_NAME: &str = "X-Agent-Name";
     /// The agent's version, on every agent request (shown by `GET /agents`).
     pub const AGENT_VERSION: &str = "X-Agent-Version";
+    /// A UUID the agent draws at start, on every agent request: once it has left, the server
+    /// takes no late sighting of that run of the agent for a sign of life.
+    pub const AGENT_INSTANCE: &str = "X-Agent-Instance";
     /// Where the next read starts.
     pub const NEXT_OFFSET: &str = "Taskexec-Next-Offset";
     /// Bytes between the requested offset and the first byte returned that are not kept.

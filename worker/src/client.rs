@@ -22,6 +22,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Any other call, beyond what the server may hold it for.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The farewell on exit.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest pick response accepted: a command (64 KiB by default on the server) in JSON.
 const MAX_PICK_BYTES: u64 = 4 << 20;
 /// The largest answer to any other call.
@@ -113,6 +115,8 @@ pub struct Client {
     current: AtomicUsize,
     authorization: SecretString,
     name: String,
+    /// Drawn at start, sent on every request: this run of the agent, for the registry.
+    instance: String,
     pick_wait: Duration,
 }
 
@@ -132,6 +136,7 @@ impl Client {
             current: AtomicUsize::new(0),
             authorization,
             name: config.name.clone(),
+            instance: uuid::Uuid::new_v4().to_string(),
             pick_wait: config.pick_wait,
         }
     }
@@ -178,12 +183,13 @@ impl Client {
         }
     }
 
-    /// Tells the API this agent is exiting, so that it shows as gone at once.
+    /// Tells the API this agent is exiting, so that it shows as gone at once. Short: an exit
+    /// must not wait on an API that does not answer (it finds out within a lease anyway).
     pub fn leave(&self) -> Result<(), ClientError> {
         let response = self
             .identified(self.http.post(self.url("/agents/leave")))
             .config()
-            .timeout_global(Some(CALL_TIMEOUT))
+            .timeout_global(Some(LEAVE_TIMEOUT))
             .build()
             .send_empty()
             .map_err(|e| self.fail_over(transport(e)))?;
@@ -200,6 +206,7 @@ impl Client {
             .header("Authorization", self.authorization.expose_secret())
             .header(headers::AGENT_NAME, &self.name)
             .header(headers::AGENT_VERSION, env!("CARGO_PKG_VERSION"))
+            .header(headers::AGENT_INSTANCE, &self.instance)
     }
 
     /// A POST with the agent's credentials; Ok only for 200.

@@ -90,37 +90,39 @@ impl Stop {
         }
         state.signals += 1;
         let first = state.signals == 1;
-        let exit = match &state.phase {
+        // Whether to exit now, and whether to say farewell first (not when a second signal
+        // asked to exit at once).
+        let (exit, farewell) = match &state.phase {
             Phase::Idle => {
                 log::info!("signal {signal}: stopping");
-                true
+                (true, true)
             }
             Phase::Running(task) if first => {
                 log::info!("signal {signal}: draining; the running task may finish");
                 let _ = task.send(Event::Drain);
-                false
+                (false, false)
             }
             Phase::Running(task) => {
                 log::info!("signal {signal} again: killing the command and handing the task back");
                 let _ = task.send(Event::Quit);
-                false
+                (false, false)
             }
             Phase::Reporting if first => {
                 log::info!("signal {signal}: reporting the result, for DRAIN_TIMEOUT at most");
-                false
+                (false, false)
             }
             Phase::Reporting => {
                 log::warn!(
                     "signal {signal} again: exiting without the report; the server requeues \
                      the task when its lease runs out"
                 );
-                true
+                (true, false)
             }
         };
         if exit && state.exits {
             // A pick may still deliver a task while the farewell is sent: it must not start.
             state.leaving = true;
-            let farewell = state.farewell.clone();
+            let farewell = state.farewell.clone().filter(|_| farewell);
             drop(state);
             if let Some(farewell) = farewell {
                 farewell();

@@ -20,6 +20,7 @@ use sqlx::PgPool;
 use taskexec_protocol::agent::is_agent_version;
 use taskexec_protocol::output::headers;
 use taskexec_protocol::AgentInfo;
+use uuid::Uuid;
 
 use crate::auth::{AgentName, Allowed, Observe, Run};
 use crate::config::AppConfig;
@@ -41,6 +42,14 @@ pub struct Agent {
     presence: Presence,
 }
 
+/// The name an `Agent` guard took, for the request's log line.
+struct Named(Option<String>);
+
+/// The agent name of `request`, once its `Agent` guard has checked it.
+pub fn agent_of<'r>(request: &'r Request<'_>) -> Option<&'r str> {
+    request.local_cache(|| Named(None)).0.as_deref()
+}
+
 #[rocket::async_trait]
 impl<'r> FromRequest<'r> for Agent {
     type Error = ApiError;
@@ -60,11 +69,41 @@ impl<'r> FromRequest<'r> for Agent {
             );
             return Outcome::Error(ApiError::Malformed(detail).remember(request));
         }
+        let instance = match instance(request) {
+            Ok(instance) => instance,
+            Err(e) => return Outcome::Error(e.remember(request)),
+        };
         let Some(sightings) = request.rocket().state::<Sightings>() else {
             return Outcome::Error(ApiError::Internal.remember(request));
         };
-        let presence = sightings.arrive(&name, version);
-        Outcome::Success(Agent { name, presence: presence })
+        let presence = sightings.arrive(&name, version, instance);
+        request.local_cache(|| Named(Some(name.clone())));
+        Outcome::Success(Agent { name, presence })
+    }
+}
+
+/// The run of the agent, from `X-Agent-Instance` (optional).
+fn instance(request: &Request<'_>) -> Result<Option<Uuid>, ApiError> {
+    match request.headers().get_one(headers::AGENT_INSTANCE) {
+        None => Ok(None),
+        Some(value) => value.trim().parse().map(Some).map_err(|_| {
+            ApiError::Malformed(format!("{} must be a UUID", headers::AGENT_INSTANCE))
+        }),
+    }
+}
+
+/// `X-Agent-Instance`, for the leave.
+struct Instance(Option<Uuid>);
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for Instance {
+    type Error = ApiError;
+
+    async fn from_request(request: &'r Request<'_>) -> request::Outcome<Self, ApiError> {
+        match instance(request) {
+            Ok(instance) => Outcome::Success(Instance(instance)),
+            Err(e) => Outcome::Error(e.remember(request)),
+        }
     }
 }
 
@@ -86,22 +125,24 @@ async fn list(
     Ok(Json(store::list(db.pool(), config.lease_secs).await?))
 }
 
-/// The agent is exiting: it is `gone` from now on, unless it comes back under the same name.
+/// The agent is exiting: it is `gone` from now on, unless it comes back under the same name
+/// (a new run, with a new `X-Agent-Instance`). Its requests still in flight anywhere are no
+/// sign of life (when it sends its instance).
 #[post("/agents/leave")]
 async fn leave(
     _access: Allowed<Run>,
     _query: StrictQuery,
     agent: AgentName,
+    instance: Instance,
     db: &Db,
     sightings: &State<Sightings>,
 ) -> Result<Status, ApiError> {
-    let row = sightings.leave(&agent.0);
-    let at = row.seen;
-    if let Err(e) = store::record(db.pool(), std::slice::from_ref(&row), Some(at)).await {
+    let row = sightings.leave(&agent.0, instance.0);
+    if let Err(e) = store::record(db.pool(), std::slice::from_ref(&row), true).await {
         sightings.restore(vec![row]);
         return Err(e.into());
     }
-    log::info!("agent {:?} left", agent.0);
+    log::info!(agent = agent.0.as_str(); "agent {} left", agent.0);
     Ok(Status::NoContent)
 }
 
@@ -114,7 +155,7 @@ pub async fn run_once(pool: &PgPool, sightings: &Sightings) -> Result<usize, DbE
     if rows.is_empty() {
         return Ok(0);
     }
-    match store::record(pool, &rows, None).await {
+    match store::record(pool, &rows, false).await {
         Ok(()) => Ok(rows.len()),
         Err(e) => {
             sightings.restore(rows);

@@ -1,13 +1,15 @@
 //! What this process saw of the agents since it last wrote: who has a request in flight or
-//! made one, which version it sent, how many task ends it reported. Written in one statement
-//! per `TICK` at most, and only when something changed or a present agent's sighting is due
-//! again (every third of the lease, so that a present agent never looks gone).
+//! made one, which version and run (instance) it sent, how many task ends it reported. Written
+//! in one statement per `TICK` at most, and only when something changed or a present agent's
+//! sighting is due again (every third of the lease, so that a present agent never looks gone).
+//! Times go to the database as ages ("seen so many seconds ago"), so that every stored time is
+//! by the database's clock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 /// How often the writer looks at the sightings.
 pub const TICK: Duration = Duration::from_secs(2);
@@ -25,10 +27,11 @@ struct Entry {
     /// Requests of this agent being answered right now (a parked pick, a held heartbeat).
     in_flight: u32,
     /// The end of its latest request since the last write.
-    seen: Option<DateTime<Utc>>,
+    seen: Option<Instant>,
     version: Option<String>,
-    /// `version` changed since the last write.
-    new_version: bool,
+    instance: Option<Uuid>,
+    /// `version` or `instance` changed since the last write.
+    changed: bool,
     /// Task ends it reported since the last write.
     finished: u64,
     /// When it was last written; never, for an agent new to this process.
@@ -40,9 +43,10 @@ struct Entry {
 pub struct Sighting {
     pub name: String,
     pub version: Option<String>,
-    /// When it was last seen (for one whose count alone changed, as its report came under
-    /// another name: when the row was taken).
-    pub seen: DateTime<Utc>,
+    pub instance: Option<Uuid>,
+    /// How long ago it was last seen (0 while a request of it is in flight; for one whose
+    /// count alone changed, as its report came under another name: 0 too).
+    pub ago_secs: f64,
     pub finished: u64,
 }
 
@@ -57,15 +61,19 @@ impl Sightings {
     }
 
     /// A request of agent `name` has arrived; it is present until the returned guard drops.
-    pub fn arrive(&self, name: &str, version: Option<&str>) -> Presence {
+    pub fn arrive(&self, name: &str, version: Option<&str>, instance: Option<Uuid>) -> Presence {
         let mut entries = self.entries();
         let entry = entries.entry(name.to_owned()).or_default();
         entry.in_flight += 1;
         if let Some(version) = version {
             if entry.version.as_deref() != Some(version) {
                 entry.version = Some(version.to_owned());
-                entry.new_version = true;
+                entry.changed = true;
             }
+        }
+        if instance.is_some() && entry.instance != instance {
+            entry.instance = instance;
+            entry.changed = true;
         }
         Presence { sightings: self.clone(), name: name.to_owned() }
     }
@@ -73,7 +81,7 @@ impl Sightings {
     fn depart(&self, name: &str) {
         if let Some(entry) = self.entries().get_mut(name) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
-            entry.seen = Some(Utc::now());
+            entry.seen = Some(Instant::now());
         }
     }
 
@@ -83,45 +91,52 @@ impl Sightings {
     }
 
     /// Agent `name` is leaving: what was not written of it, to be written with its leave.
-    pub fn leave(&self, name: &str) -> Sighting {
+    /// Its requests still in flight here are no sign of life any more.
+    pub fn leave(&self, name: &str, instance: Option<Uuid>) -> Sighting {
         let entry = self.entries().remove(name).unwrap_or_default();
-        let seen = Utc::now();
-        Sighting { name: name.to_owned(), version: entry.version, seen, finished: entry.finished }
+        Sighting {
+            name: name.to_owned(),
+            version: entry.version,
+            instance: instance.or(entry.instance),
+            ago_secs: 0.0,
+            finished: entry.finished,
+        }
     }
 
     /// The rows to write now, if any: every agent that changed or was present, when one
     /// changed or one's sighting is due. Agents silent since their last write are forgotten.
     pub fn take_due(&self) -> Vec<Sighting> {
         let now = Instant::now();
-        let at = Utc::now();
         let mut entries = self.entries();
         let due = entries.values().any(|entry| {
             let present = entry.in_flight > 0 || entry.seen.is_some();
-            let changed = entry.written.is_none() || entry.new_version || entry.finished > 0;
+            let news = entry.written.is_none() || entry.changed || entry.finished > 0;
             let stale = entry.written.is_some_and(|written| now - written >= self.refresh);
-            changed || (present && stale)
+            news || (present && stale)
         });
         let mut rows = Vec::new();
-        if !due {
-            entries.retain(|_, entry| self.keep(entry, now));
-            return rows;
-        }
-        for (name, entry) in entries.iter_mut() {
-            let present = entry.in_flight > 0 || entry.seen.is_some();
-            if !present && entry.finished == 0 && !entry.new_version {
-                continue;
+        if due {
+            for (name, entry) in entries.iter_mut() {
+                let present = entry.in_flight > 0 || entry.seen.is_some();
+                if !present && entry.finished == 0 && !entry.changed {
+                    continue;
+                }
+                let ago = match entry.seen {
+                    Some(seen) if entry.in_flight == 0 => now - seen,
+                    _ => Duration::ZERO,
+                };
+                rows.push(Sighting {
+                    name: name.clone(),
+                    version: entry.version.clone(),
+                    instance: entry.instance,
+                    ago_secs: ago.as_secs_f64(),
+                    finished: entry.finished,
+                });
+                entry.seen = None;
+                entry.finished = 0;
+                entry.changed = false;
+                entry.written = Some(now);
             }
-            let seen = if entry.in_flight > 0 { at } else { entry.seen.unwrap_or(at) };
-            rows.push(Sighting {
-                name: name.clone(),
-                version: entry.version.clone(),
-                seen,
-                finished: entry.finished,
-            });
-            entry.seen = None;
-            entry.finished = 0;
-            entry.new_version = false;
-            entry.written = Some(now);
         }
         entries.retain(|_, entry| self.keep(entry, now));
         // The same order in every process: concurrent writes lock the rows in one order.
@@ -138,16 +153,20 @@ impl Sightings {
             || entry.written.is_some_and(|written| now - written < self.refresh)
     }
 
-    /// Rows that could not be written: their counts go back, to be written next time.
+    /// Rows that could not be written: their counts go back, to be written next time (the
+    /// sighting as of now: a little late is better than lost).
     pub fn restore(&self, rows: Vec<Sighting>) {
         let mut entries = self.entries();
         for row in rows {
             let entry = entries.entry(row.name).or_default();
             entry.finished += row.finished;
-            entry.seen = entry.seen.max(Some(row.seen));
-            entry.new_version |= row.version.is_some();
+            entry.seen = entry.seen.or(Some(Instant::now()));
+            entry.changed = true;
             if entry.version.is_none() {
                 entry.version = row.version;
+            }
+            if entry.instance.is_none() {
+                entry.instance = row.instance;
             }
             entry.written = None;
         }
@@ -180,10 +199,11 @@ mod tests {
     #[test]
     fn a_new_agent_is_written_at_once_then_only_when_due() {
         let sightings = Sightings::new(Duration::from_secs(3600));
-        let presence = sightings.arrive("a", Some("1.0"));
+        let presence = sightings.arrive("a", Some("1.0"), None);
         let rows = sightings.take_due();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].version.as_deref(), Some("1.0"));
+        assert_eq!(rows[0].ago_secs, 0.0, "in flight: seen now");
         // Present, nothing changed, not due: nothing to write.
         assert!(sightings.take_due().is_empty());
         sightings.finished("a");
@@ -192,12 +212,16 @@ mod tests {
         drop(presence);
         // Its request ended: a sighting, but not one that is due yet.
         assert!(sightings.take_due().is_empty());
+        // A new run of it is news.
+        let _again = sightings.arrive("a", Some("1.0"), Some(Uuid::new_v4()));
+        let rows = sightings.take_due();
+        assert!(rows[0].instance.is_some());
     }
 
     #[test]
     fn a_present_agent_is_written_again_every_refresh() {
         let sightings = Sightings::new(Duration::ZERO);
-        let _presence = sightings.arrive("a", None);
+        let _presence = sightings.arrive("a", None, None);
         assert_eq!(sightings.take_due().len(), 1);
         assert_eq!(sightings.take_due().len(), 1, "due again after the refresh");
     }
@@ -205,13 +229,22 @@ mod tests {
     #[test]
     fn a_silent_agent_is_forgotten_and_a_leave_takes_its_counts() {
         let sightings = Sightings::new(Duration::ZERO);
-        drop(sightings.arrive("a", None));
+        drop(sightings.arrive("a", None, None));
         assert_eq!(sightings.take_due().len(), 1);
         assert!(sightings.take_due().is_empty());
         assert!(sightings.entries().is_empty(), "silent since its write");
         sightings.finished("b");
-        let leave = sightings.leave("b");
+        let leave = sightings.leave("b", None);
         assert_eq!(leave.finished, 1);
+        assert!(sightings.take_due().is_empty());
+    }
+
+    #[test]
+    fn a_request_in_flight_at_the_leave_is_no_sighting() {
+        let sightings = Sightings::new(Duration::ZERO);
+        let parked = sightings.arrive("a", None, None);
+        sightings.leave("a", None);
+        drop(parked);
         assert!(sightings.take_due().is_empty());
     }
 

@@ -1,38 +1,52 @@
 //! The agent registry's statements.
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use taskexec_protocol::{AgentInfo, AgentState, TaskId};
+use uuid::Uuid;
 
 use super::sightings::Sighting;
 use crate::db::{DbError, Op};
 
-/// Writes a batch of sightings in one statement; `left` marks them as leaving at that time.
-pub async fn record(
-    pool: &PgPool,
-    rows: &[Sighting],
-    left: Option<DateTime<Utc>>,
-) -> Result<(), DbError> {
+/// Writes a batch of sightings in one statement; `leaving`: theirs are the agents' farewells.
+/// A sighting of a run of an agent that has left (its last requests, written late by another
+/// process) is no sign of life; a new run's is.
+pub async fn record(pool: &PgPool, rows: &[Sighting], leaving: bool) -> Result<(), DbError> {
     let names: Vec<&str> = rows.iter().map(|row| row.name.as_str()).collect();
     let versions: Vec<Option<&str>> = rows.iter().map(|row| row.version.as_deref()).collect();
-    let seen: Vec<DateTime<Utc>> = rows.iter().map(|row| row.seen).collect();
+    let instances: Vec<Option<Uuid>> = rows.iter().map(|row| row.instance).collect();
+    let ago: Vec<f64> = rows.iter().map(|row| row.ago_secs).collect();
     let finished: Vec<i64> =
         rows.iter().map(|row| i64::try_from(row.finished).unwrap_or(i64::MAX)).collect();
     sqlx::query!(
-        r#"INSERT INTO agents AS a (name, version, first_seen_at, last_seen_at, left_at, tasks_finished)
-           SELECT s.name, s.version, s.seen, s.seen, $5, s.finished
-             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::int8[])
-                  AS s(name, version, seen, finished)
+        r#"INSERT INTO agents AS a (name, version, instance, first_seen_at, last_seen_at,
+                                   left_at, left_instance, tasks_finished)
+           SELECT s.name, s.version, s.instance,
+                  now() - make_interval(secs => s.ago), now() - make_interval(secs => s.ago),
+                  CASE WHEN $6 THEN now() END, CASE WHEN $6 THEN s.instance END, s.finished
+             FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::float8[], $5::int8[])
+                  AS s(name, version, instance, ago, finished)
            ON CONFLICT (name) DO UPDATE SET
                version = COALESCE(EXCLUDED.version, a.version),
-               last_seen_at = GREATEST(a.last_seen_at, EXCLUDED.last_seen_at),
-               left_at = COALESCE(EXCLUDED.left_at, a.left_at),
+               instance = COALESCE(EXCLUDED.instance, a.instance),
+               last_seen_at = CASE
+                   WHEN EXCLUDED.left_at IS NOT NULL
+                       THEN GREATEST(a.last_seen_at, EXCLUDED.last_seen_at)
+                   WHEN EXCLUDED.instance = a.left_instance THEN a.last_seen_at
+                   ELSE GREATEST(a.last_seen_at, EXCLUDED.last_seen_at)
+               END,
+               -- Not before a sighting already written (another process's clock of the same
+               -- database, a transaction that began a moment later).
+               left_at = CASE WHEN EXCLUDED.left_at IS NULL THEN a.left_at
+                              ELSE GREATEST(EXCLUDED.left_at, a.last_seen_at) END,
+               left_instance = CASE WHEN EXCLUDED.left_at IS NULL THEN a.left_instance
+                                    ELSE EXCLUDED.left_instance END,
                tasks_finished = a.tasks_finished + EXCLUDED.tasks_finished"#,
         &names as &[&str],
         &versions as &[Option<&str>],
-        &seen,
+        &instances as &[Option<Uuid>],
+        &ago,
         &finished,
-        left,
+        leaving,
     )
     .execute(pool)
     .await

@@ -6,9 +6,9 @@
 //!   latency and run time histograms, HTTP requests (`HttpMetrics`, a fairing);
 //! - read from this process at each scrape: parked picks, the pool's connections, LISTEN
 //!   reconnects;
-//! - the queue's figures from the database (`queue.rs`): refreshed at most once per
-//!   `metrics_refresh_secs` for all API processes together, so a scrape costs at most one
-//!   statement per that period per process, and none most of the time.
+//! - the queue's and the agents' figures from the database (`queue.rs`): counted at most once
+//!   per `metrics_refresh_secs` for all API processes together; a process reads them at most
+//!   once per that period, and answers the scrapes in between from its copy.
 
 mod queue;
 
@@ -26,12 +26,9 @@ use taskexec_protocol::{AgentState, Task, TaskStatus};
 use crate::auth::{Allowed, Observe};
 use crate::config::AppConfig;
 use crate::dispatch::Dispatcher;
-use crate::error::ApiError;
 use crate::query::StrictQuery;
 use crate::tasks::store::{Fate, Reaped};
 use crate::Db;
-
-pub use queue::Snapshot;
 
 static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
@@ -118,6 +115,25 @@ impl Metrics {
         }
     }
 
+    /// The figures read from the database.
+    fn database_figures(&self, read: &queue::Read) {
+        let snapshot = &read.snapshot;
+        let status = |s: &str| vec![Label::new("status", s.to_owned())];
+        self.set_gauge("taskexec_tasks", status("queued"), snapshot.queued as f64);
+        self.set_gauge("taskexec_tasks", status("in_progress"), snapshot.in_progress as f64);
+        self.set_gauge("taskexec_queue_oldest_age_seconds", Vec::new(), read.oldest_queued_age());
+        self.set_gauge("taskexec_tasks_stuck", Vec::new(), snapshot.stuck as f64);
+        let agents = [
+            (AgentState::Idle, snapshot.agents_idle),
+            (AgentState::Busy, snapshot.agents_busy),
+            (AgentState::Gone, snapshot.agents_gone),
+        ];
+        for (state, count) in agents {
+            let label = vec![Label::new("state", state.as_str())];
+            self.set_gauge("taskexec_agents", label, count as f64);
+        }
+    }
+
     /// A task handed to an agent: its wait from creation to the pick.
     pub fn picked(&self, task: &Task) {
         if let Some(started) = task.started_at {
@@ -192,9 +208,28 @@ pub fn stage() -> AdHoc {
             return Err(rocket);
         };
         let metrics = Metrics::new(std::time::Duration::from_secs(config.metrics_refresh_secs));
-        Ok(rocket.manage(metrics))
+        let handle = metrics.handle.clone();
+        Ok(rocket.manage(metrics).attach(AdHoc::on_liftoff("Metrics upkeep", |rocket| {
+            let mut shutdown = rocket.shutdown();
+            Box::pin(async move {
+                // Histograms keep their samples until they are folded in: a render does it,
+                // and so does this, so that a process nobody scrapes does not grow.
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(UPKEEP);
+                    loop {
+                        tokio::select! {
+                            _ = &mut shutdown => break,
+                            _ = tick.tick() => handle.run_upkeep(),
+                        }
+                    }
+                });
+            })
+        })))
     })
 }
+
+/// How often histogram samples are folded in when nobody scrapes.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn routes() -> Vec<Route> {
     routes![scrape]
@@ -209,25 +244,12 @@ async fn scrape(
     config: &State<AppConfig>,
     db: &Db,
     dispatcher: &State<Dispatcher>,
-) -> Result<(ContentType, String), ApiError> {
-    let snapshot = metrics.queue.get(db, config).await?;
-    let status = |s: &str| vec![Label::new("status", s.to_owned())];
-    metrics.set_gauge("taskexec_tasks", status("queued"), snapshot.queued as f64);
-    metrics.set_gauge("taskexec_tasks", status("in_progress"), snapshot.in_progress as f64);
-    metrics.set_gauge(
-        "taskexec_queue_oldest_age_seconds",
-        Vec::new(),
-        snapshot.oldest_queued_age(),
-    );
-    metrics.set_gauge("taskexec_tasks_stuck", Vec::new(), snapshot.stuck as f64);
-    let agents = [
-        (AgentState::Idle, snapshot.agents_idle),
-        (AgentState::Busy, snapshot.agents_busy),
-        (AgentState::Gone, snapshot.agents_gone),
-    ];
-    for (state, count) in agents {
-        let label = vec![Label::new("state", state.as_str())];
-        metrics.set_gauge("taskexec_agents", label, count as f64);
+) -> (ContentType, String) {
+    // Without the database, the process's own figures still go out (and the database's as
+    // last read): they are what tells why.
+    match metrics.queue.get(db, config).await {
+        Ok(read) => metrics.database_figures(&read),
+        Err(e) => log::warn!("GET /metrics without the queue's figures: {e}"),
     }
     metrics.set_gauge("taskexec_parked_picks", Vec::new(), dispatcher.parked() as f64);
     let reconnects = dispatcher.listen_reconnects();
@@ -238,7 +260,7 @@ async fn scrape(
     metrics.set_gauge("taskexec_db_pool_connections", state("in_use"), (size - idle).max(0.0));
     let format =
         ContentType::new("text", "plain").with_params([("version", "0.0.4"), ("charset", "utf-8")]);
-    Ok((format, metrics.handle.render()))
+    (format, metrics.handle.render())
 }
 
 /// Counts every request by method, route template (`/tasks/<id>`, never the id itself, so that

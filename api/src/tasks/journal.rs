@@ -25,13 +25,19 @@ pub fn ended(task: &Task) {
         return;
     }
     let agent = task.agent.as_deref().unwrap_or("-");
-    let how = match (task.status, task.exit_code, &task.error) {
-        (TaskStatus::Finished, Some(code), _) => format!("finished with exit code {code}"),
-        (status, _, Some(error)) => format!("{status}: {error}"),
-        (status, _, None) => status.to_string(),
-    };
-    log::info!(target: TARGET, task:% = task.id, agent = agent, status:% = task.status;
-        "task {how}");
+    let status = task.status;
+    // The error is the agent's text: a field (quoted in text lines), never the message, so
+    // that it cannot forge a line.
+    match (task.exit_code, task.error.as_deref()) {
+        (Some(code), _) if status == TaskStatus::Finished => log::info!(
+            target: TARGET, task:% = task.id, agent = agent, status:% = status, exit_code = code;
+            "task finished with exit code {code}"),
+        (_, Some(error)) => log::info!(
+            target: TARGET, task:% = task.id, agent = agent, status:% = status, error = error;
+            "task {status}"),
+        _ => log::info!(target: TARGET, task:% = task.id, agent = agent, status:% = status;
+            "task {status}"),
+    }
 }
 
 /// Handed back by a draining agent: queued again (or failed, when handed back too often).
