@@ -13,6 +13,7 @@ use crate::config::AppConfig;
 use crate::db::{required, DbError};
 use crate::dispatch::{Dispatcher, Woken};
 use crate::metrics::Metrics;
+use crate::tasks::journal;
 use crate::tasks::store::{self, Fate, Reaped};
 
 /// One pass. Requeued tasks are announced so that parked picks get them at once; the requests
@@ -30,8 +31,9 @@ pub async fn run_once(
     if reaped.requeued() > 0 {
         dispatcher.task_queued();
     }
-    for (id, _) in &reaped.ended {
+    for (id, fate) in &reaped.ended {
         dispatcher.events().announce(*id, Woken::Ended);
+        journal::reaped(*id, *fate);
     }
     if !reaped.ended.is_empty() {
         log::info!(

@@ -1,8 +1,9 @@
-//! SIGTERM and SIGINT. Idle, the agent exits at once: its parked pick's connection closes with
-//! it, and the server hands the pick's task to another agent. Busy, the first signal starts a
-//! drain (the task may run on for `DRAIN_TIMEOUT`, then it is stopped and handed back); a
-//! second signal kills the command at once, hands the task back with one short call and
-//! exits. While the result is being reported, the first signal bounds the retries to
+//! SIGTERM and SIGINT. Idle, the agent tells the API it is leaving (2 s at most) and exits:
+//! its parked pick's connection closes with it, and the server hands the pick's task to
+//! another agent (a task the pick delivers meanwhile is handed back unstarted). Busy, the first
+//! signal starts a drain (the task may run on for `DRAIN_TIMEOUT`, then it is stopped and
+//! handed back); a second signal kills the command at once, hands the task back with one short
+//! call and exits. While the result is being reported, the first signal bounds the retries to
 //! `DRAIN_TIMEOUT` and a second exits at once.
 
 use std::sync::mpsc::Sender;

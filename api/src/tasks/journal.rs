@@ -1,8 +1,11 @@
 //! The lines an operator reads about tasks, at info: created, picked by whom, ended how,
-//! handed back, abort asked. (Requeues by the reaper and put-backs are logged where they
-//! happen.) Each carries the task id, and the agent where there is one, as fields.
+//! handed back, abort asked, requeued or failed by the reaper and why. (A pick whose agent had
+//! gone is logged where it is put back.) Each carries the task id, and the agent where there is
+//! one, as fields.
 
-use taskexec_protocol::{Task, TaskStatus};
+use taskexec_protocol::{Task, TaskId, TaskStatus};
+
+use super::store::Fate;
 
 const TARGET: &str = "taskexec_api::tasks";
 
@@ -52,4 +55,17 @@ pub fn abort_requested(task: &Task) {
     let agent = task.agent.as_deref().unwrap_or("-");
     log::info!(target: TARGET, task:% = task.id, agent = agent;
         "abort of the running task requested; its agent is told");
+}
+
+/// What the reaper did to a task whose lease ran out or that overran its timeout.
+pub fn reaped(task: TaskId, fate: Fate) {
+    let why = match fate {
+        Fate::Refunded => "its pick was never confirmed: queued again, the attempt given back",
+        Fate::Requeued => "its lease ran out (agent lost): queued again",
+        Fate::Cancelled => "its lease ran out after an abort was asked: cancelled",
+        Fate::Lost => "its lease ran out on its last attempt: failed, agent lost",
+        Fate::TimedOut => "it ran past its timeout, grace and lease: failed",
+        Fate::Exhausted => "handed back too often: failed",
+    };
+    log::info!(target: TARGET, task:% = task, fate:? = fate; "task reaped: {why}");
 }

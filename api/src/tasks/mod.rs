@@ -3,7 +3,7 @@
 //! endpoints (`routes`).
 
 pub mod intake;
-mod journal;
+pub mod journal;
 pub mod lease;
 pub mod model;
 pub mod routes;
