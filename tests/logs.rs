@@ -78,9 +78,11 @@ async fn json_lines_carry_the_request_id_the_response_and_its_problem_name() {
         (failed["status"].clone(), failed["route"].clone()),
         (400.into(), "/tasks/<id>".into())
     );
-    let created = lines.iter().find(|line| line["message"] == "task created by admin").unwrap();
+    let created =
+        lines.iter().find(|line| line["message"] == r#"task created by "admin""#).unwrap();
     assert_eq!(created["task"], task.id.to_string());
-    let line = lines.iter().find(|line| line["message"] == "task picked by poller (attempt 1)");
+    let line =
+        lines.iter().find(|line| line["message"] == r#"task picked by "poller" (attempt 1)"#);
     assert_eq!(line.unwrap()["task"], picked.task.id.to_string());
     assert!(!lines.iter().any(|line| line["route"] == "/tasks/pick"), "a poll at info: {lines:?}");
 }

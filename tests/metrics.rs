@@ -118,30 +118,51 @@ async fn scrapes_count_the_queue_at_most_once_per_refresh_period() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn concurrent_scrapes_of_two_processes_all_get_the_counted_queue() {
+async fn processes_that_find_the_count_stale_together_all_read_the_one_count() {
     let app = TestApp::spawn().await;
     let peer = app.spawn_peer().await;
     app.submit("true").await;
     app.submit("true").await;
-    // Both processes find the shared count stale at once: one counts, the other waits for it
-    // and reads the count (never the row as it was before).
-    let mut scrapes = tokio::task::JoinSet::new();
-    for n in 0..16 {
-        let url = if n % 2 == 0 { app.url.clone() } else { peer.url.clone() };
-        scrapes.spawn(async move {
-            let response = reqwest::Client::new()
-                .get(format!("{url}/metrics"))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            let text = response.text().await.unwrap();
-            sample(&text, r#"taskexec_tasks{status="queued"}"#)
-        });
+    // The shared row held here, both processes find it stale and queue up behind its lock.
+    let pool = app.db.pool().await;
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM metrics_snapshot FOR UPDATE").execute(&mut *holder).await.unwrap();
+    let scrapes: Vec<_> = [app.url.clone(), peer.url.clone()]
+        .into_iter()
+        .map(|url| {
+            tokio::spawn(async move {
+                let response = reqwest::Client::new()
+                    .get(format!("{url}/metrics"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                response.text().await.unwrap()
+            })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting >= 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{waiting} waiting for the row");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    while let Some(queued) = scrapes.join_next().await {
-        assert_eq!(queued.unwrap(), Some(2.0));
+    holder.commit().await.unwrap();
+    // One counts; the other, having waited, reads that count (before, it read the row as it
+    // was when its statement began: the seed, which failed the scrape).
+    for scrape in scrapes {
+        let text = scrape.await.unwrap();
+        assert_eq!(sample(&text, r#"taskexec_tasks{status="queued"}"#), Some(2.0), "{text}");
     }
 }
 

@@ -302,7 +302,10 @@ impl Worker {
                 _ => {}
             }
         }
-        leave(&self.client);
+        // A second signal asked to exit at once: no farewell to wait on.
+        if !stop.quitting() {
+            leave(&self.client);
+        }
         log::info!("stopped");
     }
 }

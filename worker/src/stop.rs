@@ -96,7 +96,8 @@ impl Stop {
         let (exit, farewell) = match &state.phase {
             Phase::Idle => {
                 log::info!("signal {signal}: stopping");
-                (true, true)
+                // A second signal (after a drain, say) exits without waiting on the API.
+                (true, first)
             }
             Phase::Running(task) if first => {
                 log::info!("signal {signal}: draining; the running task may finish");

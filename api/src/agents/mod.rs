@@ -108,9 +108,9 @@ impl<'r> FromRequest<'r> for Instance {
 }
 
 impl Agent {
-    /// A task picked by `picker` (normally this agent) ended by this request's report.
-    pub fn reported_end(&self, picker: &str) {
-        self.presence.sightings().finished(picker);
+    /// This agent's report ended a task (counted under its own name, which is present).
+    pub fn reported_end(&self) {
+        self.presence.sightings().finished(&self.name);
     }
 }
 
@@ -139,10 +139,11 @@ async fn leave(
 ) -> Result<Status, ApiError> {
     let row = sightings.leave(&agent.0, instance.0);
     if let Err(e) = store::record(db.pool(), std::slice::from_ref(&row), true).await {
-        sightings.restore(vec![row]);
+        // Its counts are kept; its leave is not a sighting (it is gone within a lease).
+        sightings.restore_counts(&row);
         return Err(e.into());
     }
-    log::info!(agent = agent.0.as_str(); "agent {} left", agent.0);
+    log::info!(agent = agent.0.as_str(); "agent {:?} left", agent.0);
     Ok(Status::NoContent)
 }
 

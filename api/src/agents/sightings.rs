@@ -44,8 +44,7 @@ pub struct Sighting {
     pub name: String,
     pub version: Option<String>,
     pub instance: Option<Uuid>,
-    /// How long ago it was last seen (0 while a request of it is in flight; for one whose
-    /// count alone changed, as its report came under another name: 0 too).
+    /// How long ago it was last seen (0 while a request of it is in flight).
     pub ago_secs: f64,
     pub finished: u64,
 }
@@ -151,6 +150,13 @@ impl Sightings {
             || entry.seen.is_some()
             || entry.finished > 0
             || entry.written.is_some_and(|written| now - written < self.refresh)
+    }
+
+    /// A leave that could not be written: its counts go back, its sighting does not.
+    pub fn restore_counts(&self, row: &Sighting) {
+        if row.finished > 0 {
+            self.entries().entry(row.name.clone()).or_default().finished += row.finished;
+        }
     }
 
     /// Rows that could not be written: their counts go back, to be written next time (the

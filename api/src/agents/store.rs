@@ -26,8 +26,10 @@ pub async fn record(pool: &PgPool, rows: &[Sighting], leaving: bool) -> Result<(
              FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::float8[], $5::int8[])
                   AS s(name, version, instance, ago, finished)
            ON CONFLICT (name) DO UPDATE SET
-               version = COALESCE(EXCLUDED.version, a.version),
-               instance = COALESCE(EXCLUDED.instance, a.instance),
+               version = CASE WHEN EXCLUDED.instance = a.left_instance THEN a.version
+                              ELSE COALESCE(EXCLUDED.version, a.version) END,
+               instance = CASE WHEN EXCLUDED.instance = a.left_instance THEN a.instance
+                               ELSE COALESCE(EXCLUDED.instance, a.instance) END,
                last_seen_at = CASE
                    WHEN EXCLUDED.left_at IS NOT NULL
                        THEN GREATEST(a.last_seen_at, EXCLUDED.last_seen_at)

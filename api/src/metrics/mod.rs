@@ -67,6 +67,7 @@ impl Metrics {
         });
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
+        // The exporter keeps one description per name, whatever its kind.
         for (name, help) in HELP {
             recorder.describe_gauge((*name).into(), None, (*help).into());
         }
@@ -249,6 +250,7 @@ async fn scrape(
     // last read): they are what tells why.
     match metrics.queue.get(db, config).await {
         Ok(read) => metrics.database_figures(&read),
+        Err(queue::Unread::Backoff) => {}
         Err(e) => log::warn!("GET /metrics without the queue's figures: {e}"),
     }
     metrics.set_gauge("taskexec_parked_picks", Vec::new(), dispatcher.parked() as f64);

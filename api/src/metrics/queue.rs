@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -17,6 +18,9 @@ use crate::Db;
 /// The figures as last counted.
 #[derive(Debug, Clone, Copy)]
 pub struct Snapshot {
+    /// When it was counted (to tell a new count from the one read before; never compared
+    /// with this process's clock).
+    pub taken_at: DateTime<Utc>,
     pub queued: i64,
     pub in_progress: i64,
     /// Age of the oldest queued task when the snapshot was taken.
@@ -48,39 +52,74 @@ impl Read {
     }
 }
 
+/// The longest a scrape waits for the database's figures: past it, the scrape goes out with
+/// the process's own (a scrape must not hang on a database that does not answer).
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// This process's copy of the snapshot.
 pub struct Cache {
     refresh: Duration,
-    last: Mutex<Option<Read>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    last: Option<Read>,
+    /// When the last read failed: the next one waits a refresh period, so that scrapes of a
+    /// process whose database is away do not each wait for it.
+    failed_at: Option<Instant>,
+}
+
+/// Why there are no database figures for this scrape.
+#[derive(Debug, thiserror::Error)]
+pub enum Unread {
+    #[error("{0}")]
+    Database(#[from] DbError),
+    #[error("the database did not answer within {READ_TIMEOUT:?}")]
+    TimedOut,
+    #[error("the last read failed; the next is due within the refresh period")]
+    Backoff,
 }
 
 impl Cache {
     pub fn new(refresh: Duration) -> Cache {
-        Cache { refresh, last: Mutex::new(None) }
+        Cache { refresh, state: Mutex::default() }
     }
 
     /// The snapshot, read again when this process's copy is older than the refresh period
-    /// (concurrent scrapes wait for one read). On a database error, the last copy if there is
-    /// one.
-    pub async fn get(&self, db: &Db, config: &AppConfig) -> Result<Read, DbError> {
-        let mut last = self.last.lock().await;
-        if let Some(read) = *last {
+    /// (concurrent scrapes wait for one read, `READ_TIMEOUT` at most).
+    pub async fn get(&self, db: &Db, config: &AppConfig) -> Result<Read, Unread> {
+        let mut state = self.state.lock().await;
+        if let Some(read) = state.last {
             if read.at.elapsed() < self.refresh {
                 return Ok(read);
             }
         }
-        let snapshot = match read(db, self.refresh, config).await {
-            Ok(snapshot) => snapshot,
-            Err(e) => return last.ok_or(e),
-        };
-        let read = Read { snapshot, at: Instant::now() };
-        *last = Some(read);
-        Ok(read)
+        if state.failed_at.is_some_and(|failed| failed.elapsed() < self.refresh) {
+            return Err(Unread::Backoff);
+        }
+        // Dropped on the timeout, a transaction under way is rolled back.
+        let outcome = tokio::time::timeout(READ_TIMEOUT, read(db, self.refresh, config)).await;
+        match outcome {
+            Ok(Ok(snapshot)) => {
+                let read = Read { snapshot, at: Instant::now() };
+                *state = State { last: Some(read), failed_at: None };
+                Ok(read)
+            }
+            Ok(Err(e)) => {
+                state.failed_at = Some(Instant::now());
+                Err(e.into())
+            }
+            Err(_) => {
+                state.failed_at = Some(Instant::now());
+                Err(Unread::TimedOut)
+            }
+        }
     }
 }
 
 /// The shared snapshot: read when fresh (one statement); else counted again under the row's
-/// lock, unless another process did so while this one waited for it.
+/// lock, unless another process counted while this one waited for it.
 async fn read(db: &Db, refresh: Duration, config: &AppConfig) -> Result<Snapshot, DbError> {
     const OP: &str = "read the queue's figures";
     let fresh = |snapshot: &Snapshot| snapshot.age_secs < refresh.as_secs_f64();
@@ -90,7 +129,8 @@ async fn read(db: &Db, refresh: Duration, config: &AppConfig) -> Result<Snapshot
     }
     let mut tx = db.pool().begin().await.op(OP)?;
     let locked = snapshot(&mut *tx, true).await.op(OP)?;
-    if fresh(&locked) {
+    // Counted while this process waited for the lock (however long the count took): read.
+    if locked.taken_at != current.taken_at || fresh(&locked) {
         tx.commit().await.op(OP)?;
         return Ok(locked);
     }
@@ -115,7 +155,7 @@ async fn read(db: &Db, refresh: Duration, config: &AppConfig) -> Result<Snapshot
                           count(*) FILTER (WHERE state = 'busy'),
                           count(*) FILTER (WHERE state = 'gone')
                      FROM agent_states($2))
-           RETURNING queued, in_progress, oldest_queued_secs, stuck,
+           RETURNING taken_at, queued, in_progress, oldest_queued_secs, stuck,
                      agents_idle, agents_busy, agents_gone, 0::float8 AS "age_secs!""#,
         config.kill_grace_secs as i32,
         config.lease_secs as i32,
@@ -136,7 +176,7 @@ async fn snapshot<'e>(
     if lock {
         sqlx::query_as!(
             Snapshot,
-            r#"SELECT queued, in_progress, oldest_queued_secs, stuck,
+            r#"SELECT taken_at, queued, in_progress, oldest_queued_secs, stuck,
                       agents_idle, agents_busy, agents_gone,
                       extract(epoch FROM now() - taken_at)::float8 AS "age_secs!"
                  FROM metrics_snapshot FOR UPDATE"#
@@ -146,7 +186,7 @@ async fn snapshot<'e>(
     } else {
         sqlx::query_as!(
             Snapshot,
-            r#"SELECT queued, in_progress, oldest_queued_secs, stuck,
+            r#"SELECT taken_at, queued, in_progress, oldest_queued_secs, stuck,
                       agents_idle, agents_busy, agents_gone,
                       extract(epoch FROM now() - taken_at)::float8 AS "age_secs!"
                  FROM metrics_snapshot"#

@@ -11,14 +11,14 @@ const TARGET: &str = "taskexec_api::tasks";
 
 pub fn created(task: &Task) {
     let owner = task.owner.as_deref().unwrap_or("-");
-    log::info!(target: TARGET, task:% = task.id, owner = owner; "task created by {owner}");
+    log::info!(target: TARGET, task:% = task.id, owner = owner; "task created by {owner:?}");
 }
 
 pub fn picked(task: &Task) {
     let agent = task.agent.as_deref().unwrap_or("-");
     let attempt = task.attempts;
     log::info!(target: TARGET, task:% = task.id, agent = agent, attempt = attempt;
-        "task picked by {agent} (attempt {attempt})");
+        "task picked by {agent:?} (attempt {attempt})");
 }
 
 /// A task whose end this process recorded (its agent's report, an abort, a hand-back too

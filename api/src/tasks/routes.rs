@@ -429,9 +429,7 @@ async fn finish(
         dispatcher.events().announce(lease.task, Woken::Ended);
         metrics.ended(&task);
         journal::ended(&task);
-        if let Some(picker) = &task.agent {
-            agent.reported_end(picker);
-        }
+        agent.reported_end();
         return Ok(Json(task));
     }
     // Nothing written. A repeat of the report that ended this very attempt is answered as it
