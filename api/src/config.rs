@@ -93,6 +93,9 @@ pub struct AppConfig {
     pub reaper_interval_secs: u64,
     /// Picks a task may get before an expired lease fails it.
     pub max_attempts: u32,
+    /// Days an ended task is kept (with its output) before retention deletes it; 0 keeps
+    /// every task.
+    pub retention_days: u32,
     /// A task's timeout without `timeout_secs`, and the largest `timeout_secs`.
     pub default_timeout_secs: u32,
     pub max_timeout_secs: u32,
@@ -159,6 +162,7 @@ impl AppConfig {
             (self.max_client_connections >= 1, "max_client_connections must be at least 1"),
             (self.listen_probe_secs >= 1, "listen_probe_secs must be at least 1"),
             (self.metrics_refresh_secs >= 1, "metrics_refresh_secs must be at least 1"),
+            (self.retention_days <= 36_500, "retention_days must be at most 36500 (0 keeps every task)"),
         ];
         match rules.iter().find(|(ok, _)| !ok) {
             Some((_, message)) => Err((*message).to_owned()),

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod output;
 mod query;
 pub mod reaper;
+pub mod retention;
 pub mod tasks;
 
 pub use db::{Db, DbError};

@@ -13,6 +13,7 @@ use crate::config::AppConfig;
 use crate::db::{required, DbError};
 use crate::dispatch::{Dispatcher, Woken};
 use crate::metrics::Metrics;
+use crate::retention;
 use crate::tasks::journal;
 use crate::tasks::store::{self, Fate, Reaped};
 
@@ -48,7 +49,7 @@ pub async fn run_once(
     Ok(reaped)
 }
 
-/// Runs the reaper from liftoff until shutdown. The launch fails if it cannot be set up:
+/// Runs the reaper from liftoff until shutdown, and retention once a minute in the same loop. The launch fails if it cannot be set up:
 /// without it, lost agents would hold their tasks forever.
 pub fn stage() -> AdHoc {
     AdHoc::try_on_ignite("Reaper", |rocket: Rocket<Build>| async {
@@ -72,6 +73,7 @@ pub fn stage() -> AdHoc {
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 tokio::spawn(async move {
+                    let mut retention_due = tokio::time::Instant::now();
                     loop {
                         tokio::select! {
                             _ = &mut shutdown => break,
@@ -80,6 +82,15 @@ pub fn stage() -> AdHoc {
                         match run_once(&pool, &config, &dispatcher).await {
                             Ok(reaped) => metrics.reaped(&reaped),
                             Err(e) => log::warn!("reaper pass failed: {e}"),
+                        }
+                        if retention_due.elapsed() < retention::EVERY {
+                            continue;
+                        }
+                        retention_due = tokio::time::Instant::now();
+                        let days = config.retention_days;
+                        match retention::run_once(&pool, days, retention::BATCH).await {
+                            Ok(deleted) => metrics.deleted(deleted.tasks),
+                            Err(e) => log::warn!("retention pass failed: {e}"),
                         }
                     }
                 });

@@ -88,6 +88,7 @@ impl Metrics {
             let label = vec![Label::new("status", status.to_string())];
             metrics.counter("taskexec_tasks_completed_total", label).increment(0);
         }
+        metrics.counter("taskexec_tasks_deleted_total", Vec::new()).increment(0);
         for outcome in ["requeued", "failed", "refunded"] {
             let label = vec![Label::new("outcome", outcome)];
             metrics.counter("taskexec_lease_expiries_total", label).increment(0);
@@ -142,6 +143,11 @@ impl Metrics {
         }
     }
 
+    /// Tasks deleted by retention.
+    pub fn deleted(&self, tasks: u64) {
+        self.counter("taskexec_tasks_deleted_total", Vec::new()).increment(tasks);
+    }
+
     /// What a reaper pass did: lease expiries by outcome, and the tasks it ended.
     pub fn reaped(&self, reaped: &Reaped) {
         let expiries = [
@@ -186,6 +192,10 @@ const HELP: &[(&str, &str)] = &[
     ("taskexec_pick_latency_seconds", "From a task's creation to its pick."),
     ("taskexec_task_run_seconds", "From a command's start to its end, for tasks that ran."),
     ("taskexec_lease_expiries_total", "Leases that ran out, by what became of the task."),
+    (
+        "taskexec_tasks_deleted_total",
+        "Ended tasks deleted by retention (retention_days), by this process.",
+    ),
     ("taskexec_parked_picks", "Agents' picks parked in this API process right now."),
     ("taskexec_agents", "Agents seen in the last day, by state (as GET /agents shows them)."),
     ("taskexec_http_requests_total", "HTTP requests answered by this process, by route template."),

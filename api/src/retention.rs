@@ -1,0 +1,74 @@
+//! Retention: tasks that ended more than `retention_days` ago are deleted with their output
+//! (and agents not seen for as long), oldest first, `BATCH` rows a statement so that no
+//! statement holds many locks for long. Run by the reaper's loop once a minute; `run_once` is
+//! what it calls. `retention_days = 0` keeps everything.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::db::{DbError, Op};
+
+/// Tasks deleted per statement.
+pub const BATCH: i64 = 1000;
+
+/// How often the reaper's loop runs a pass.
+pub const EVERY: Duration = Duration::from_secs(60);
+
+/// What a pass deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    pub tasks: u64,
+    pub agents: u64,
+}
+
+/// Deletes, in batches of `batch`, every task that ended more than `days` ago, then the agents
+/// not seen for as long. Nothing when `days` is 0.
+///
+/// # Errors
+/// The database's; what was deleted before stays deleted, the next pass goes on.
+pub async fn run_once(pool: &PgPool, days: u32, batch: i64) -> Result<Deleted, DbError> {
+    let mut deleted = Deleted::default();
+    if days == 0 {
+        return Ok(deleted);
+    }
+    let days = i32::try_from(days).unwrap_or(i32::MAX);
+    loop {
+        // SKIP LOCKED: a task another process is deleting is its to delete.
+        let gone = sqlx::query!(
+            r#"DELETE FROM tasks
+                WHERE id IN (SELECT id FROM tasks
+                              WHERE status IN ('finished', 'failed', 'cancelled')
+                                AND finished_at < now() - make_interval(days => $1)
+                              ORDER BY finished_at
+                              LIMIT $2
+                                FOR UPDATE SKIP LOCKED)"#,
+            days,
+            batch,
+        )
+        .execute(pool)
+        .await
+        .op("delete ended tasks past retention")?
+        .rows_affected();
+        deleted.tasks += gone;
+        if gone < batch.max(1) as u64 {
+            break;
+        }
+    }
+    deleted.agents = sqlx::query!(
+        "DELETE FROM agents WHERE last_seen_at < now() - make_interval(days => $1)",
+        days
+    )
+    .execute(pool)
+    .await
+    .op("delete agents past retention")?
+    .rows_affected();
+    if deleted.tasks > 0 || deleted.agents > 0 {
+        log::info!(
+            "retention: {} tasks and {} agents older than {days} days deleted",
+            deleted.tasks,
+            deleted.agents
+        );
+    }
+    Ok(deleted)
+}
