@@ -49,8 +49,9 @@ pub async fn run_once(
     Ok(reaped)
 }
 
-/// Runs the reaper from liftoff until shutdown, and retention once a minute in the same loop. The launch fails if it cannot be set up:
-/// without it, lost agents would hold their tasks forever.
+/// Runs the reaper from liftoff until shutdown, and retention once a minute in the same loop.
+/// The launch fails if it cannot be set up: without it, lost agents would hold their tasks
+/// forever.
 pub fn stage() -> AdHoc {
     AdHoc::try_on_ignite("Reaper", |rocket: Rocket<Build>| async {
         let found =
