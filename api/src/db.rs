@@ -116,12 +116,20 @@ impl<T> Op<T> for Result<T, sqlx::Error> {
     }
 }
 
-/// The pool and the settings a background stage needs, or what is missing (the stages that
-/// provide them failed or were not attached): such a stage then fails the launch.
+/// The pool and the settings a background stage (`stage`, as its log line names it) needs;
+/// `None`, with an error logged saying what is missing, when the stages that provide them
+/// failed or were not attached: the stage then fails the launch.
 pub fn required(
     rocket: &rocket::Rocket<rocket::Build>,
-) -> Result<(PgPool, crate::config::AppConfig), &'static str> {
-    let pool = Db::fetch(rocket).map(|db| db.pool().clone()).ok_or("its database pool")?;
-    let config = rocket.state::<crate::config::AppConfig>().cloned().ok_or("its settings")?;
-    Ok((pool, config))
+    stage: &str,
+) -> Option<(PgPool, crate::config::AppConfig)> {
+    let pool = Db::fetch(rocket).map(|db| db.pool().clone()).ok_or("its database pool");
+    let config = rocket.state::<crate::config::AppConfig>().cloned().ok_or("its settings");
+    match pool.and_then(|pool| Ok((pool, config?))) {
+        Ok(found) => Some(found),
+        Err(what) => {
+            log::error!("{stage} cannot start without {what}");
+            None
+        }
+    }
 }

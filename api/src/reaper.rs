@@ -54,14 +54,12 @@ pub async fn run_once(
 /// forever.
 pub fn stage() -> AdHoc {
     AdHoc::try_on_ignite("Reaper", |rocket: Rocket<Build>| async {
-        let found =
-            required(&rocket).and_then(|(pool, config)| Ok((pool, config, dispatcher(&rocket)?)));
-        let (pool, config, dispatcher) = match found {
-            Ok(found) => found,
-            Err(what) => {
-                log::error!("the reaper cannot start without {what}");
-                return Err(rocket);
-            }
+        let Some((pool, config)) = required(&rocket, "the reaper") else {
+            return Err(rocket);
+        };
+        let Some(dispatcher) = rocket.state::<Dispatcher>().cloned() else {
+            log::error!("the reaper cannot start without the dispatcher");
+            return Err(rocket);
         };
         let Some(metrics) = rocket.state::<Metrics>().cloned() else {
             log::error!("the reaper cannot start without its metrics");
@@ -98,8 +96,4 @@ pub fn stage() -> AdHoc {
             })
         })))
     })
-}
-
-fn dispatcher(rocket: &Rocket<Build>) -> Result<Dispatcher, &'static str> {
-    rocket.state::<Dispatcher>().cloned().ok_or("the dispatcher")
 }

@@ -168,12 +168,8 @@ pub async fn run_once(pool: &PgPool, sightings: &Sightings) -> Result<usize, DbE
 /// The sightings, and the loop that writes them from liftoff to shutdown (once more then).
 pub fn stage() -> AdHoc {
     AdHoc::try_on_ignite("Agents", |rocket: Rocket<Build>| async {
-        let (pool, config) = match required(&rocket) {
-            Ok(found) => found,
-            Err(what) => {
-                log::error!("the agent registry cannot start without {what}");
-                return Err(rocket);
-            }
+        let Some((pool, config)) = required(&rocket, "the agent registry") else {
+            return Err(rocket);
         };
         // A present agent's sighting is written every third of the lease, and the writer looks
         // at least that often: one not seen for a lease has surely gone.

@@ -36,12 +36,8 @@ pub fn terms(config: &AppConfig) -> LeaseTerms {
 /// cannot be set up: a server whose picks could never be answered must not start.
 pub fn stage() -> AdHoc {
     AdHoc::try_on_ignite("Dispatcher", |rocket: Rocket<Build>| async {
-        let (pool, config) = match required(&rocket) {
-            Ok(found) => found,
-            Err(what) => {
-                log::error!("the dispatcher cannot start without {what}");
-                return Err(rocket);
-            }
+        let Some((pool, config)) = required(&rocket, "the dispatcher") else {
+            return Err(rocket);
         };
         let url: String = match rocket.figment().extract_inner(DATABASE_URL_KEY) {
             Ok(url) => url,

@@ -212,12 +212,8 @@ fn answer(submissions: Vec<Submission>, outcome: Result<Vec<Result<Task, ApiErro
 /// Runs the intake from ignite until the server stops. The launch fails without a pool.
 pub fn stage() -> AdHoc {
     AdHoc::try_on_ignite("Intake", |rocket| async {
-        let (pool, config) = match required(&rocket) {
-            Ok(found) => found,
-            Err(what) => {
-                log::error!("the intake cannot start without {what}");
-                return Err(rocket);
-            }
+        let Some((pool, config)) = required(&rocket, "the intake") else {
+            return Err(rocket);
         };
         let (sender, receiver) = mpsc::unbounded_channel();
         tokio::spawn(run(pool, Quota(config.max_queued_per_owner), receiver));
