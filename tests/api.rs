@@ -56,7 +56,12 @@ async fn each_bad_new_task_gets_a_problem_naming_it() {
     let json_cases: Vec<(Value, &str)> = vec![
         (json!({"command": "ls", "status": "finished"}), "`status` is set by the server"),
         (json!({"command": "ls", "id": "x"}), "`id` is set by the server"),
-        (json!({"command": "ls", "priority": 3}), "unknown field `priority`"),
+        (json!({"command": "ls", "colour": 3}), "unknown field `colour`"),
+        (json!({"command": "ls", "priority": 101}), "`priority` must be a whole number"),
+        (json!({"command": "ls", "tags": ["GPU"]}), "`tags` holds \"GPU\""),
+        (json!({"command": "ls", "env": {"1A": "x"}}), "`env` names \"1A\""),
+        (json!({"command": "ls", "cwd": "tmp"}), "`cwd` must be an absolute path"),
+        (json!({"command": "ls", "retries": 1}), "`retries` is set by the server"),
         (json!({}), "`command` is required"),
         (json!({"command": ""}), "empty"),
         (json!({"command": "  \n\t "}), "only whitespace"),
@@ -691,7 +696,8 @@ async fn concurrent_submissions_are_each_stored_once_with_their_own_command() {
         .map(|n| {
             let api = app.api.clone();
             tokio::spawn(async move {
-                let new = NewTask { command: format!("echo {n}"), timeout_secs: Some(n + 1) };
+                let new =
+                    NewTask { timeout_secs: Some(n + 1), ..NewTask::new(format!("echo {n}")) };
                 (n, api.create(&new).await.unwrap())
             })
         })

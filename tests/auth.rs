@@ -112,7 +112,7 @@ struct Endpoint {
     answers: [u16; 4],
 }
 
-const ENDPOINTS: [Endpoint; 19] = [
+const ENDPOINTS: [Endpoint; 20] = [
     Endpoint { name: "GET /", public: true, answers: [200, 200, 200, 200] },
     Endpoint { name: "GET /health", public: true, answers: [200, 200, 200, 200] },
     Endpoint { name: "POST /tasks", public: false, answers: [201, 201, 403, 403] },
@@ -120,6 +120,7 @@ const ENDPOINTS: [Endpoint; 19] = [
     Endpoint { name: "GET /tasks/<id>", public: false, answers: [200, 404, 200, 403] },
     Endpoint { name: "GET /tasks/<id>/output", public: false, answers: [200, 404, 200, 403] },
     Endpoint { name: "GET /tasks/<id>/log", public: false, answers: [200, 404, 200, 403] },
+    Endpoint { name: "GET /tasks/<id>/attempts", public: false, answers: [200, 404, 200, 403] },
     Endpoint { name: "POST /tasks/<id>/abort", public: false, answers: [200, 404, 403, 403] },
     Endpoint { name: "GET /tasks/pick", public: false, answers: [200, 403, 403, 200] },
     Endpoint { name: "POST /tasks/<id>/heartbeat", public: false, answers: [409, 403, 403, 409] },
@@ -154,6 +155,7 @@ async fn call(app: &TestApp, endpoint: &str, authorization: Option<&str>) -> u16
         "GET /tasks/<id>" => (Method::GET, format!("/tasks/{task}"), None),
         "GET /tasks/<id>/output" => (Method::GET, format!("/tasks/{task}/output"), None),
         "GET /tasks/<id>/log" => (Method::GET, format!("/tasks/{task}/log"), None),
+        "GET /tasks/<id>/attempts" => (Method::GET, format!("/tasks/{task}/attempts"), None),
         "POST /tasks/<id>/abort" => (Method::POST, format!("/tasks/{task}/abort"), None),
         "GET /tasks/pick" => (Method::GET, "/tasks/pick?wait=0".into(), None),
         "POST /tasks/<id>/heartbeat" => {

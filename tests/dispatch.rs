@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use taskexec_api::dispatch::{DispatchLoop, Dispatcher, Notifier, Reply, Round};
-use taskexec_api::tasks::store::{self, Fate};
+use taskexec_api::tasks::store::{self, Claimed, Fate, Picker};
 use taskexec_protocol::{LeaseTerms, TaskStatus};
 use taskexec_tests::{TestApp, TestDb};
 use tokio::time::Instant;
@@ -28,8 +28,14 @@ async fn migrated() -> (TestDb, PgPool) {
     (db, pool)
 }
 
+/// One claim statement for untagged agents named `agents`, oldest first.
+async fn claim(pool: &PgPool, agents: &[&str]) -> Vec<Claimed> {
+    let pickers: Vec<Picker> = agents.iter().map(|agent| Picker { agent, tags: "" }).collect();
+    store::claim(pool, &pickers, &TERMS).await.unwrap().claimed
+}
+
 fn park(dispatcher: &Dispatcher, agent: &str) -> Reply {
-    dispatcher.park(agent.to_owned(), Instant::now() + Duration::from_secs(60)).unwrap()
+    dispatcher.park(agent.to_owned(), &[], Instant::now() + Duration::from_secs(60)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -119,7 +125,7 @@ async fn a_hundred_parked_picks_and_a_hundred_tasks_pair_up_one_to_one() {
 async fn a_pick_past_its_deadline_is_answered_with_nothing() {
     let (_db, pool) = migrated().await;
     let (_, dispatcher, mut dispatch) = dispatcher(&pool);
-    let reply = dispatcher.park("late".into(), Instant::now()).unwrap();
+    let reply = dispatcher.park("late".into(), &[], Instant::now()).unwrap();
 
     let round = dispatch.run_once().await;
 
@@ -181,7 +187,8 @@ async fn reapers_racing_on_one_database_handle_each_expired_lease_once() {
         store::insert(&pool, &format!("echo {n}"), 60, "tester").await.unwrap();
     }
     let agents: Vec<String> = (0..200).map(|n| format!("lost-{n}")).collect();
-    assert_eq!(store::claim(&pool, &agents, &TERMS).await.unwrap().len(), 200);
+    let agents: Vec<&str> = agents.iter().map(String::as_str).collect();
+    assert_eq!(claim(&pool, &agents).await.len(), 200);
     sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
         .execute(&pool)
         .await
@@ -213,7 +220,7 @@ async fn an_expired_lease_on_the_last_attempt_fails_the_task_as_agent_lost() {
     let (_db, pool) = migrated().await;
     let task = store::insert(&pool, "echo x", 60, "tester").await.unwrap();
     for attempt in 1..=3 {
-        let claimed = store::claim(&pool, &["a".to_owned()], &TERMS).await.unwrap();
+        let claimed = claim(&pool, &["a"]).await;
         assert_eq!(claimed[0].task.attempts, attempt);
         // The agent confirmed the pick with a heartbeat, then vanished.
         sqlx::query(
@@ -238,7 +245,7 @@ async fn picks_never_confirmed_are_refunded_but_only_max_attempts_times() {
     let task = store::insert(&pool, "echo x", 60, "tester").await.unwrap();
     let mut fates = Vec::new();
     for _ in 0..6 {
-        store::claim(&pool, &["gone".to_owned()], &TERMS).await.unwrap();
+        claim(&pool, &["gone"]).await;
         sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
             .execute(&pool)
             .await
@@ -260,7 +267,7 @@ async fn hand_backs_are_refunded_only_max_attempts_times_then_fail_the_task() {
     let task = store::insert(&pool, "kill -TERM $agent", 60, "tester").await.unwrap();
     let mut statuses = Vec::new();
     loop {
-        let claimed = store::claim(&pool, &["draining".to_owned()], &TERMS).await.unwrap();
+        let claimed = claim(&pool, &["draining"]).await;
         let Some(claimed) = claimed.into_iter().next() else { break };
         let released = claimed.lease.release(&pool, 3).await.unwrap().unwrap();
         statuses.push((released.status, released.attempts));

@@ -279,7 +279,8 @@ async fn a_timed_out_command_gets_term_then_kill_and_none_of_its_descendants_sur
         "awk '{{print $5}}' /proc/$$/stat > {d}/pgid; setsid sleep 301 & echo $! > {d}/escapee; \
          trap 'echo TERM >> {d}/signals' TERM; sleep 100 & while true; do sleep 0.2; done"
     );
-    let task = app.create(&NewTask { command, timeout_secs: Some(1) }).await.unwrap();
+    let task =
+        app.create(&NewTask { timeout_secs: Some(1), ..NewTask::new(command) }).await.unwrap();
     assert_eq!(task.timeout_secs, 1);
     let group = read_pid(&dir.join("pgid")).await;
     let escapee = read_pid(&dir.join("escapee")).await;
@@ -304,7 +305,7 @@ async fn a_timeout_out_of_range_is_refused() {
     .await;
     for timeout in [0, 61] {
         let refused = app
-            .create(&NewTask { command: "ls".into(), timeout_secs: Some(timeout) })
+            .create(&NewTask { timeout_secs: Some(timeout), ..NewTask::new("ls") })
             .await
             .unwrap_err();
         refused.expect(422, "`timeout_secs` must be");

@@ -61,7 +61,7 @@ async fn tasks_ended_past_retention_go_with_their_output_and_nothing_else_does()
 
     // Batches of one: every old ended task goes all the same.
     let deleted = retention::run_once(&pool, 30, 1).await.unwrap();
-    assert_eq!(deleted, retention::Deleted { tasks: 3, agents: 1 });
+    assert_eq!(deleted, retention::Deleted { tasks: 3, agents: 1, keys: 0 });
     for id in [old_done, old_done_too, old_cancelled] {
         assert_eq!(app.get(id).await.unwrap_err().status, 404, "{id} kept");
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use crate::db::{DbError, Op};
+use crate::tasks::store::IDEMPOTENCY_HOURS;
 
 /// Tasks deleted per statement.
 pub const BATCH: i64 = 1000;
@@ -20,15 +21,38 @@ pub const EVERY: Duration = Duration::from_secs(60);
 pub struct Deleted {
     pub tasks: u64,
     pub agents: u64,
+    /// Idempotency keys older than their 24 hours.
+    pub keys: u64,
 }
 
-/// Deletes, in batches of `batch`, every task that ended more than `days` ago, then the agents
-/// not seen for as long. Nothing when `days` is 0.
+/// Deletes, in batches of `batch`, the idempotency keys past their 24 hours, every task that
+/// ended more than `days` ago, then the agents not seen for as long (no task nor agent when
+/// `days` is 0).
 ///
 /// # Errors
 /// The database's; what was deleted before stays deleted, the next pass goes on.
 pub async fn run_once(pool: &PgPool, days: u32, batch: i64) -> Result<Deleted, DbError> {
     let mut deleted = Deleted::default();
+    loop {
+        let gone = sqlx::query!(
+            r#"DELETE FROM idempotency_keys
+                WHERE (owner, key) IN (SELECT owner, key FROM idempotency_keys
+                                        WHERE created_at <= now() - make_interval(hours => $1)
+                                        ORDER BY created_at
+                                        LIMIT $2
+                                          FOR UPDATE SKIP LOCKED)"#,
+            IDEMPOTENCY_HOURS,
+            batch,
+        )
+        .execute(pool)
+        .await
+        .op("delete expired idempotency keys")?
+        .rows_affected();
+        deleted.keys += gone;
+        if gone < batch.max(1) as u64 {
+            break;
+        }
+    }
     if days == 0 {
         return Ok(deleted);
     }

@@ -82,6 +82,10 @@ pub struct FinishReport {
     /// The command was stopped because an abort was requested.
     #[serde(default)]
     pub aborted: bool,
+    /// The command was stopped because it ran past its timeout (`error` says so too): the
+    /// task may be retried, as after a non-zero exit code.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
     /// The length of each stream as uploaded: the finish is refused (409, with the lengths
     /// the server has) until they are the lengths of the uploads. Left out only when nothing
     /// was uploaded.
@@ -122,6 +126,7 @@ impl FinishReport {
             stdout_lossy: false,
             stderr_lossy: false,
             aborted: false,
+            timed_out: false,
             stdout_bytes: None,
             stderr_bytes: None,
             stdout_truncated: false,

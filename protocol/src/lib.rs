@@ -19,5 +19,8 @@ pub use ids::{LeaseToken, ParseIdError, TaskId, TokenId};
 pub use lease::{Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseTerms};
 pub use output::{OutputAck, OutputCap, Stream};
 pub use problem::{Problem, ProblemType};
-pub use task::{NewTask, Task, TaskPage, TaskStatus, UnknownStatus, LISTED_COMMAND_CHARS};
+pub use task::{
+    is_env_name, is_tag, Attempt, AttemptOutcome, NewTask, Task, TaskOptions, TaskPage, TaskStatus,
+    UnknownStatus, DEFAULT_RETRY_BACKOFF_SECS, LISTED_COMMAND_CHARS,
+};
 pub use token::{CreatedToken, NewToken, Role, TokenInfo, TOKEN_PREFIX};

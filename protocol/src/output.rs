@@ -75,6 +75,9 @@ pub mod headers {
     /// A UUID the agent draws at start, on every agent request: once it has left, the server
     /// takes no late sighting of that run of the agent for a sign of life.
     pub const AGENT_INSTANCE: &str = "X-Agent-Instance";
+    /// A submit's idempotency key: the same key (per owner, for 24 hours) with the same body
+    /// answers with the task it first created.
+    pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
     /// Where the next read starts.
     pub const NEXT_OFFSET: &str = "Taskexec-Next-Offset";
     /// Bytes between the requested offset and the first byte returned that are not kept.

@@ -1,5 +1,6 @@
 //! The task resource, its states, and the bodies that create and list tasks.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -135,25 +136,146 @@ pub struct Task {
     /// set this; `GET /tasks/<id>` has the whole command.
     #[serde(default)]
     pub command_truncated: bool,
+    #[serde(flatten)]
+    pub options: TaskOptions,
+    /// How many times the command has been tried again after it failed (see `max_retries`).
+    #[serde(default)]
+    pub retries: i32,
+}
+
+/// What a submit may say about a task besides its command and timeout, as the task shows it.
+/// The defaults are those of a task that says nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOptions {
+    /// Only an agent whose tags include all of these takes the task (sorted, no repeats).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// -100 to 100; higher first, then creation order.
+    #[serde(default)]
+    pub priority: i32,
+    /// Not picked before this time (a delayed submit, or a retry's backoff).
+    #[serde(default)]
+    pub run_at: Option<DateTime<Utc>>,
+    /// Times a command that ends with a non-zero exit code, or by its timeout, is tried again.
+    #[serde(default)]
+    pub max_retries: i32,
+    /// The first retry's delay; each next one doubles it (with jitter, at most an hour).
+    #[serde(default = "default_retry_backoff_secs")]
+    pub retry_backoff_secs: i32,
+    /// Variables added to the command's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The absolute path the command starts in (the agent's default when absent).
+    #[serde(default)]
+    pub cwd: Option<String>,
+}
+
+/// The delay before a failed command's first retry, when the submit does not say.
+pub const DEFAULT_RETRY_BACKOFF_SECS: i32 = 10;
+
+fn default_retry_backoff_secs() -> i32 {
+    DEFAULT_RETRY_BACKOFF_SECS
+}
+
+impl Default for TaskOptions {
+    fn default() -> TaskOptions {
+        TaskOptions {
+            tags: Vec::new(),
+            priority: 0,
+            run_at: None,
+            max_retries: 0,
+            retry_backoff_secs: DEFAULT_RETRY_BACKOFF_SECS,
+            env: BTreeMap::new(),
+            cwd: None,
+        }
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(
+    feature = "sqlx",
+    derive(sqlx::Type),
+    sqlx(type_name = "attempt_outcome", rename_all = "snake_case")
+)]
+pub enum AttemptOutcome {
+    /// The command ran to an exit code, and the task ended with it.
+    Finished,
+    /// The command did not run to an exit code (or its agent was lost), and the task failed.
+    Failed,
+    /// Back to the queue without a result: its lease ran out, or its pick was never confirmed.
+    Requeued,
+    /// Its draining agent handed it back.
+    Released,
+    /// The command failed (non-zero exit code, timeout) and the task was queued to be tried again.
+    Retried,
+    /// Stopped because a user aborted the task.
+    Cancelled,
+}
+
+/// One attempt of a task (`GET /tasks/<id>/attempts`). The current attempt of a task in
+/// progress comes last, without an outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub agent: String,
+    pub started_at: DateTime<Utc>,
+    pub running_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<AttemptOutcome>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
 }
 
 /// How much of a command a list shows: a page of 1,000 tasks with 64 KiB commands would
 /// otherwise be 64 MB of JSON.
 pub const LISTED_COMMAND_CHARS: usize = 1024;
 
-/// The body of `POST /tasks`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The body of `POST /tasks`. Every field but `command` may be left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewTask {
     pub command: String,
     /// Stop the command after this many seconds (the server's default when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// Not before this time; or `delay_secs` from the submit (not both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_secs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_backoff_secs: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
 }
 
 impl NewTask {
     pub fn new(command: impl Into<String>) -> NewTask {
-        NewTask { command: command.into(), timeout_secs: None }
+        NewTask { command: command.into(), ..NewTask::default() }
     }
+}
+
+/// The rule a tag follows: `[a-z0-9][a-z0-9_.-]{0,63}`.
+pub fn is_tag(tag: &str) -> bool {
+    let bytes = tag.as_bytes();
+    (1..=64).contains(&bytes.len())
+        && matches!(bytes[0], b'a'..=b'z' | b'0'..=b'9')
+        && bytes.iter().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
+}
+
+/// The rule an environment variable's name follows: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// One page of `GET /tasks`, newest first. The tasks come without `stdout` and `stderr`.

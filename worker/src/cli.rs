@@ -17,6 +17,9 @@ Settings (environment variables):
   AGENT_TOKEN               the API's agent token (required), or
   AGENT_TOKEN_FILE          a file holding it (for Docker and Kubernetes secrets)
   AGENT_NAME                recorded on the tasks it runs [default: the host name]
+  AGENT_TAGS                comma-separated tags, e.g. linux,gpu: the agent takes a task only
+                            if these include all of the task's tags [default: none, so only
+                            untagged tasks]
   PICK_WAIT                 how long the server may hold a pick [default: 25s]
   POLL_INTERVAL             pause after the API was unreachable [default: 5s]
   DRAIN_TIMEOUT             after SIGTERM, how long a running task may go on [default: 30s]
@@ -27,6 +30,9 @@ Settings (environment variables):
                             CAP_SETUID, CAP_SETGID and CAP_KILL [default: the agent's user]
   TASK_ENV_ALLOW            variables passed to commands besides PATH, HOME, LANG, LC_* and
                             TZ: comma-separated names or PREFIX_* patterns
+  TASK_ENV_OVERRIDE         protected variables a task's env may set all the same (PATH,
+                            HOME, USER, LOGNAME, SHELL, IFS, ENV, BASH_ENV, LD_*); a task
+                            that sets another protected one fails without running
   TASK_MAX_PROCESSES        RLIMIT_NPROC of each command (per user: exact with RUN_AS)
   TASK_MAX_MEMORY           RLIMIT_AS of each process of a command, e.g. 2G
   TASK_MAX_OPEN_FILES       RLIMIT_NOFILE of each process of a command

@@ -10,8 +10,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use taskexec_protocol::output::headers;
 use taskexec_protocol::{
-    Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseToken, OutputAck, Problem,
-    ProblemType, Stream, TaskId,
+    is_env_name, Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseToken, OutputAck,
+    Problem, ProblemType, Stream, TaskId,
 };
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 
@@ -86,10 +86,18 @@ impl ClientError {
 }
 
 /// Checks the server's numbers before acting on them: the agent does not take them blindly.
-fn validate(assignment: Assignment) -> Result<Assignment, ClientError> {
+fn validate(assignment: Assignment, tags: &[String]) -> Result<Assignment, ClientError> {
     let (task, terms) = (&assignment.task, &assignment.terms);
+    let options = &task.options;
     let problem = if task.command.trim().is_empty() {
         Some("no command")
+    } else if !options.tags.iter().all(|tag| tags.contains(tag)) {
+        Some("a tag this agent does not have")
+    } else if !options.env.iter().all(|(name, value)| is_env_name(name) && !value.contains('\0')) {
+        Some("an environment variable that cannot be set")
+    } else if options.cwd.as_deref().is_some_and(|cwd| !cwd.starts_with('/') || cwd.contains('\0'))
+    {
+        Some("a working directory that is not an absolute path")
     } else if task.timeout_secs <= 0 {
         Some("a timeout that is not positive")
     } else if !(1..=24 * 3600).contains(&terms.lease_secs) {
@@ -118,6 +126,8 @@ pub struct Client {
     /// Drawn at start, sent on every request: this run of the agent, for the registry.
     instance: String,
     pick_wait: Duration,
+    /// `AGENT_TAGS`: a task goes to this agent only if these include all of its tags.
+    tags: Vec<String>,
 }
 
 impl Client {
@@ -138,6 +148,7 @@ impl Client {
             name: config.name.clone(),
             instance: uuid::Uuid::new_v4().to_string(),
             pick_wait: config.pick_wait,
+            tags: config.tags.clone(),
         }
     }
 
@@ -163,6 +174,7 @@ impl Client {
         let mut response = self
             .identified(self.http.get(self.url("/tasks/pick")))
             .query("wait", self.pick_wait.as_secs().to_string())
+            .query("tags", self.tags.join(","))
             .config()
             .timeout_global(Some(self.pick_wait + PICK_READ_MARGIN))
             .build()
@@ -177,7 +189,7 @@ impl Client {
                     .limit(MAX_PICK_BYTES)
                     .read_json()
                     .map_err(|e| ClientError::Unexpected(format!("unreadable pick: {e}")))?;
-                validate(assignment).map(Some)
+                validate(assignment, &self.tags).map(Some)
             }
             _ => Err(status_error(response)),
         }

@@ -45,6 +45,12 @@ pub struct Config {
     pub env_allow: Vec<String>,
     /// `TASK_MAX_PROCESSES`, `TASK_MAX_MEMORY`, `TASK_MAX_OPEN_FILES`, `TASK_MAX_FILE_SIZE`.
     pub limits: Limits,
+    /// `AGENT_TAGS`, comma-separated: the agent takes only tasks whose tags are all among
+    /// these (untagged tasks always).
+    pub tags: Vec<String>,
+    /// `TASK_ENV_OVERRIDE`: the protected variables (`PATH`, `HOME`, `LD_*`, ...; see
+    /// `isolation::is_protected`) that a task's `env` may set on this agent all the same.
+    pub env_override: Vec<String>,
 }
 
 /// Beyond the server's hold, how long a pick may take: the server answers at most 5 s after
@@ -109,15 +115,9 @@ impl Config {
             },
             ca_certs,
             run_as: var("RUN_AS").map(|user| RunAs::resolve(user.trim())).transpose()?,
-            env_allow: var("TASK_ENV_ALLOW")
-                .map(|list| {
-                    list.split(',')
-                        .map(str::trim)
-                        .filter(|p| !p.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            env_allow: list(&var, "TASK_ENV_ALLOW"),
+            tags: tags(&var)?,
+            env_override: list(&var, "TASK_ENV_OVERRIDE"),
             limits: Limits {
                 processes: limit(&var, "TASK_MAX_PROCESSES", 1, |t| t.trim().parse().ok())?,
                 memory: limit(&var, "TASK_MAX_MEMORY", 16 << 20, parse_size)?,
@@ -126,6 +126,33 @@ impl Config {
             },
         })
     }
+}
+
+/// A comma-separated list; empty items left out.
+fn list(var: &impl Fn(&str) -> Option<String>, name: &str) -> Vec<String> {
+    var(name)
+        .map(|list| {
+            list.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `AGENT_TAGS`, sorted and without repeats; a tag the API would refuse stops the agent at
+/// start.
+fn tags(var: &impl Fn(&str) -> Option<String>) -> Result<Vec<String>, Error> {
+    let mut tags = list(var, "AGENT_TAGS");
+    if let Some(bad) = tags.iter().find(|tag| !taskexec_protocol::is_tag(tag)) {
+        return Err(Error::Config(format!(
+            "AGENT_TAGS: {bad:?} is not a tag (1 to 64 of a-z, 0-9, `_`, `.`, `-`, starting \
+             with a letter or digit)"
+        )));
+    }
+    tags.sort();
+    tags.dedup();
+    if tags.len() > 64 {
+        return Err(Error::Config("AGENT_TAGS: at most 64 tags".into()));
+    }
+    Ok(tags)
 }
 
 /// A `TASK_MAX_*` limit: unset is none; below `least` (a shell could not even start) or

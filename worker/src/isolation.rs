@@ -285,6 +285,43 @@ pub fn command_env(
     env
 }
 
+/// Whether a task's `env` may not set `name` unless the agent allows it (`TASK_ENV_OVERRIDE`):
+/// the variables that decide which programs a command runs and what is loaded into them
+/// (`PATH`, `LD_*`, the shell's `ENV`, `BASH_ENV` and `IFS`), and those that say whose the
+/// command is (`HOME`, `USER`, `LOGNAME`, `SHELL`). The agent's operator chose them (or
+/// `RUN_AS` did); a task that could replace them could run other binaries than the operator
+/// installed, or preload a library into every process of the command.
+pub fn is_protected(name: &str) -> bool {
+    const PROTECTED: [&str; 8] =
+        ["PATH", "HOME", "USER", "LOGNAME", "SHELL", "IFS", "ENV", "BASH_ENV"];
+    PROTECTED.contains(&name) || name.starts_with("LD_")
+}
+
+/// A command's environment: the agent's (`base`, from `command_env`) with the task's `env`
+/// added over it. A task that sets a protected variable the agent does not let it override
+/// is refused, with the names, rather than run in an environment it did not ask for.
+pub fn with_task_env(
+    base: &[(String, String)],
+    task: &std::collections::BTreeMap<String, String>,
+    overridable: &[String],
+) -> Result<Vec<(String, String)>, String> {
+    let refused: Vec<&str> = task
+        .keys()
+        .filter(|name| is_protected(name) && !overridable.contains(name))
+        .map(String::as_str)
+        .collect();
+    if !refused.is_empty() {
+        return Err(format!(
+            "the task sets {}, which this agent does not let a task override (TASK_ENV_OVERRIDE)",
+            refused.join(", ")
+        ));
+    }
+    let mut env: Vec<(String, String)> =
+        base.iter().filter(|(name, _)| !task.contains_key(name)).cloned().collect();
+    env.extend(task.iter().map(|(name, value)| (name.clone(), value.clone())));
+    Ok(env)
+}
+
 /// A size such as `512M`, `2GiB` or `1048576` (bytes; K, M, G are powers of 1024).
 pub fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();

@@ -106,13 +106,35 @@ impl Worker {
         beating: &Arc<AtomicBool>,
         busy: &stop::Busy<'_>,
     ) -> (Ending, Option<Streamer>) {
-        // The run-as user's home: the agent's own folder may be closed to it.
-        let workdir = self.config.run_as.as_ref().map(isolation::RunAs::workdir);
+        let options = &assignment.task.options;
+        let cap = OutputCap::new(assignment.terms.max_output_bytes as usize);
+        // The task's directory, else the run-as user's home: the agent's own folder may be
+        // closed to it.
+        let workdir = match &options.cwd {
+            Some(cwd) => Some(PathBuf::from(cwd)),
+            None => self.config.run_as.as_ref().map(isolation::RunAs::workdir),
+        };
+        let refused = match (&options.cwd, &workdir) {
+            (Some(cwd), Some(dir)) if !dir.is_dir() => Some(format!(
+                "could not start the command: the working directory {cwd:?} does not exist on \
+                 agent {:?}",
+                self.config.name
+            )),
+            _ => None,
+        };
+        let env = match refused {
+            Some(why) => Err(why),
+            None => isolation::with_task_env(&self.env, &options.env, &self.config.env_override),
+        };
+        let env = match env {
+            Ok(env) => env,
+            Err(why) => return (Ending::Ran(exec::Execution::not_started(why, cap)), None),
+        };
         let spec = exec::Spec {
             command: &assignment.task.command,
-            env: &self.env,
+            env: &env,
             // Capped as the server keeps it, so that both agree on what is dropped.
-            cap: OutputCap::new(assignment.terms.max_output_bytes as usize),
+            cap,
             guard: self.guard.as_deref(),
             confinement: &self.confinement,
             workdir: workdir.as_deref(),
@@ -149,7 +171,7 @@ impl Worker {
         stop: &Stop,
     ) -> bool {
         let id = attempt.task;
-        let (execution, error, aborted) = match ending {
+        let (execution, error, aborted, timed_out) = match ending {
             Ending::Ran(execution) if execution.survivors > 0 => {
                 let error = format!(
                     "the command's guard ended before its processes ({}); the {} processes it \
@@ -157,18 +179,18 @@ impl Worker {
                     exec::describe(&execution.exit).unwrap_or_else(|| "exited".into()),
                     execution.survivors
                 );
-                (execution, Some(error), false)
+                (execution, Some(error), false, false)
             }
             Ending::Ran(execution) => {
                 let error = exec::describe(&execution.exit);
-                (execution, error, false)
+                (execution, error, false, false)
             }
             Ending::TimedOut(execution) => {
                 let error = format!("timed out after {} s", assignment.task.timeout_secs);
-                (execution, Some(error), false)
+                (execution, Some(error), false, true)
             }
             Ending::Aborted(execution) => {
-                (execution, Some("aborted at a user's request".to_owned()), true)
+                (execution, Some("aborted at a user's request".to_owned()), true, false)
             }
             Ending::Fenced(why) => {
                 log::warn!("task {id}: stopped and dropped: {why}");
@@ -200,6 +222,7 @@ impl Worker {
             stdout_lossy: stdout.lossy,
             stderr_lossy: stderr.lossy,
             aborted,
+            timed_out,
             stdout_bytes: Some(lengths[0]),
             stderr_bytes: Some(lengths[1]),
             stdout_truncated: stdout.truncated,

@@ -9,7 +9,7 @@
 //! same few milliseconds. Only an agent that dies in the instant its response is being written
 //! costs the confirmation window (`pick_confirm_secs`, then the reaper).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,7 @@ use super::notifier::Notifier;
 use crate::db::{DbError, Op};
 use crate::error::ApiError;
 use crate::tasks::lease::Lease;
-use crate::tasks::store;
+use crate::tasks::store::{self, Claimed, Picker};
 
 /// The most picks served by one claim statement.
 const MAX_BATCH: usize = 512;
@@ -45,19 +45,28 @@ pub type Reply = oneshot::Receiver<Option<Handover>>;
 
 struct Waiter {
     agent: String,
+    /// The agent's tags, sorted and joined by commas (empty for none).
+    tags: String,
     deadline: Instant,
     reply: oneshot::Sender<Option<Handover>>,
 }
 
 impl Dispatcher {
-    /// Parks a pick for `agent`. The reply comes by `deadline` (a deadline in the past asks
-    /// for one look at the queue), unless the dispatcher is stuck on the database.
+    /// Parks a pick for `agent`, which takes tasks whose tags are among `tags` (sorted, without
+    /// repeats). The reply comes by `deadline` (a deadline in the past asks for one look at
+    /// the queue), unless the dispatcher is stuck on the database.
     ///
     /// # Errors
     /// `Unavailable` when the dispatcher has stopped (the server is shutting down).
-    pub fn park(&self, agent: String, deadline: Instant) -> Result<Reply, ApiError> {
+    pub fn park(
+        &self,
+        agent: String,
+        tags: &[String],
+        deadline: Instant,
+    ) -> Result<Reply, ApiError> {
         let (reply, receiver) = oneshot::channel();
-        self.parks.send(Waiter { agent, deadline, reply }).map_err(|_| ApiError::Unavailable)?;
+        let waiter = Waiter { agent, tags: tags.join(","), deadline, reply };
+        self.parks.send(waiter).map_err(|_| ApiError::Unavailable)?;
         Ok(receiver)
     }
 
@@ -209,8 +218,11 @@ pub struct DispatchLoop {
     notifier: Notifier,
     terms: LeaseTerms,
     waiters: VecDeque<Waiter>,
-    /// The last claim found fewer tasks than waiters, and no hint has come since.
-    queue_empty: bool,
+    /// The tag sets for which the last claim found fewer tasks than waiters, with no hint
+    /// since: nothing to claim for their waiters until one comes (or a delayed task is due).
+    empty: HashSet<String>,
+    /// When the earliest delayed task is due, as last learned from the database.
+    due: Option<Instant>,
     rescan: Duration,
     last_claim: Instant,
 }
@@ -245,7 +257,8 @@ impl DispatchLoop {
             notifier,
             terms,
             waiters: VecDeque::new(),
-            queue_empty: false,
+            empty: HashSet::new(),
+            due: None,
             rescan,
             last_claim: Instant::now(),
         };
@@ -268,7 +281,13 @@ impl DispatchLoop {
                 _ = self.notifier.hints.wake.notified() => {}
                 _ = self.left.notified() => {}
                 _ = sleep_until(next_deadline.unwrap_or(rescan_at)), if next_deadline.is_some() => {}
-                _ = sleep_until(rescan_at), if !self.waiters.is_empty() => self.queue_empty = false,
+                _ = sleep_until(rescan_at), if !self.waiters.is_empty() => self.empty.clear(),
+                // A delayed task has come due: a look for every tag set, waiting or not (a
+                // pick that parks later must not take its tags for empty).
+                _ = sleep_until(self.due.unwrap_or(rescan_at)), if self.due.is_some() => {
+                    self.due = None;
+                    self.empty.clear();
+                }
             }
             self.run_once().await;
         }
@@ -344,15 +363,15 @@ impl DispatchLoop {
         self.waiters.retain(|w| !w.reply.is_closed());
         // Without a LISTEN connection no hint can arrive: "empty" may be stale.
         if self.notifier.hints.take() || !self.notifier.is_listening() {
-            self.queue_empty = false;
+            self.empty.clear();
         }
         let now = Instant::now();
         // A pick with `wait=0` gets a look at the database itself: a task another API process
         // has just created may not have been announced here yet.
         if self.waiters.iter().any(|w| w.deadline <= now) {
-            self.queue_empty = false;
+            self.empty.clear();
         }
-        while !self.waiters.is_empty() && !self.queue_empty {
+        while self.waiters.iter().any(|w| !self.empty.contains(&w.tags)) {
             if !self.claim(&mut round).await {
                 break;
             }
@@ -369,23 +388,44 @@ impl DispatchLoop {
         round
     }
 
-    /// One claim statement for the oldest `MAX_BATCH` waiters. False when it failed.
+    /// One claim statement for the oldest `MAX_BATCH` waiters whose tags are not known to
+    /// have nothing to claim. False when it failed.
     async fn claim(&mut self, round: &mut Round) -> bool {
-        let batch = self.waiters.len().min(MAX_BATCH);
-        let agents: Vec<String> =
-            self.waiters.iter().take(batch).map(|w| w.agent.clone()).collect();
+        let batch: Vec<usize> = (0..self.waiters.len())
+            .filter(|&i| !self.empty.contains(&self.waiters[i].tags))
+            .take(MAX_BATCH)
+            .collect();
+        let pickers: Vec<Picker<'_>> = batch
+            .iter()
+            .map(|&i| Picker { agent: &self.waiters[i].agent, tags: &self.waiters[i].tags })
+            .collect();
         self.last_claim = Instant::now();
         round.queried = true;
-        let claimed = match store::claim(&self.pool, &agents, &self.terms).await {
-            Ok(claimed) => claimed,
+        let claim = match store::claim(&self.pool, &pickers, &self.terms).await {
+            Ok(claim) => claim,
             Err(e) => {
-                log::warn!("claim for {batch} parked picks failed: {e}");
+                log::warn!("claim for {} parked picks failed: {e}", batch.len());
                 return false;
             }
         };
-        self.queue_empty = claimed.len() < batch;
-        let served: Vec<Waiter> = self.waiters.drain(..claimed.len()).collect();
-        for (waiter, claimed) in served.into_iter().zip(claimed) {
+        // The batch's waiters that got a task, by their place in the queue of waiters.
+        let served: HashSet<usize> = claim.claimed.iter().map(|c| batch[c.slot]).collect();
+        if !claim.shared {
+            // Every tag set with a waiter left unserved has nothing more to claim.
+            for &i in &batch {
+                if !served.contains(&i) {
+                    self.empty.insert(self.waiters[i].tags.clone());
+                }
+            }
+        }
+        let mut handed: HashMap<usize, Claimed> =
+            claim.claimed.into_iter().map(|c| (batch[c.slot], c)).collect();
+        let waiters = std::mem::take(&mut self.waiters);
+        for (i, waiter) in waiters.into_iter().enumerate() {
+            let Some(claimed) = handed.remove(&i) else {
+                self.waiters.push_back(waiter);
+                continue;
+            };
             let handover = Handover {
                 assignment: Assignment {
                     task: claimed.task,
@@ -404,6 +444,25 @@ impl DispatchLoop {
             if waiter.reply.send(Some(handover)).is_ok() {
                 round.delivered += 1;
             }
+        }
+        // Waiters are left without a task: learn when the next delayed one is due, so as to
+        // wake for it rather than poll.
+        if served.len() < batch.len() && !claim.shared {
+            let next_due = match claim.next_due {
+                Some(next_due) => next_due,
+                None => match store::next_due(&self.pool).await {
+                    Ok(next_due) => next_due,
+                    Err(e) => {
+                        log::warn!("looking for delayed tasks failed (the rescan will): {e}");
+                        None
+                    }
+                },
+            };
+            // A millisecond late, so that the claim finds it due by the database's clock.
+            self.due = next_due.map(|secs| {
+                let wait = Duration::try_from_secs_f64(secs).unwrap_or(Duration::ZERO);
+                Instant::now() + wait.min(self.rescan * 1000) + Duration::from_millis(1)
+            });
         }
         true
     }

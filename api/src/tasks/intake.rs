@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use taskexec_protocol::{NewTask, Task};
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::{self, NewRow, WithinQuota};
+use super::store::{self, Keyed, NewRow, WithinQuota};
 use crate::db::required;
 use crate::error::ApiError;
 
@@ -29,6 +29,10 @@ struct Submission {
 /// The handle request handlers use (managed state).
 pub struct Intake {
     submissions: mpsc::UnboundedSender<Submission>,
+    pool: PgPool,
+    quota: Quota,
+    /// This process, in the quota's grants.
+    process: Uuid,
 }
 
 /// The most tasks one owner may have queued (`max_queued_per_owner`).
@@ -54,13 +58,37 @@ impl Intake {
             .map_err(|_| ApiError::Unavailable)?;
         answer.await.map_err(|_| ApiError::Unavailable)?
     }
+
+    /// Submits `task` under the owner's idempotency `key` (see `store::insert_keyed`): alone,
+    /// in a transaction of its own, not in a batch, since it may have to wait for a concurrent
+    /// submit with the same key.
+    pub async fn submit_keyed(
+        &self,
+        task: &NewTask,
+        timeout_secs: u32,
+        owner: &str,
+        key: &str,
+        digest: &[u8; 32],
+    ) -> Result<Keyed, ApiError> {
+        let row = NewRow { task, timeout_secs, owner };
+        let Quota(max) = self.quota;
+        match store::insert_keyed(&self.pool, self.process, &row, key, digest, max).await? {
+            Keyed::OverQuota => Err(ApiError::QuotaExceeded { owner: owner.to_owned(), max }),
+            keyed => Ok(keyed),
+        }
+    }
 }
 
 /// Takes whatever submissions are waiting, up to `MAX_BATCH`, and inserts them, until the
 /// channel closes. One batch at a time: while it is inserted, the next gathers. (Two in flight
 /// split the batches and measured slower on two cores.)
-async fn run(pool: PgPool, quota: Quota, mut submissions: mpsc::UnboundedReceiver<Submission>) {
-    let mut grants = Grants::new();
+async fn run(
+    pool: PgPool,
+    quota: Quota,
+    process: Uuid,
+    mut submissions: mpsc::UnboundedReceiver<Submission>,
+) {
+    let mut grants = Grants::new(process);
     while let Some(first) = submissions.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -100,8 +128,8 @@ struct Grant {
 }
 
 impl Grants {
-    fn new() -> Grants {
-        Grants { process: Uuid::new_v4(), owners: HashMap::new() }
+    fn new(process: Uuid) -> Grants {
+        Grants { process, owners: HashMap::new() }
     }
 
     /// Takes `n` of an owner's granted room, if it holds that much and was granted within
@@ -216,7 +244,8 @@ pub fn stage() -> AdHoc {
             return Err(rocket);
         };
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, Quota(config.max_queued_per_owner), receiver));
-        Ok(rocket.manage(Intake { submissions: sender }))
+        let (quota, process) = (Quota(config.max_queued_per_owner), Uuid::new_v4());
+        tokio::spawn(run(pool.clone(), quota, process, receiver));
+        Ok(rocket.manage(Intake { submissions: sender, pool, quota, process }))
     })
 }

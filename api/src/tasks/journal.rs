@@ -43,6 +43,14 @@ pub fn ended(task: &Task) {
     }
 }
 
+/// A failed attempt of a task with retries left: queued again, to run after its backoff.
+pub fn retried(task: &Task) {
+    let (retry, of) = (task.retries, task.options.max_retries);
+    let at = task.options.run_at.map_or_else(|| "-".to_owned(), |at| at.to_rfc3339());
+    log::info!(target: TARGET, task:% = task.id, retry = retry, run_at = at.as_str();
+        "task failed; retry {retry} of {of} queued to run at {at}");
+}
+
 /// Handed back by a draining agent: queued again (or failed, when handed back too often).
 pub fn released(task: &Task) {
     if task.status.is_terminal() {

@@ -9,8 +9,9 @@ use taskexec_protocol::output::OutputText;
 use taskexec_protocol::{LeaseToken, Task, TaskId, TaskStatus};
 
 use super::model::Outcome;
-use super::store::task_from;
+use super::store::{task_from, Env};
 use crate::db::{DbError, Op};
+use sqlx::types::Json;
 
 /// The capability to write to one attempt of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,25 +60,78 @@ impl Lease {
         lengths: [u64; 2],
     ) -> Result<Option<Task>, DbError> {
         let [stdout_bytes, stderr_bytes] = lengths.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        // A failed command (non-zero exit code, timeout) with retries left goes back to the
+        // queue, after retry_backoff_secs × 2^(retry - 1), at most an hour, less up to a fifth
+        // at random so that tasks that failed together do not all come back together.
         let row = sqlx::query!(
-            r#"UPDATE tasks SET
-                      status = CASE WHEN $3 AND abort_requested_at IS NOT NULL
-                                    THEN 'cancelled'::task_status ELSE $4 END,
-                      exit_code = $5, error = $6,
-                      stdout = $7, stdout_lossy = $8, stdout_truncated = $9,
-                      stderr = $10, stderr_lossy = $11, stderr_truncated = $12,
-                      finished_at = now(), lease_expires_at = NULL,
-                      running_at = coalesce(running_at,
+            r#"WITH current AS (
+                   SELECT id, agent, started_at,
+                          $3 AND abort_requested_at IS NOT NULL AS cancelled,
+                          abort_requested_at IS NULL AND retries < max_retries
+                              AND (coalesce($5 <> 0, false) OR $16) AS retry
+                     FROM tasks
+                    WHERE id = $1 AND lease = $2 AND status = 'in_progress'
+                      AND stdout_bytes = $13 AND stderr_bytes = $14
+                      FOR UPDATE
+               ),
+               attempt AS (
+                   INSERT INTO task_attempts (task_id, agent, started_at, running_at,
+                                              finished_at, outcome, exit_code, error)
+                   SELECT c.id, c.agent, c.started_at,
+                          coalesce(t.running_at,
+                              CASE WHEN $15::float8 IS NOT NULL
+                                   THEN greatest(t.started_at,
+                                                 now() - $15 * interval '1 millisecond')
+                              END),
+                          now(),
+                          CASE WHEN c.retry THEN 'retried'
+                               WHEN c.cancelled THEN 'cancelled'
+                               WHEN $4 = 'finished'::task_status THEN 'finished'
+                               ELSE 'failed' END::attempt_outcome,
+                          $5, $6
+                     FROM current c JOIN tasks t USING (id)
+               ),
+               cleared AS (
+                   DELETE FROM task_output WHERE task_id IN (SELECT id FROM current WHERE retry)
+               )
+               UPDATE tasks t SET
+                      status = CASE WHEN c.retry THEN 'queued'::task_status
+                                    WHEN c.cancelled THEN 'cancelled'::task_status
+                                    ELSE $4 END,
+                      exit_code = CASE WHEN c.retry THEN NULL ELSE $5 END,
+                      error = CASE WHEN c.retry THEN NULL ELSE $6 END,
+                      stdout = CASE WHEN c.retry THEN NULL ELSE $7 END,
+                      stdout_lossy = $8 AND NOT c.retry,
+                      stdout_truncated = $9 AND NOT c.retry,
+                      stderr = CASE WHEN c.retry THEN NULL ELSE $10 END,
+                      stderr_lossy = $11 AND NOT c.retry,
+                      stderr_truncated = $12 AND NOT c.retry,
+                      stdout_bytes = CASE WHEN c.retry THEN 0 ELSE t.stdout_bytes END,
+                      stderr_bytes = CASE WHEN c.retry THEN 0 ELSE t.stderr_bytes END,
+                      finished_at = CASE WHEN c.retry THEN NULL ELSE now() END,
+                      lease_expires_at = NULL,
+                      started_at = CASE WHEN c.retry THEN NULL ELSE t.started_at END,
+                      agent = CASE WHEN c.retry THEN NULL ELSE t.agent END,
+                      lease = CASE WHEN c.retry THEN NULL ELSE t.lease END,
+                      retries = t.retries + c.retry::int,
+                      run_at = CASE WHEN c.retry
+                                    THEN now() + least(3600, t.retry_backoff_secs
+                                                             * power(2, t.retries))
+                                                 * (1 - 0.2 * random()) * interval '1 second'
+                                    ELSE t.run_at END,
+                      running_at = CASE WHEN c.retry THEN NULL ELSE coalesce(t.running_at,
                           CASE WHEN $15::float8 IS NOT NULL
-                               THEN greatest(started_at, now() - $15 * interval '1 millisecond')
-                          END)
-                WHERE id = $1 AND lease = $2 AND status = 'in_progress'
-                  AND stdout_bytes = $13 AND stderr_bytes = $14
-               RETURNING id AS "id: TaskId", command, status AS "status: TaskStatus",
-                         created_at, started_at, running_at, finished_at, exit_code, stdout,
-                         stderr, stdout_lossy, stderr_lossy, stdout_truncated, stderr_truncated,
-                         stdout_bytes, stderr_bytes, error, agent, attempts, timeout_secs,
-                         abort_requested_at, owner, aborted_by"#,
+                               THEN greatest(t.started_at, now() - $15 * interval '1 millisecond')
+                          END) END
+                 FROM current c
+                WHERE t.id = c.id
+               RETURNING t.id AS "id: TaskId", t.command, t.status AS "status: TaskStatus",
+                         t.created_at, t.started_at, t.running_at, t.finished_at, t.exit_code,
+                         t.stdout, t.stderr, t.stdout_lossy, t.stderr_lossy, t.stdout_truncated,
+                         t.stderr_truncated, t.stdout_bytes, t.stderr_bytes, t.error, t.agent,
+                         t.attempts, t.timeout_secs, t.abort_requested_at, t.owner,
+                         t.aborted_by, t.tags, t.priority, t.run_at, t.max_retries,
+                         t.retry_backoff_secs, t.retries, t.env AS "env: Json<Env>", t.cwd"#,
             self.task as TaskId,
             self.token as LeaseToken,
             outcome.aborted,
@@ -93,6 +147,7 @@ impl Lease {
             stdout_bytes,
             stderr_bytes,
             outcome.started_ms_ago.map(|ms| ms as f64),
+            outcome.timed_out,
         )
         .fetch_optional(pool)
         .await
@@ -110,7 +165,7 @@ impl Lease {
                    SELECT id,
                           CASE WHEN abort_requested_at IS NOT NULL THEN 'cancelled'
                                WHEN releases < $3 THEN 'refunded'
-                               WHEN attempts < $3 THEN 'requeued'
+                               WHEN attempts - retries < $3 THEN 'requeued'
                                ELSE 'exhausted' END::attempt_fate AS fate
                      FROM tasks WHERE id = $1 AND lease = $2 AND status = 'in_progress'
                       FOR UPDATE
@@ -124,7 +179,9 @@ impl Lease {
                       t.stdout_bytes AS "stdout_bytes!", t.stderr_bytes AS "stderr_bytes!",
                       t.error, t.agent, t.attempts AS "attempts!",
                       t.timeout_secs AS "timeout_secs!", t.abort_requested_at, t.owner,
-                      t.aborted_by
+                      t.aborted_by, t.tags AS "tags!", t.priority AS "priority!", t.run_at,
+                      t.max_retries AS "max_retries!", t.retry_backoff_secs AS "retry_backoff_secs!",
+                      t.retries AS "retries!", t.env AS "env!: Json<Env>", t.cwd
                  FROM current,
                       LATERAL end_attempt(current.id, current.fate,
                           CASE current.fate

@@ -4,8 +4,10 @@
 use rocket::data::ByteUnit;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use taskexec_protocol::output::OutputText;
-use taskexec_protocol::{FinishReport, LeaseBody, NewTask, Task, TaskStatus};
+
+use taskexec_protocol::{is_env_name, is_tag, FinishReport, LeaseBody, NewTask, Task, TaskStatus};
 
 use crate::body::Limited;
 
@@ -19,10 +21,31 @@ fn rejected(detail: impl Into<String>) -> Rejected {
 }
 
 /// The fields a new task may set.
-const SETTABLE: [&str; 2] = ["command", "timeout_secs"];
+const SETTABLE: [&str; 10] = [
+    "command",
+    "timeout_secs",
+    "tags",
+    "priority",
+    "run_at",
+    "delay_secs",
+    "max_retries",
+    "retry_backoff_secs",
+    "env",
+    "cwd",
+];
+
+/// The most tags a task may require.
+pub const MAX_TAGS: usize = 16;
+/// The most variables a task's `env` may hold, and their names' and values' total size.
+pub const MAX_ENV_VARS: usize = 64;
+pub const MAX_ENV_BYTES: usize = 32 * 1024;
+/// The furthest ahead a task may be delayed: a year.
+pub const MAX_DELAY_SECS: u32 = 366 * 86_400;
+/// The longest `cwd`, in bytes (PATH_MAX).
+const MAX_CWD_BYTES: usize = 4096;
 
 /// Fields of the task resource that the server owns.
-const SERVER_OWNED: [&str; 23] = [
+const SERVER_OWNED: [&str; 24] = [
     "command_truncated",
     "id",
     "status",
@@ -42,6 +65,7 @@ const SERVER_OWNED: [&str; 23] = [
     "error",
     "agent",
     "attempts",
+    "retries",
     "abort_requested_at",
     "lease",
     "owner",
@@ -96,14 +120,161 @@ pub fn new_task(body: Value, limits: &NewTaskLimits) -> Result<NewTask, Rejected
                 })?,
         ),
     };
-    Ok(NewTask { command, timeout_secs })
+    let tags = tags(fields.remove("tags"))?;
+    let priority = number(fields.remove("priority"), "priority", -100, 100)?.map(|n| n as i32);
+    let run_at = match fields.remove("run_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(
+            chrono::DateTime::parse_from_rfc3339(&text)
+                .map_err(|_| {
+                    rejected(format!(
+                        "`run_at` must be an RFC 3339 time such as 2026-12-31T23:59:00Z, not {text:?}"
+                    ))
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+        Some(other) => {
+            return Err(rejected(format!("`run_at` must be an RFC 3339 time, not {}", kind(&other))))
+        }
+    };
+    if run_at.is_some_and(|at| {
+        at > chrono::Utc::now() + chrono::Duration::seconds(MAX_DELAY_SECS.into())
+    }) {
+        return Err(rejected("`run_at` must be within a year from now"));
+    }
+    let delay_secs = number(fields.remove("delay_secs"), "delay_secs", 0, MAX_DELAY_SECS.into())?
+        .map(|n| n as u32);
+    if run_at.is_some() && delay_secs.is_some() {
+        return Err(rejected("give `run_at` or `delay_secs`, not both"));
+    }
+    let max_retries = number(fields.remove("max_retries"), "max_retries", 0, 20)?.map(|n| n as u32);
+    let retry_backoff_secs =
+        number(fields.remove("retry_backoff_secs"), "retry_backoff_secs", 0, 3600)?
+            .map(|n| n as u32);
+    let env = env(fields.remove("env"))?;
+    let cwd = match fields.remove("cwd") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(cwd)) if cwd.starts_with('/') && !cwd.contains('\0') && cwd.len() <= MAX_CWD_BYTES => {
+            Some(cwd)
+        }
+        Some(_) => {
+            return Err(rejected(format!(
+                "`cwd` must be an absolute path (starting with /) of at most {MAX_CWD_BYTES} bytes, without NUL"
+            )))
+        }
+    };
+    Ok(NewTask {
+        command,
+        timeout_secs,
+        tags,
+        priority,
+        run_at,
+        delay_secs,
+        max_retries,
+        retry_backoff_secs,
+        env,
+        cwd,
+    })
+}
+
+/// A whole number within `min..=max`, if given.
+fn number(value: Option<Value>, name: &str, min: i64, max: i64) -> Result<Option<i64>, Rejected> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => {
+            value.as_i64().filter(|n| (min..=max).contains(n)).map(Some).ok_or_else(|| {
+                rejected(format!("`{name}` must be a whole number from {min} to {max}"))
+            })
+        }
+    }
+}
+
+/// Tags, sorted and without repeats.
+fn tags(value: Option<Value>) -> Result<Vec<String>, Rejected> {
+    let items = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(rejected(format!(
+                "`tags` must be an array of strings, not {}",
+                kind(&other)
+            )))
+        }
+    };
+    let mut tags = std::collections::BTreeSet::new();
+    for item in items {
+        match item {
+            Value::String(tag) if is_tag(&tag) => {
+                tags.insert(tag);
+            }
+            other => {
+                return Err(rejected(format!(
+                    "`tags` holds {other}; a tag is 1 to 64 of a-z, 0-9, `_`, `.`, `-`, \
+                     starting with a letter or digit"
+                )))
+            }
+        }
+    }
+    if tags.len() > MAX_TAGS {
+        return Err(rejected(format!("`tags` holds {} tags; the limit is {MAX_TAGS}", tags.len())));
+    }
+    Ok(tags.into_iter().collect())
+}
+
+fn env(value: Option<Value>) -> Result<BTreeMap<String, String>, Rejected> {
+    let vars = match value {
+        None | Some(Value::Null) => return Ok(BTreeMap::new()),
+        Some(Value::Object(vars)) => vars,
+        Some(other) => {
+            return Err(rejected(format!(
+                "`env` must be an object of strings such as {{\"MODE\": \"fast\"}}, not {}",
+                kind(&other)
+            )))
+        }
+    };
+    if vars.len() > MAX_ENV_VARS {
+        return Err(rejected(format!(
+            "`env` holds {} variables; the limit is {MAX_ENV_VARS}",
+            vars.len()
+        )));
+    }
+    let mut env = BTreeMap::new();
+    let mut bytes = 0;
+    for (name, value) in vars {
+        if !is_env_name(&name) {
+            return Err(rejected(format!(
+                "`env` names {name:?}; a name is letters, digits and `_`, not starting with a digit"
+            )));
+        }
+        let Value::String(value) = value else {
+            return Err(rejected(format!("`env.{name}` must be a string, not {}", kind(&value))));
+        };
+        if value.contains('\0') {
+            return Err(rejected(format!("`env.{name}` must not contain NUL characters")));
+        }
+        bytes += name.len() + value.len();
+        env.insert(name, value);
+    }
+    if bytes > MAX_ENV_BYTES {
+        return Err(rejected(format!("`env` is {bytes} bytes; the limit is {MAX_ENV_BYTES}")));
+    }
+    Ok(env)
+}
+
+/// What identifies a submit's body for its `Idempotency-Key`: a SHA-256 of the task as
+/// checked (so that the order of its fields or tags does not matter) and the timeout it gets.
+pub fn digest(task: &NewTask, timeout_secs: u32) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let body = serde_json::to_vec(&(task, timeout_secs)).unwrap_or_default();
+    Sha256::digest(body).into()
 }
 
 fn reject_other_fields(fields: &Map<String, Value>) -> Result<(), Rejected> {
     let Some(field) = fields.keys().find(|k| !SETTABLE.contains(&k.as_str())) else {
         return Ok(());
     };
-    let allowed = "a new task may set only `command` and `timeout_secs`";
+    let allowed = "a new task may set `command`, `timeout_secs`, `tags`, `priority`, `run_at` or \
+                   `delay_secs`, `max_retries`, `retry_backoff_secs`, `env` and `cwd`";
     if SERVER_OWNED.contains(&field.as_str()) {
         Err(rejected(format!("`{field}` is set by the server; {allowed}")))
     } else {
@@ -160,6 +331,8 @@ pub struct Outcome {
     pub reported: [Option<OutputText>; 2],
     /// Record the task as `cancelled`, if an abort was indeed requested.
     pub aborted: bool,
+    /// The command ran past its timeout: a failure that may be retried.
+    pub timed_out: bool,
     /// The stream lengths the report states: they must be the lengths of the uploads.
     pub lengths: Option<[u64; 2]>,
     /// How long before the report the command started, when it did.
@@ -210,6 +383,7 @@ pub fn outcome(report: FinishReport) -> Result<Outcome, Rejected> {
             text(report.stderr, report.stderr_lossy, report.stderr_truncated),
         ],
         aborted: report.aborted,
+        timed_out: report.timed_out && exit_code.is_none(),
         lengths,
         // Clamped, not refused: a finish retried for days must still be taken.
         started_ms_ago: report.started_ms_ago.map(|ms| ms.min(MAX_STARTED_MS_AGO)),
@@ -260,6 +434,22 @@ mod tests {
     }
 
     #[test]
+    fn every_option_is_taken_and_tags_are_sorted_without_repeats() {
+        let task = checked(json!({
+            "command": "ls", "tags": ["gpu", "linux", "gpu"], "priority": -5, "delay_secs": 3,
+            "max_retries": 2, "retry_backoff_secs": 0, "env": {"MODE": "fast"}, "cwd": "/tmp"
+        }))
+        .unwrap();
+        assert_eq!(task.tags, ["gpu", "linux"]);
+        assert_eq!(
+            (task.priority, task.delay_secs, task.max_retries),
+            (Some(-5), Some(3), Some(2))
+        );
+        assert_eq!((task.retry_backoff_secs, task.cwd.as_deref()), (Some(0), Some("/tmp")));
+        assert_eq!(task.env["MODE"], "fast");
+    }
+
+    #[test]
     fn each_bad_new_task_is_named() {
         let cases = [
             (json!([]), "JSON object"),
@@ -270,7 +460,37 @@ mod tests {
             (json!({"command": "a\u{0}b"}), "NUL"),
             (json!({"command": "x".repeat(17)}), "17 bytes; the limit is 16"),
             (json!({"command": "ls", "status": "finished"}), "`status` is set by the server"),
-            (json!({"command": "ls", "priority": 1}), "unknown field `priority`"),
+            (json!({"command": "ls", "queue": 1}), "unknown field `queue`"),
+            (
+                json!({"command": "ls", "priority": 101}),
+                "`priority` must be a whole number from -100 to 100",
+            ),
+            (json!({"command": "ls", "priority": 1.5}), "`priority`"),
+            (json!({"command": "ls", "tags": "gpu"}), "`tags` must be an array"),
+            (json!({"command": "ls", "tags": ["GPU"]}), "`tags` holds \"GPU\""),
+            (
+                json!({"command": "ls", "tags": (0..17).map(|i| format!("t{i}")).collect::<Vec<_>>()}),
+                "the limit is 16",
+            ),
+            (json!({"command": "ls", "run_at": "tomorrow"}), "`run_at` must be an RFC 3339 time"),
+            (
+                json!({"command": "ls", "run_at": "2026-01-01T00:00:00Z", "delay_secs": 1}),
+                "not both",
+            ),
+            (json!({"command": "ls", "delay_secs": -1}), "`delay_secs`"),
+            (
+                json!({"command": "ls", "max_retries": 21}),
+                "`max_retries` must be a whole number from 0 to 20",
+            ),
+            (json!({"command": "ls", "retry_backoff_secs": 3601}), "`retry_backoff_secs`"),
+            (json!({"command": "ls", "env": ["A"]}), "`env` must be an object"),
+            (json!({"command": "ls", "env": {"1A": "x"}}), "`env` names \"1A\""),
+            (json!({"command": "ls", "env": {"A": 1}}), "`env.A` must be a string"),
+            (json!({"command": "ls", "env": {"A": "a\u{0}"}}), "`env.A` must not contain NUL"),
+            (json!({"command": "ls", "env": {"A": "x".repeat(40_000)}}), "the limit is 32768"),
+            (json!({"command": "ls", "cwd": "tmp"}), "`cwd` must be an absolute path"),
+            (json!({"command": "ls", "retries": 2}), "`retries` is set by the server"),
+            (json!({"command": "ls", "lease": "x"}), "`lease` is set by the server"),
         ];
         for (body, expected) in cases {
             let error = checked(body.clone()).expect_err(&body.to_string());

@@ -8,22 +8,24 @@ use std::time::Duration;
 
 use rocket::http::ContentType;
 use rocket::request::ClientGone;
+use rocket::request::{self, FromRequest};
 use rocket::response::status::Created;
 use rocket::response::{self, Responder};
 use rocket::serde::json::Json;
 use rocket::tokio::io::{AsyncRead, AsyncSeek, ReadBuf};
 use rocket::{get, post, routes, Request, Response, Route, Shutdown, State};
 use serde::Serialize;
+use taskexec_protocol::output::headers;
 use taskexec_protocol::output::OutputText;
 use taskexec_protocol::{
-    FinishReport, HeartbeatReply, LeaseBody, OutputCap, Stream, Task, TaskId, TaskStatus,
+    Attempt, FinishReport, HeartbeatReply, LeaseBody, OutputCap, Stream, Task, TaskId, TaskStatus,
 };
 
 use super::intake::Intake;
 use super::journal;
 use super::lease::Lease;
 use super::model::{self, NewTaskBody, NewTaskLimits, Outcome};
-use super::store::{self, Aborted};
+use super::store::{self, Aborted, Keyed};
 use crate::agents::Agent;
 use crate::auth::{Abort, Allowed, Read, Run, Submit};
 use crate::body::JsonBody;
@@ -36,29 +38,80 @@ use crate::query::{self, StrictQuery};
 use crate::Db;
 
 pub fn routes() -> Vec<Route> {
-    routes![create, list, show, abort, pick, heartbeat, release, finish]
+    routes![create, list, show, attempts, abort, pick, heartbeat, release, finish]
+}
+
+/// What a submit answers: 201 with the new task, or 200 with the task an earlier submit with
+/// the same `Idempotency-Key` created.
+#[derive(rocket::Responder)]
+enum Submitted {
+    Created(Created<Json<Task>>),
+    Existing(Json<Task>),
 }
 
 #[post("/tasks", data = "<body>")]
+#[allow(clippy::too_many_arguments)]
 async fn create(
     access: Allowed<Submit>,
     _query: StrictQuery,
+    key: IdempotencyKey,
     intake: &State<Intake>,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
     body: JsonBody<NewTaskBody>,
-) -> Result<Created<Json<Task>>, ApiError> {
+) -> Result<Submitted, ApiError> {
     let limits = NewTaskLimits {
         max_command_bytes: config.max_command_bytes,
         max_timeout_secs: config.max_timeout_secs,
     };
     let new = model::new_task(body.0 .0, &limits)?;
     let timeout_secs = new.timeout_secs.unwrap_or(config.default_timeout_secs);
-    let task = intake.submit(new, timeout_secs, access.who.name).await?;
+    let owner = access.who.name;
+    let task = match key.0 {
+        None => intake.submit(new, timeout_secs, owner).await?,
+        Some(key) => {
+            // The body as checked (tags sorted, defaults left out), with the timeout it gets.
+            let digest = model::digest(&new, timeout_secs);
+            match intake.submit_keyed(&new, timeout_secs, &owner, &key, &digest).await? {
+                Keyed::Created(task) => task,
+                Keyed::Existing(task) => return Ok(Submitted::Existing(Json(task))),
+                Keyed::Mismatch(id) => {
+                    return Err(ApiError::Invalid(format!(
+                        "the {} was used with another body (for task {id}); use a new key",
+                        headers::IDEMPOTENCY_KEY
+                    )))
+                }
+                Keyed::OverQuota => return Err(ApiError::Internal),
+            }
+        }
+    };
     dispatcher.task_queued();
     journal::created(&task);
     let location = format!("/tasks/{}", task.id);
-    Ok(Created::new(location).body(Json(task)))
+    Ok(Submitted::Created(Created::new(location).body(Json(task))))
+}
+
+/// A submit's `Idempotency-Key`: 1 to 255 visible ASCII characters, given once.
+struct IdempotencyKey(Option<String>);
+
+#[rocket::async_trait]
+impl<'r> FromRequest<'r> for IdempotencyKey {
+    type Error = ApiError;
+
+    async fn from_request(request: &'r Request<'_>) -> request::Outcome<Self, ApiError> {
+        let mut given = request.headers().get(headers::IDEMPOTENCY_KEY);
+        let Some(key) = given.next() else {
+            return request::Outcome::Success(IdempotencyKey(None));
+        };
+        let detail = if given.next().is_some() {
+            format!("{} was given more than once", headers::IDEMPOTENCY_KEY)
+        } else if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {
+            return request::Outcome::Success(IdempotencyKey(Some(key.to_owned())));
+        } else {
+            format!("{} must be 1 to 255 visible ASCII characters", headers::IDEMPOTENCY_KEY)
+        };
+        request::Outcome::Error(ApiError::Malformed(detail).remember(request))
+    }
 }
 
 /// A page of the list; each task without `stdout` and `stderr` (fetch a task for those).
@@ -152,6 +205,20 @@ async fn show(
     Ok(Json(task))
 }
 
+/// Every attempt of the task, oldest first; the current one of a running task last, without
+/// an outcome.
+#[get("/tasks/<id>/attempts")]
+async fn attempts(
+    access: Allowed<Read>,
+    _query: StrictQuery,
+    db: &Db,
+    id: &str,
+) -> Result<Json<Vec<Attempt>>, ApiError> {
+    let id = parse_id(id)?;
+    let attempts = store::attempts(db, id, access.who.scope()).await?;
+    Ok(Json(attempts.ok_or_else(|| ApiError::task_not_found(id))?))
+}
+
 #[derive(rocket::Responder)]
 enum AbortResponse {
     /// A queued task, cancelled at once.
@@ -199,14 +266,17 @@ enum PickResponse {
     Nothing(()),
 }
 
-/// Hands the oldest queued task to the agent, waiting up to `wait` seconds for one to arrive.
-#[get("/tasks/pick?<wait>")]
+/// Hands the agent the queued task it should run first (highest priority, then oldest, among
+/// those due whose tags are all among the agent's `tags`), waiting up to `wait` seconds for
+/// one to arrive.
+#[get("/tasks/pick?<wait>&<tags>")]
 #[allow(clippy::too_many_arguments)]
 async fn pick(
     _access: Allowed<Run>,
     _query: StrictQuery,
     agent: Agent,
     wait: Option<&str>,
+    tags: Option<&str>,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
     metrics: &State<Metrics>,
@@ -215,7 +285,8 @@ async fn pick(
 ) -> Result<PickResponse, ApiError> {
     let wait = query::wait_secs(wait, config.pick_wait_default_secs, config.pick_wait_max_secs)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-    let mut reply = dispatcher.park(agent.name.clone(), deadline)?;
+    let tags = query::parsed("tags", tags, parse_agent_tags)?.unwrap_or_default();
+    let mut reply = dispatcher.park(agent.name.clone(), &tags, deadline)?;
     // The dispatcher answers by the deadline unless the database holds it up; the margin keeps
     // this response inside the agent's read timeout even then.
     let mut departed = false;
@@ -425,11 +496,17 @@ async fn finish(
         }
     };
     if let Some(task) = recorded {
+        agent.reported_end();
+        if task.status == TaskStatus::Queued {
+            // Retried: every dispatcher learns when it is due.
+            dispatcher.task_queued();
+            journal::retried(&task);
+            return Ok(Json(task));
+        }
         // The attempt is over: its parked heartbeat need not wait out its hold.
         dispatcher.events().announce(lease.task, Woken::Ended);
         metrics.ended(&task);
         journal::ended(&task);
-        agent.reported_end();
         return Ok(Json(task));
     }
     // Nothing written. A repeat of the report that ended this very attempt is answered as it
@@ -495,6 +572,27 @@ async fn not_current(db: &Db, lease: Lease) -> ApiError {
             why: format!("the attempt has ended ({})", task.status),
         },
     }
+}
+
+/// The most tags an agent may declare.
+const MAX_AGENT_TAGS: usize = 64;
+
+/// An agent's tags, `linux,gpu`: sorted, without repeats.
+fn parse_agent_tags(text: &str) -> Result<Vec<String>, String> {
+    let mut tags = std::collections::BTreeSet::new();
+    for tag in text.split(',').filter(|t| !t.is_empty()) {
+        if !taskexec_protocol::is_tag(tag) {
+            return Err(format!(
+                "{tag:?} is not a tag: 1 to 64 of a-z, 0-9, `_`, `.`, `-`, starting with a \
+                 letter or digit"
+            ));
+        }
+        tags.insert(tag.to_owned());
+    }
+    if tags.len() > MAX_AGENT_TAGS {
+        return Err(format!("{} tags; an agent may declare {MAX_AGENT_TAGS}", tags.len()));
+    }
+    Ok(tags.into_iter().collect())
 }
 
 pub(crate) fn parse_id(id: &str) -> Result<TaskId, ApiError> {

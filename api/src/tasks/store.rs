@@ -5,9 +5,12 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use sqlx::types::Json;
 use sqlx::types::Uuid;
 use sqlx::{PgExecutor, PgPool};
-use taskexec_protocol::{LeaseTerms, LeaseToken, NewTask, Task, TaskId, TaskStatus};
+use taskexec_protocol::{
+    Attempt, AttemptOutcome, LeaseTerms, LeaseToken, NewTask, Task, TaskId, TaskOptions, TaskStatus,
+};
 
 use super::lease::Lease;
 use crate::db::{DbError, Op};
@@ -48,18 +51,32 @@ macro_rules! task_from {
             owner: $row.owner,
             aborted_by: $row.aborted_by,
             command_truncated: false,
+            options: taskexec_protocol::TaskOptions {
+                tags: $row.tags,
+                priority: $row.priority.into(),
+                run_at: $row.run_at,
+                max_retries: $row.max_retries.into(),
+                retry_backoff_secs: $row.retry_backoff_secs,
+                env: $row.env.0,
+                cwd: $row.cwd,
+            },
+            retries: $row.retries.into(),
         }
     };
 }
 pub(crate) use task_from;
 
+/// A task's `env` column.
+pub type Env = std::collections::BTreeMap<String, String>;
+
 /// A new task as inserted: queued, with the table's defaults.
-fn queued(id: TaskId, row: &NewRow<'_>, created_at: DateTime<Utc>) -> Task {
+fn queued(id: TaskId, row: &NewRow<'_>, generated: Generated) -> Task {
+    let new = row.task;
     Task {
         id,
-        command: row.task.command.clone(),
+        command: new.command.clone(),
         status: TaskStatus::Queued,
-        created_at,
+        created_at: generated.created_at,
         started_at: None,
         running_at: None,
         finished_at: None,
@@ -80,7 +97,27 @@ fn queued(id: TaskId, row: &NewRow<'_>, created_at: DateTime<Utc>) -> Task {
         owner: Some(row.owner.to_owned()),
         aborted_by: None,
         command_truncated: false,
+        options: TaskOptions {
+            tags: new.tags.clone(),
+            priority: new.priority.unwrap_or(0),
+            run_at: generated.run_at,
+            max_retries: new.max_retries.map_or(0, |n| n as i32),
+            retry_backoff_secs: new
+                .retry_backoff_secs
+                .map_or(taskexec_protocol::DEFAULT_RETRY_BACKOFF_SECS, |n| n as i32),
+            env: new.env.clone(),
+            cwd: new.cwd.clone(),
+        },
+        retries: 0,
     }
+}
+
+/// What the database decides about a new task: when it was created, and (for a delayed one)
+/// from when it runs.
+#[derive(Clone, Copy)]
+struct Generated {
+    created_at: DateTime<Utc>,
+    run_at: Option<DateTime<Utc>>,
 }
 
 /// A task to insert, with its timeout and its owner decided.
@@ -91,37 +128,81 @@ pub struct NewRow<'a> {
 }
 
 /// Inserts queued tasks in one statement, and returns them in the order given. Only what the
-/// database generates comes back (the time): echoing the rest, the command above all, would
+/// database generates comes back (the times): echoing the rest, the command above all, would
 /// only cost. No quota is checked here (see `insert_within_quota`). `created_at` is the time
-/// of the insert, not of its transaction's start: a quota's count before it is not the task's.
+/// of the insert, not of its transaction's start: a quota's count before it is not the task's;
+/// `delay_secs` counts from it too.
 pub async fn insert_many(
     db: impl PgExecutor<'_>,
     rows: &[NewRow<'_>],
 ) -> Result<Vec<Task>, DbError> {
-    let ids: Vec<TaskId> = rows.iter().map(|_| TaskId::random()).collect();
+    insert_many_as(db, rows, rows.iter().map(|_| TaskId::random()).collect()).await
+}
+
+/// `insert_many`, with the ids chosen by the caller.
+async fn insert_many_as(
+    db: impl PgExecutor<'_>,
+    rows: &[NewRow<'_>],
+    ids: Vec<TaskId>,
+) -> Result<Vec<Task>, DbError> {
     let uuids: Vec<_> = ids.iter().map(|id| *id.as_uuid()).collect();
     let commands: Vec<&str> = rows.iter().map(|r| r.task.command.as_str()).collect();
     let timeouts: Vec<i32> = rows.iter().map(|r| r.timeout_secs as i32).collect();
     let owners: Vec<&str> = rows.iter().map(|r| r.owner).collect();
+    // Tags cannot hold a comma: joined, one text per task (arrays of arrays must be square).
+    let tags: Vec<String> = rows.iter().map(|r| r.task.tags.join(",")).collect();
+    let priorities: Vec<i16> = rows.iter().map(|r| r.task.priority.unwrap_or(0) as i16).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.task.run_at).collect();
+    let delays: Vec<Option<f64>> = rows.iter().map(|r| r.task.delay_secs.map(f64::from)).collect();
+    let max_retries: Vec<i16> =
+        rows.iter().map(|r| r.task.max_retries.unwrap_or(0) as i16).collect();
+    let backoffs: Vec<i32> = rows
+        .iter()
+        .map(|r| {
+            r.task
+                .retry_backoff_secs
+                .map_or(taskexec_protocol::DEFAULT_RETRY_BACKOFF_SECS, |n| n as i32)
+        })
+        .collect();
+    let envs: Vec<Json<&Env>> = rows.iter().map(|r| Json(&r.task.env)).collect();
+    let cwds: Vec<Option<&str>> = rows.iter().map(|r| r.task.cwd.as_deref()).collect();
     let generated = sqlx::query!(
-        r#"INSERT INTO tasks (id, command, timeout_secs, owner, created_at)
-           SELECT *, clock_timestamp() FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[])
-           RETURNING id AS "id: TaskId", created_at"#,
+        r#"INSERT INTO tasks (id, command, timeout_secs, owner, tags, priority, run_at,
+                              max_retries, retry_backoff_secs, env, cwd, created_at)
+           SELECT id, command, timeout_secs, owner, string_to_array(tags, ','), priority,
+                  coalesce(run_at, clock_timestamp() + delay * interval '1 second'),
+                  max_retries, retry_backoff_secs, env, cwd, clock_timestamp()
+             FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::text[],
+                         $6::int2[], $7::timestamptz[], $8::float8[], $9::int2[], $10::int4[],
+                         $11::jsonb[], $12::text[])
+                  AS n(id, command, timeout_secs, owner, tags, priority, run_at, delay,
+                       max_retries, retry_backoff_secs, env, cwd)
+           RETURNING id AS "id: TaskId", created_at, run_at"#,
         &uuids,
         &commands as &[&str],
         &timeouts,
         &owners as &[&str],
+        &tags,
+        &priorities,
+        &run_ats as &[Option<DateTime<Utc>>],
+        &delays as &[Option<f64>],
+        &max_retries,
+        &backoffs,
+        &envs as &[Json<&Env>],
+        &cwds as &[Option<&str>],
     )
     .fetch_all(db)
     .await
     .op("insert tasks")?;
-    let created: HashMap<TaskId, DateTime<Utc>> =
-        generated.into_iter().map(|row| (row.id, row.created_at)).collect();
+    let generated: HashMap<TaskId, Generated> = generated
+        .into_iter()
+        .map(|row| (row.id, Generated { created_at: row.created_at, run_at: row.run_at }))
+        .collect();
     ids.iter()
         .zip(rows)
         .map(|(id, row)| {
-            let created_at = created.get(id).copied().ok_or(sqlx::Error::RowNotFound);
-            Ok(queued(*id, row, created_at.op("insert tasks")?))
+            let made = generated.get(id).copied().ok_or(sqlx::Error::RowNotFound);
+            Ok(queued(*id, row, made.op("insert tasks")?))
         })
         .collect()
 }
@@ -156,8 +237,28 @@ pub async fn insert_within_quota(
     wanted: u64,
 ) -> Result<WithinQuota, DbError> {
     const OP: &str = "insert tasks within a quota";
-    let limit = i64::try_from(max).unwrap_or(i64::MAX);
     let mut tx = pool.begin().await.op(OP)?;
+    let (fitting, granted) =
+        room_in_quota(&mut tx, process, owner, rows.len(), max, wanted).await?;
+    let fitting = &rows[..fitting];
+    let inserted =
+        if fitting.is_empty() { Vec::new() } else { insert_many(&mut *tx, fitting).await? };
+    tx.commit().await.op(OP)?;
+    Ok(WithinQuota { inserted, granted })
+}
+
+/// The quota's turn, in the caller's transaction (see `insert_within_quota`): how many of `n`
+/// new tasks fit, and the room granted to `process` after them.
+async fn room_in_quota(
+    tx: &mut sqlx::PgConnection,
+    process: Uuid,
+    owner: &str,
+    n: usize,
+    max: u64,
+    wanted: u64,
+) -> Result<(usize, u64), DbError> {
+    const OP: &str = "insert tasks within a quota";
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
     sqlx::query!(
         "SELECT pg_advisory_xact_lock(hashtextextended('taskexec-quota:' || $1, 0))",
         owner
@@ -181,8 +282,12 @@ pub async fn insert_within_quota(
     .op(OP)?;
     let taken = u64::try_from(taken.queued.saturating_add(taken.granted)).unwrap_or(u64::MAX);
     let room = max.saturating_sub(taken);
-    let fitting = &rows[..rows.len().min(usize::try_from(room).unwrap_or(usize::MAX))];
-    let granted = ((room - fitting.len() as u64) / 2).min(wanted);
+    let fitting = n.min(usize::try_from(room).unwrap_or(usize::MAX));
+    let granted = ((room - fitting as u64) / 2).min(wanted);
+    if wanted == 0 {
+        // A single insert that wants no room after it: the process's grant stays as it is.
+        return Ok((fitting, 0));
+    }
     sqlx::query!(
         r#"INSERT INTO quota_grants (owner, process, tasks, until)
            VALUES ($1, $2, $3, now() + $4 * interval '1 second')
@@ -195,10 +300,90 @@ pub async fn insert_within_quota(
     .execute(&mut *tx)
     .await
     .op(OP)?;
-    let inserted =
-        if fitting.is_empty() { Vec::new() } else { insert_many(&mut *tx, fitting).await? };
-    tx.commit().await.op(OP)?;
-    Ok(WithinQuota { inserted, granted })
+    Ok((fitting, granted))
+}
+
+/// How long an `Idempotency-Key` is honoured.
+pub const IDEMPOTENCY_HOURS: i32 = 24;
+
+/// What a submit with an `Idempotency-Key` came to.
+#[derive(Debug)]
+pub enum Keyed {
+    /// The first with this key: the task created.
+    Created(Task),
+    /// The key was used before with the same body: the task it created, as it is now.
+    Existing(Task),
+    /// The key was used before with another body: the task it created.
+    Mismatch(TaskId),
+    /// The first with this key, but the owner's quota is full (the key stays unused).
+    OverQuota,
+}
+
+/// Inserts `row` under the owner's `key`, unless the key was used in the last
+/// `IDEMPOTENCY_HOURS`. The key is taken first, in the transaction that inserts the task: a
+/// concurrent submit with the same key waits on the key's unique index until this one
+/// commits (then finds the key used) or rolls back (then takes it). `digest` identifies the
+/// request's body.
+pub async fn insert_keyed(
+    pool: &PgPool,
+    process: Uuid,
+    row: &NewRow<'_>,
+    key: &str,
+    digest: &[u8; 32],
+    max: u64,
+) -> Result<Keyed, DbError> {
+    const OP: &str = "insert a task under an idempotency key";
+    // A used key found gone at once (its task deleted, or the key expired and deleted in
+    // between) is taken again on the next turn.
+    for _ in 0..3 {
+        let id = TaskId::random();
+        let mut tx = pool.begin().await.op(OP)?;
+        let taken = sqlx::query_scalar!(
+            r#"INSERT INTO idempotency_keys (owner, key, digest, task_id)
+               VALUES ($1, $2, $3, $4)
+               ON CONFLICT (owner, key) DO UPDATE
+                   SET digest = excluded.digest, task_id = excluded.task_id, created_at = now()
+                 WHERE idempotency_keys.created_at <= now() - make_interval(hours => $5)
+               RETURNING true AS "taken!""#,
+            row.owner,
+            key,
+            &digest[..],
+            id as TaskId,
+            IDEMPOTENCY_HOURS,
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .op(OP)?
+        .is_some();
+        if taken {
+            let (fitting, _) = room_in_quota(&mut tx, process, row.owner, 1, max, 0).await?;
+            if fitting == 0 {
+                return Ok(Keyed::OverQuota);
+            }
+            let mut made = insert_many_as(&mut *tx, std::slice::from_ref(row), vec![id]).await?;
+            tx.commit().await.op(OP)?;
+            let task = made.pop().ok_or(sqlx::Error::RowNotFound).op(OP)?;
+            return Ok(Keyed::Created(task));
+        }
+        tx.rollback().await.op(OP)?;
+        let used = sqlx::query!(
+            r#"SELECT digest, task_id AS "task_id: TaskId" FROM idempotency_keys
+                WHERE owner = $1 AND key = $2"#,
+            row.owner,
+            key,
+        )
+        .fetch_optional(pool)
+        .await
+        .op(OP)?;
+        let Some(used) = used else { continue };
+        if used.digest != digest[..] {
+            return Ok(Keyed::Mismatch(used.task_id));
+        }
+        if let Some(task) = get(pool, used.task_id, Some(row.owner)).await? {
+            return Ok(Keyed::Existing(task));
+        }
+    }
+    Err(sqlx::Error::RowNotFound).op(OP)
 }
 
 /// Inserts one queued task owned by `owner`, without a quota (tests and tools; the API goes
@@ -217,20 +402,67 @@ pub async fn insert(
 
 /// The task, if it exists and `scope` (an owner, for a submitter) may see it.
 pub async fn get(pool: &PgPool, id: TaskId, scope: Option<&str>) -> Result<Option<Task>, DbError> {
-    sqlx::query_as!(
-        Task,
+    let row = sqlx::query!(
         r#"SELECT id AS "id: TaskId", command, status AS "status: TaskStatus", created_at,
                   started_at, running_at, finished_at, exit_code, stdout, stderr, stdout_lossy,
                   stderr_lossy, stdout_truncated, stderr_truncated, stdout_bytes, stderr_bytes,
                   error, agent, attempts, timeout_secs, abort_requested_at, owner, aborted_by,
-                  false AS "command_truncated!"
+                  tags, priority, run_at, max_retries, retry_backoff_secs, retries,
+                  env AS "env: Json<Env>", cwd
              FROM tasks WHERE id = $1 AND ($2::text IS NULL OR owner = $2)"#,
         id as TaskId,
         scope,
     )
     .fetch_optional(pool)
     .await
-    .op("load a task")
+    .op("load a task")?;
+    Ok(row.map(|row| task_from!(row)))
+}
+
+/// Every attempt of the task, oldest first, and its current one last when it is running;
+/// `None` when the task does not exist or `scope` may not see it.
+pub async fn attempts(
+    pool: &PgPool,
+    id: TaskId,
+    scope: Option<&str>,
+) -> Result<Option<Vec<Attempt>>, DbError> {
+    let rows = sqlx::query!(
+        r#"SELECT a.agent, a.started_at, a.running_at, a.finished_at,
+                  a.outcome AS "outcome: AttemptOutcome", a.exit_code, a.error
+             FROM tasks t
+             LEFT JOIN LATERAL (
+                 SELECT id, agent, started_at, running_at, finished_at, outcome, exit_code, error
+                   FROM task_attempts WHERE task_id = t.id
+                 UNION ALL
+                 SELECT NULL, t.agent, t.started_at, t.running_at, NULL, NULL, NULL, NULL
+                  WHERE t.status = 'in_progress'
+             ) a ON true
+            WHERE t.id = $1 AND ($2::text IS NULL OR t.owner = $2)
+            ORDER BY a.id NULLS LAST"#,
+        id as TaskId,
+        scope,
+    )
+    .fetch_all(pool)
+    .await
+    .op("list a task's attempts")?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        rows.into_iter()
+            .filter_map(|row| {
+                Some(Attempt {
+                    agent: row.agent?,
+                    started_at: row.started_at?,
+                    running_at: row.running_at,
+                    finished_at: row.finished_at,
+                    outcome: row.outcome,
+                    exit_code: row.exit_code,
+                    error: row.error,
+                })
+            })
+            .collect(),
+    ))
 }
 
 /// A task of a list, and its place in creation order (the list cursor is made from it).
@@ -275,7 +507,9 @@ pub async fn list(
                       started_at, running_at, finished_at, exit_code, NULL::text AS stdout,
                       NULL::text AS stderr, stdout_lossy, stderr_lossy, stdout_truncated,
                       stderr_truncated, stdout_bytes, stderr_bytes, error, agent, attempts,
-                      timeout_secs, abort_requested_at, owner, aborted_by, seq
+                      timeout_secs, abort_requested_at, owner, aborted_by, seq, tags, priority,
+                      run_at, max_retries, retry_backoff_secs, retries,
+                      env AS "env: Json<Env>", cwd
                  FROM tasks WHERE seq < $1 AND ($2::text IS NULL OR owner = $2)
                 ORDER BY seq DESC LIMIT $3"#,
             before,
@@ -294,7 +528,9 @@ pub async fn list(
                   started_at, running_at, finished_at, exit_code, NULL::text AS stdout,
                   NULL::text AS stderr, stdout_lossy, stderr_lossy, stdout_truncated,
                   stderr_truncated, stdout_bytes, stderr_bytes, error, agent, attempts,
-                  timeout_secs, abort_requested_at, owner, aborted_by, seq
+                  timeout_secs, abort_requested_at, owner, aborted_by, seq, tags, priority,
+                      run_at, max_retries, retry_backoff_secs, retries,
+                      env AS "env: Json<Env>", cwd
              FROM tasks WHERE status = $1 AND seq < $2 AND ($3::text IS NULL OR owner = $3)
             ORDER BY seq DESC LIMIT $4"#,
         status as TaskStatus,
@@ -317,46 +553,99 @@ pub struct Claimed {
     pub slot: usize,
 }
 
-/// Claims up to `agents.len()` queued tasks in one statement, oldest first, and assigns the
-/// oldest to `agents[0]`, the next to `agents[1]`, and so on, each with a fresh lease on
-/// `terms` (its length, and the output cap the attempt is kept by). Rows that another claimer
-/// holds are skipped, never waited for, so concurrent claimers never receive the same task.
+/// What one claim statement did.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// By slot.
+    pub claimed: Vec<Claimed>,
+    /// A task that waiters of several tag sets could take went to one of them, so that
+    /// another may have found less than there is for it: claim again before taking the
+    /// queue to be empty for them.
+    pub shared: bool,
+    /// When something was claimed: how long until the earliest delayed task is due (see
+    /// `next_due`, which a claim that found nothing leaves to be asked).
+    pub next_due: Option<Option<f64>>,
+}
+
+/// A waiting pick, as a claim sees it: its agent's name and tags (sorted, joined by commas;
+/// empty for none).
+pub struct Picker<'a> {
+    pub agent: &'a str,
+    pub tags: &'a str,
+}
+
+/// Claims queued tasks for `pickers` in one statement, each with a fresh lease on `terms` (its
+/// length, and the output cap the attempt is kept by). A task goes only to a picker whose
+/// tags include all of its own, only once its `run_at` has come, higher priority first, then
+/// older first; the pickers are served oldest (first) first. Pickers with the same tags form a
+/// group that takes up to as many tasks as it has pickers; a task that several groups could
+/// take goes to the group of the oldest picker (`shared` says this happened). Rows that
+/// another claimer holds are skipped, never waited for, so concurrent claimers never receive
+/// the same task.
 pub async fn claim(
     pool: &PgPool,
-    agents: &[String],
+    pickers: &[Picker<'_>],
     terms: &LeaseTerms,
-) -> Result<Vec<Claimed>, DbError> {
-    // FOR UPDATE cannot sit beside a window function, hence the inner `locked` query.
+) -> Result<Claim, DbError> {
+    let agents: Vec<&str> = pickers.iter().map(|p| p.agent).collect();
+    let tags: Vec<&str> = pickers.iter().map(|p| p.tags).collect();
+    // FOR UPDATE cannot sit beside DISTINCT or a window function, hence the inner `listed`.
     let rows = sqlx::query!(
-        r#"WITH locked AS (
-               SELECT id, seq FROM tasks WHERE status = 'queued'
-               ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED
+        r#"WITH waiters AS (
+               SELECT agent, tags, slot,
+                      min(slot) OVER (PARTITION BY tags) AS grp,
+                      row_number() OVER (PARTITION BY tags ORDER BY slot) AS n
+                 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(agent, tags, slot)
            ),
-           numbered AS (SELECT id, row_number() OVER (ORDER BY seq) AS slot FROM locked),
-           waiters AS (
-               SELECT agent, slot FROM unnest($1::text[]) WITH ORDINALITY AS w(agent, slot)
-           )
+           groups AS (
+               SELECT grp, string_to_array(tags, ',') AS tags, count(*) AS wanted
+                 FROM waiters GROUP BY grp, tags
+           ),
+           listed AS (
+               SELECT groups.grp, c.id, c.priority, c.seq
+                 FROM groups CROSS JOIN LATERAL (
+                     SELECT id, priority, seq FROM tasks
+                      WHERE status = 'queued' AND (run_at IS NULL OR run_at <= now())
+                        AND tasks.tags <@ groups.tags
+                      ORDER BY priority DESC, seq LIMIT groups.wanted
+                        FOR UPDATE SKIP LOCKED
+                 ) c
+           ),
+           kept AS (SELECT DISTINCT ON (id) id, grp, priority, seq FROM listed ORDER BY id, grp),
+           numbered AS (
+               SELECT id, grp, row_number() OVER (PARTITION BY grp ORDER BY priority DESC, seq) AS n
+                 FROM kept
+           ),
+           paired AS (SELECT numbered.id, waiters.agent, waiters.slot
+                        FROM numbered JOIN waiters USING (grp, n))
            UPDATE tasks t
               SET status = 'in_progress', started_at = now(), attempts = t.attempts + 1,
-                  lease = gen_random_uuid(), agent = waiters.agent,
+                  lease = gen_random_uuid(), agent = paired.agent,
                   lease_expires_at = now() + $3 * interval '1 second', output_cap = $4
-             FROM numbered JOIN waiters USING (slot)
-            WHERE t.id = numbered.id
+             FROM paired
+            WHERE t.id = paired.id
            RETURNING t.id AS "id: TaskId", t.command, t.status AS "status: TaskStatus",
                      t.created_at, t.started_at, t.running_at, t.finished_at, t.exit_code,
                      t.stdout, t.stderr, t.stdout_lossy, t.stderr_lossy, t.stdout_truncated,
                      t.stderr_truncated, t.stdout_bytes, t.stderr_bytes, t.error, t.agent,
                      t.attempts, t.timeout_secs, t.abort_requested_at, t.owner, t.aborted_by,
+                     t.tags, t.priority, t.run_at, t.max_retries, t.retry_backoff_secs,
+                     t.retries, t.env AS "env: Json<Env>", t.cwd,
                      t.lease AS "lease!: LeaseToken", t.lease_expires_at AS "lease_expires_at!",
-                     numbered.slot - 1 AS "slot!""#,
-        agents,
-        agents.len() as i64,
+                     paired.slot - 1 AS "slot!",
+                     (SELECT count(*) FROM listed) > (SELECT count(*) FROM kept) AS "shared!",
+                     (SELECT extract(epoch FROM min(run_at) - now())::float8 FROM tasks
+                       WHERE status = 'queued' AND run_at > now()) AS "next_due""#,
+        &agents as &[&str],
+        &tags as &[&str],
         f64::from(terms.lease_secs),
         i32::try_from(terms.max_output_bytes).unwrap_or(i32::MAX),
     )
     .fetch_all(pool)
     .await
     .op("claim queued tasks")?;
+    let shared = rows.iter().any(|row| row.shared);
+    let next_due = rows.first().map(|row| row.next_due);
     let mut claimed: Vec<Claimed> = rows
         .into_iter()
         .map(|row| Claimed {
@@ -367,7 +656,19 @@ pub async fn claim(
         })
         .collect();
     claimed.sort_by_key(|c| c.slot);
-    Ok(claimed)
+    Ok(Claim { claimed, shared, next_due })
+}
+
+/// How long until the earliest delayed task (a `run_at` still to come) may be claimed, by the
+/// database's clock; `None` when none is delayed.
+pub async fn next_due(pool: &PgPool) -> Result<Option<f64>, DbError> {
+    sqlx::query_scalar!(
+        r#"SELECT extract(epoch FROM min(run_at) - now())::float8 AS "secs"
+             FROM tasks WHERE status = 'queued' AND run_at > now()"#
+    )
+    .fetch_one(pool)
+    .await
+    .op("find the next delayed task")
 }
 
 /// What an abort did.
@@ -407,7 +708,9 @@ pub async fn abort(
                   stdout_truncated AS "stdout_truncated!", stderr_truncated AS "stderr_truncated!",
                   stdout_bytes AS "stdout_bytes!", stderr_bytes AS "stderr_bytes!", error, agent,
                   attempts AS "attempts!", timeout_secs AS "timeout_secs!", abort_requested_at,
-                  owner, aborted_by,
+                  owner, aborted_by, tags AS "tags!", priority AS "priority!", run_at,
+                  max_retries AS "max_retries!", retry_backoff_secs AS "retry_backoff_secs!",
+                  retries AS "retries!", env AS "env!: Json<Env>", cwd,
                   CASE WHEN status = 'in_progress' THEN pg_notify($2, id::text) END
                       IS NOT NULL AS "notified!"
              FROM aborted"#,
@@ -438,7 +741,8 @@ pub async fn get_with_lease(
                   started_at, running_at, finished_at, exit_code, stdout, stderr, stdout_lossy,
                   stderr_lossy, stdout_truncated, stderr_truncated, stdout_bytes, stderr_bytes,
                   error, agent, attempts, timeout_secs, abort_requested_at, owner, aborted_by,
-                  lease AS "lease: LeaseToken"
+                  tags, priority, run_at, max_retries, retry_backoff_secs, retries,
+                  env AS "env: Json<Env>", cwd, lease AS "lease: LeaseToken"
              FROM tasks WHERE id = $1"#,
         id as TaskId,
     )
@@ -531,7 +835,8 @@ impl Reaped {
 pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> Result<Reaped, DbError> {
     let rows = sqlx::query!(
         r#"WITH due AS (
-               SELECT id, attempts, lost_picks, running_at, abort_requested_at, timeout_secs,
+               SELECT id, attempts, retries, lost_picks, running_at, abort_requested_at,
+                      timeout_secs,
                       started_at + (timeout_secs + $2) * interval '1 second' < now() AS overran
                  FROM tasks
                 WHERE status = 'in_progress'
@@ -544,7 +849,7 @@ pub async fn reap(pool: &PgPool, max_attempts: u32, overrun_secs: u32) -> Result
                       CASE WHEN overran THEN 'timed_out'
                            WHEN abort_requested_at IS NOT NULL THEN 'cancelled'
                            WHEN running_at IS NULL AND lost_picks < $1 THEN 'refunded'
-                           WHEN attempts >= $1 THEN 'lost'
+                           WHEN attempts - retries >= $1 THEN 'lost'
                            ELSE 'requeued' END::attempt_fate AS fate
                  FROM due
            )
