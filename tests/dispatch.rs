@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use taskexec_api::dispatch::{DispatchLoop, Dispatcher, Notifier, Reply, Round};
-use taskexec_api::tasks::store::{self, Claimed, Fate, Picker};
-use taskexec_protocol::{LeaseTerms, TaskStatus};
+use taskexec_api::tasks::store::{self, Claimed, Fate, NewRow, Picker};
+use taskexec_protocol::{LeaseTerms, NewTask, TaskId, TaskStatus};
 use taskexec_tests::{TestApp, TestDb};
 use tokio::time::Instant;
 
@@ -35,7 +35,35 @@ async fn claim(pool: &PgPool, agents: &[&str]) -> Vec<Claimed> {
 }
 
 fn park(dispatcher: &Dispatcher, agent: &str) -> Reply {
-    dispatcher.park(agent.to_owned(), &[], Instant::now() + Duration::from_secs(60)).unwrap()
+    park_tagged(dispatcher, agent, &[])
+}
+
+/// A pick of an agent with `tags` (sorted), parked for a minute.
+fn park_tagged(dispatcher: &Dispatcher, agent: &str, tags: &[&str]) -> Reply {
+    let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
+    dispatcher.park(agent.to_owned(), &tags, Instant::now() + Duration::from_secs(60)).unwrap()
+}
+
+/// A queued task with `tags` (sorted) and `priority`.
+async fn insert_tagged(pool: &PgPool, tags: &[&str], priority: i32) -> TaskId {
+    let task = NewTask {
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        priority: Some(priority),
+        ..NewTask::new("true")
+    };
+    let row = NewRow { task: &task, timeout_secs: 60, owner: "tester" };
+    store::insert_many(pool, &[row]).await.unwrap()[0].id
+}
+
+/// The task each reply got, by agent, in the order given.
+async fn received(replies: Vec<(&str, Reply)>) -> Vec<(String, TaskId)> {
+    let mut got = Vec::new();
+    for (agent, reply) in replies {
+        let picked = reply.await.unwrap().expect("a task").delivered();
+        assert_eq!(picked.task.agent.as_deref(), Some(agent));
+        got.push((agent.to_owned(), picked.task.id));
+    }
+    got
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -48,7 +76,7 @@ async fn a_handover_that_never_reached_its_agent_goes_back_to_the_queue() {
     let reply = park(&dispatcher, "gone");
     let task = store::insert(&pool, "echo back", 60, "tester").await.unwrap().id;
     let round = dispatch.run_once().await;
-    assert_eq!(round, Round { queried: true, delivered: 1, returned: 0, expired: 0 });
+    assert_eq!(round, Round { claims: 1, delivered: 1, returned: 0, expired: 0 });
     drop(reply.await.unwrap().expect("a task"));
 
     let round = dispatch.run_once().await;
@@ -72,7 +100,7 @@ async fn one_claim_serves_all_parked_picks_oldest_waiter_first() {
 
     let round = dispatch.run_once().await;
 
-    assert_eq!(round, Round { queried: true, delivered: 3, returned: 0, expired: 0 });
+    assert_eq!(round, Round { claims: 1, delivered: 3, returned: 0, expired: 0 });
     for (n, reply) in replies.drain(..3).enumerate() {
         let picked = reply.await.unwrap().expect("a task").delivered();
         assert_eq!(picked.task.id, tasks[n], "waiter {n} gets the {n}th oldest task");
@@ -93,13 +121,98 @@ async fn parking_on_a_known_empty_queue_costs_no_query() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _first = park(&dispatcher, "a");
-    assert!(dispatch.run_once().await.queried, "the first look queries");
+    assert_eq!(dispatch.run_once().await.claims, 1, "the first look queries");
 
     let _more: Vec<Reply> = (0..1000).map(|n| park(&dispatcher, &format!("idle-{n}"))).collect();
     let round = dispatch.run_once().await;
 
-    assert!(!round.queried, "1,000 more parked picks cost the database nothing");
+    assert_eq!(round.claims, 0, "1,000 more parked picks cost the database nothing");
     assert_eq!(dispatcher.parked(), 1001);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_claim_serves_every_tag_set_higher_priority_first() {
+    let (_db, pool) = migrated().await;
+    let (_, dispatcher, mut dispatch) = dispatcher(&pool);
+    let low = insert_tagged(&pool, &[], -5).await;
+    let gpu_later = insert_tagged(&pool, &["gpu"], 0).await;
+    let gpu_first = insert_tagged(&pool, &["gpu"], 5).await;
+    let linux = insert_tagged(&pool, &["linux"], 0).await;
+    let untagged = insert_tagged(&pool, &[], -1).await;
+    let replies = vec![
+        ("plain", park(&dispatcher, "plain")),
+        ("plain-too", park(&dispatcher, "plain-too")),
+        ("gpu", park_tagged(&dispatcher, "gpu", &["gpu"])),
+        ("linux", park_tagged(&dispatcher, "linux", &["linux"])),
+    ];
+
+    let round = dispatch.run_once().await;
+
+    assert_eq!(round, Round { claims: 1, delivered: 4, returned: 0, expired: 0 });
+    let got = received(replies).await;
+    let expected = [("plain", untagged), ("plain-too", low), ("gpu", gpu_first), ("linux", linux)];
+    assert_eq!(got, expected.map(|(agent, id)| (agent.to_owned(), id)));
+    let left = store::get(&pool, gpu_later, None).await.unwrap().unwrap();
+    assert_eq!(left.status, TaskStatus::Queued);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_several_tag_sets_could_take_goes_to_the_oldest_pick_and_the_others_look_again() {
+    let (_db, pool) = migrated().await;
+    let (_, dispatcher, mut dispatch) = dispatcher(&pool);
+    let plain_old = insert_tagged(&pool, &[], 0).await;
+    let gpu = insert_tagged(&pool, &["gpu"], 0).await;
+    let plain_urgent = insert_tagged(&pool, &[], 5).await;
+    let linux = insert_tagged(&pool, &["linux"], 0).await;
+    let both = insert_tagged(&pool, &["gpu", "linux"], -1).await;
+    let replies = vec![
+        ("plain", park(&dispatcher, "plain")),
+        ("plain-too", park(&dispatcher, "plain-too")),
+        ("gpu", park_tagged(&dispatcher, "gpu", &["gpu"])),
+        ("gpu-linux", park_tagged(&dispatcher, "gpu-linux", &["gpu", "linux"])),
+    ];
+
+    let round = dispatch.run_once().await;
+
+    // Every pick could have had the urgent untagged task: the oldest one did, and the others
+    // were served by the statements that followed, within the same round.
+    assert_eq!(round.delivered, 4, "{round:?}");
+    assert!((2..=4).contains(&round.claims), "{round:?}");
+    let got = received(replies).await;
+    let expected =
+        [("plain", plain_urgent), ("plain-too", plain_old), ("gpu", gpu), ("gpu-linux", linux)];
+    assert_eq!(got, expected.map(|(agent, id)| (agent.to_owned(), id)));
+    let left = store::get(&pool, both, None).await.unwrap().unwrap();
+    assert_eq!(left.status, TaskStatus::Queued);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_picks_of_many_tag_sets_on_a_queue_with_nothing_for_them_cost_no_query() {
+    let (db, pool) = migrated().await;
+    let (notifier, dispatcher, mut dispatch) = dispatcher(&pool);
+    tokio::spawn(notifier.clone().listen(db.url.clone(), Duration::from_secs(15)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !notifier.is_listening() {
+        assert!(Instant::now() < deadline, "the listener never connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A task no parked agent can take stays queued, and costs nothing either.
+    insert_tagged(&pool, &["arm64"], 0).await;
+    let tag_sets: [&[&str]; 4] = [&[], &["gpu"], &["linux"], &["gpu", "linux"]];
+    let _first: Vec<Reply> = tag_sets
+        .iter()
+        .enumerate()
+        .map(|(n, tags)| park_tagged(&dispatcher, &format!("first-{n}"), tags))
+        .collect();
+    assert_eq!(dispatch.run_once().await.claims, 1, "one look for all four tag sets");
+
+    let _more: Vec<Reply> = (0..1000)
+        .map(|n| park_tagged(&dispatcher, &format!("idle-{n}"), tag_sets[n % 4]))
+        .collect();
+    let round = dispatch.run_once().await;
+
+    assert_eq!(round.claims, 0, "1,000 more parked picks over 4 tag sets cost nothing");
+    assert_eq!(dispatcher.parked(), 1004);
 }
 
 #[tokio::test(flavor = "multi_thread")]

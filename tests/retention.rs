@@ -45,6 +45,10 @@ async fn tasks_ended_past_retention_go_with_their_output_and_nothing_else_does()
     let running = app.pick("keeper", 0).await.unwrap().expect("the task");
     assert_eq!(running.task.id, old_running);
     let old_queued = app.submit("echo queued").await.id;
+    // Idempotency keys: one past its 24 hours, one not; their tasks are queued and stay.
+    let keyed = taskexec_protocol::NewTask::new("echo keyed");
+    let (stale_key_task, _) = app.create_keyed(&keyed, "stale").await.unwrap();
+    app.create_keyed(&keyed, "fresh").await.unwrap();
     age(&app, &[old_done, old_done_too, old_cancelled, old_running, old_queued], 31).await;
     let pool = app.db.pool().await;
     sqlx::query(
@@ -55,13 +59,28 @@ async fn tasks_ended_past_retention_go_with_their_output_and_nothing_else_does()
     .execute(&pool)
     .await
     .unwrap();
+    sqlx::query(
+        "UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'stale'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
 
     // 0 keeps everything.
-    assert_eq!(retention::run_once(&pool, 0, 1000).await.unwrap(), retention::Deleted::default());
+    // 0 keeps every task (keys expire all the same: they are not history).
+    let deleted = retention::run_once(&pool, 0, 1000).await.unwrap();
+    assert_eq!(deleted, retention::Deleted { tasks: 0, agents: 0, keys: 1 });
 
     // Batches of one: every old ended task goes all the same.
     let deleted = retention::run_once(&pool, 30, 1).await.unwrap();
     assert_eq!(deleted, retention::Deleted { tasks: 3, agents: 1, keys: 0 });
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT key FROM idempotency_keys").fetch_all(&pool).await.unwrap();
+    assert_eq!(keys, ["fresh"]);
+    assert!(app.get(stale_key_task.id).await.is_ok(), "a key's expiry leaves its task");
+    // The stale key is free again: it makes a new task.
+    let (again, created) = app.create_keyed(&keyed, "stale").await.unwrap();
+    assert!(created && again.id != stale_key_task.id);
     for id in [old_done, old_done_too, old_cancelled] {
         assert_eq!(app.get(id).await.unwrap_err().status, 404, "{id} kept");
     }
@@ -75,6 +94,10 @@ async fn tasks_ended_past_retention_go_with_their_output_and_nothing_else_does()
     .await
     .unwrap();
     assert_eq!(orphans, 0);
+    // Attempts go with their task: only the recent task's one is left.
+    let attempts: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT task_id FROM task_attempts").fetch_all(&pool).await.unwrap();
+    assert_eq!(attempts, [recent_done.to_string().parse::<uuid::Uuid>().unwrap()]);
     let kept: i64 =
         sqlx::query_scalar("SELECT count(*) FROM task_output").fetch_one(&pool).await.unwrap();
     assert!(kept >= 1, "the recent task's output is kept");

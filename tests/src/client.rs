@@ -9,9 +9,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use taskexec_protocol::output::headers;
 use taskexec_protocol::{
-    AgentInfo, Assignment, CreatedToken, FinishReport, HeartbeatReply, LeaseBody, LeaseToken,
-    NewTask, NewToken, OutputAck, Problem, ProblemType, Role, Stream, Task, TaskId, TaskPage,
-    TokenId, TokenInfo,
+    AgentInfo, Assignment, Attempt, CreatedToken, FinishReport, HeartbeatReply, LeaseBody,
+    LeaseToken, NewTask, NewToken, OutputAck, Problem, ProblemType, Role, Stream, Task, TaskId,
+    TaskPage, TokenId, TokenInfo,
 };
 
 /// A non-success answer: its status and its problem (empty if the body was not one).
@@ -124,6 +124,23 @@ impl Api {
         expect_json(response, StatusCode::CREATED).await
     }
 
+    /// `POST /tasks` with an `Idempotency-Key`: the task, and whether this request created it
+    /// (201) or found it created by an earlier one with the same key (200).
+    pub async fn create_keyed(&self, task: &NewTask, key: &str) -> Answer<(Task, bool)> {
+        let response = self
+            .request(Method::POST, "/tasks")
+            .header(headers::IDEMPOTENCY_KEY, key)
+            .json(task)
+            .send()
+            .await
+            .unwrap();
+        match response.status() {
+            StatusCode::CREATED => Ok((response.json().await.unwrap(), true)),
+            StatusCode::OK => Ok((response.json().await.unwrap(), false)),
+            _ => Err(failure(response).await),
+        }
+    }
+
     /// `POST /tasks` of a command with the defaults; panics unless it is created.
     pub async fn submit(&self, command: &str) -> Task {
         self.create(&NewTask::new(command))
@@ -145,6 +162,11 @@ impl Api {
     pub async fn list(&self, query: &str) -> Answer<TaskPage> {
         let path = if query.is_empty() { "/tasks".to_owned() } else { format!("/tasks?{query}") };
         self.get_json(&path).await
+    }
+
+    /// `GET /tasks/<id>/attempts`.
+    pub async fn attempts(&self, id: TaskId) -> Answer<Vec<Attempt>> {
+        self.get_json(&format!("/tasks/{id}/attempts")).await
     }
 
     /// `POST /tasks/<id>/abort`.
@@ -250,7 +272,21 @@ impl Api {
 
     /// `GET /tasks/pick?wait=S` as agent `name`: the assignment, or `None` (204).
     pub async fn pick(&self, name: &str, wait: u64) -> Answer<Option<Assignment>> {
-        let path = format!("/tasks/pick?wait={wait}");
+        self.pick_tagged(name, "", wait).await
+    }
+
+    /// `GET /tasks/pick?wait=S&tags=T` as agent `name` with tags `tags` (`linux,gpu`).
+    pub async fn pick_tagged(
+        &self,
+        name: &str,
+        tags: &str,
+        wait: u64,
+    ) -> Answer<Option<Assignment>> {
+        let path = if tags.is_empty() {
+            format!("/tasks/pick?wait={wait}")
+        } else {
+            format!("/tasks/pick?wait={wait}&tags={tags}")
+        };
         let response = self.agent(Method::GET, &path, name).send().await.unwrap();
         match response.status() {
             StatusCode::OK => Ok(Some(response.json().await.unwrap())),

@@ -192,8 +192,10 @@ async fn straggler_connection<'c>(
 /// What one round of the dispatcher did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Round {
-    /// Whether a claim statement ran.
-    pub queried: bool,
+    /// Claim statements run: none while nothing can be claimed, one for every parked pick
+    /// at once, more only when a task that picks of several tag sets could take went to one
+    /// of them and the others must look again.
+    pub claims: usize,
     /// Tasks handed to parked picks.
     pub delivered: usize,
     /// Tasks claimed for picks that had gone, and put back.
@@ -400,7 +402,7 @@ impl DispatchLoop {
             .map(|&i| Picker { agent: &self.waiters[i].agent, tags: &self.waiters[i].tags })
             .collect();
         self.last_claim = Instant::now();
-        round.queried = true;
+        round.claims += 1;
         let claim = match store::claim(&self.pool, &pickers, &self.terms).await {
             Ok(claim) => claim,
             Err(e) => {
