@@ -39,8 +39,14 @@ CREATE INDEX tasks_queued_by_priority ON tasks (priority DESC, seq) WHERE status
 CREATE INDEX tasks_queued_by_run_at ON tasks (run_at) WHERE status = 'queued' AND run_at IS NOT NULL;
 
 -- The tags an agent declared on its last pick (for GET /agents, and for the operator to see
--- which queued tasks no agent can take).
-ALTER TABLE agents ADD COLUMN tags text[] NOT NULL DEFAULT '{}' CHECK (valid_tags(tags, 64));
+-- which queued tasks no agent can take); NULL until its first pick.
+ALTER TABLE agents ADD COLUMN tags text[] CHECK (valid_tags(tags, 64));
+
+-- The queue's figures gain the tasks not due yet (a delay, a retry's backoff), which are not
+-- waiting for an agent, and the queued tasks that no live agent's tags can take.
+ALTER TABLE metrics_snapshot
+    ADD COLUMN delayed    bigint NOT NULL DEFAULT 0 CHECK (delayed >= 0),
+    ADD COLUMN unroutable bigint NOT NULL DEFAULT 0 CHECK (unroutable >= 0);
 
 -- Every attempt of a task that has ended, oldest first; the task's row holds the current (or
 -- last) one as before. Written by the statement that ends the attempt: a finish, a retry,

@@ -28,10 +28,14 @@ async fn agent_until(
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_is_idle_then_busy_with_its_task_then_gone_as_soon_as_it_exits() {
     let app = TestApp::spawn().await;
-    let mut worker = WorkerProcess::start(&app, "alpha", &[]);
-    let idle =
-        agent_until(&app, "alpha", Duration::from_secs(30), |a| a.state == AgentState::Idle).await;
+    let mut worker = WorkerProcess::start(&app, "alpha", &[("AGENT_TAGS", "linux, gpu,linux")]);
+    // Its tags come with its first pick.
+    let idle = agent_until(&app, "alpha", Duration::from_secs(30), |a| {
+        a.state == AgentState::Idle && !a.tags.is_empty()
+    })
+    .await;
     assert_eq!(idle.version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    assert_eq!(idle.tags, ["gpu", "linux"], "AGENT_TAGS, sorted, without repeats");
     assert_eq!((idle.current_task, idle.tasks_finished), (None, 0));
 
     // Busy while its command waits for a file this test creates.

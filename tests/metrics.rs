@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use taskexec_protocol::{FinishReport, TaskStatus};
+use taskexec_protocol::{FinishReport, NewTask, TaskStatus};
 use taskexec_tests::{PgProxy, TestApp, TestDb, ADMIN_TOKEN};
 
 /// The scrape's text, after checking its format.
@@ -73,6 +73,38 @@ async fn the_scrape_counts_what_happened_with_route_templates_not_ids() {
     }
     assert!(text.contains("# TYPE taskexec_pick_latency_seconds histogram"), "{text}");
     assert!(text.contains("# HELP taskexec_tasks_stuck "), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delayed_tasks_and_tasks_no_live_agent_can_take_are_counted_apart() {
+    let app = TestApp::spawn().await;
+    // An agent declares its tags with its pick; the registry shows them once written.
+    assert!(app.pick_tagged("gpu-box", "linux,gpu", 0).await.unwrap().is_none());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let agents = app.agents().await.unwrap();
+        if agents.iter().any(|a| a.name == "gpu-box" && a.tags == ["gpu", "linux"]) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "tags never shown: {agents:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tagged = |tags: &[&str]| NewTask {
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ..NewTask::new("true")
+    };
+    app.create(&tagged(&["gpu"])).await.unwrap();
+    app.create(&tagged(&["arm64"])).await.unwrap();
+    app.create(&tagged(&["arm64", "gpu"])).await.unwrap();
+    app.create(&NewTask { delay_secs: Some(3600), ..NewTask::new("later") }).await.unwrap();
+
+    let text = scrape(&app).await;
+
+    let value = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series}:\n{text}"));
+    assert_eq!(value(r#"taskexec_tasks{status="queued"}"#), 4.0);
+    assert_eq!(value("taskexec_tasks_delayed"), 1.0);
+    assert_eq!(value("taskexec_tasks_unroutable"), 2.0, "the arm64 tasks");
+    assert!(text.contains("# HELP taskexec_tasks_unroutable "), "{text}");
 }
 
 /// Submits `count` tasks, returns their ids.

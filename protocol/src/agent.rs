@@ -57,6 +57,10 @@ pub struct AgentInfo {
     pub current_task: Option<TaskId>,
     /// Tasks whose end it reported (finished, failed or cancelled).
     pub tasks_finished: u64,
+    /// The tags it declared on its latest pick (`AGENT_TAGS`); it takes only tasks whose tags
+    /// are all among these.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// The longest `X-Agent-Version` the server keeps.

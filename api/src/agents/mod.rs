@@ -112,6 +112,12 @@ impl Agent {
     pub fn reported_end(&self) {
         self.presence.sightings().finished(&self.name);
     }
+
+    /// This agent picks with `tags` (sorted, without repeats): the registry shows them, and
+    /// the queue's figures count the tasks no live agent's tags can take.
+    pub fn declare_tags(&self, tags: &[String]) {
+        self.presence.sightings().declare_tags(&self.name, &tags.join(","));
+    }
 }
 
 /// Every agent seen in the last day, by name.

@@ -30,7 +30,9 @@ struct Entry {
     seen: Option<Instant>,
     version: Option<String>,
     instance: Option<Uuid>,
-    /// `version` or `instance` changed since the last write.
+    /// The tags it declared on its latest pick, sorted and joined by commas.
+    tags: Option<String>,
+    /// `version`, `instance` or `tags` changed since the last write.
     changed: bool,
     /// Task ends it reported since the last write.
     finished: u64,
@@ -44,6 +46,8 @@ pub struct Sighting {
     pub name: String,
     pub version: Option<String>,
     pub instance: Option<Uuid>,
+    /// Its tags, sorted and joined by commas, when it declared them (a pick does).
+    pub tags: Option<String>,
     /// How long ago it was last seen (0 while a request of it is in flight).
     pub ago_secs: f64,
     pub finished: u64,
@@ -77,6 +81,16 @@ impl Sightings {
         Presence { sightings: self.clone(), name: name.to_owned() }
     }
 
+    /// Agent `name` picks with `tags` (sorted, joined by commas; empty for none).
+    pub fn declare_tags(&self, name: &str, tags: &str) {
+        let mut entries = self.entries();
+        let entry = entries.entry(name.to_owned()).or_default();
+        if entry.tags.as_deref() != Some(tags) {
+            entry.tags = Some(tags.to_owned());
+            entry.changed = true;
+        }
+    }
+
     fn depart(&self, name: &str) {
         if let Some(entry) = self.entries().get_mut(name) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
@@ -97,6 +111,7 @@ impl Sightings {
             name: name.to_owned(),
             version: entry.version,
             instance: instance.or(entry.instance),
+            tags: entry.tags,
             ago_secs: 0.0,
             finished: entry.finished,
         }
@@ -128,6 +143,7 @@ impl Sightings {
                     name: name.clone(),
                     version: entry.version.clone(),
                     instance: entry.instance,
+                    tags: entry.tags.clone(),
                     ago_secs: ago.as_secs_f64(),
                     finished: entry.finished,
                 });
@@ -173,6 +189,9 @@ impl Sightings {
             }
             if entry.instance.is_none() {
                 entry.instance = row.instance;
+            }
+            if entry.tags.is_none() {
+                entry.tags = row.tags;
             }
             entry.written = None;
         }
@@ -222,6 +241,12 @@ mod tests {
         let _again = sightings.arrive("a", Some("1.0"), Some(Uuid::new_v4()));
         let rows = sightings.take_due();
         assert!(rows[0].instance.is_some());
+        // So are new tags, and they are written with every later sighting.
+        sightings.declare_tags("a", "gpu,linux");
+        let rows = sightings.take_due();
+        assert_eq!(rows[0].tags.as_deref(), Some("gpu,linux"));
+        sightings.finished("a");
+        assert_eq!(sightings.take_due()[0].tags.as_deref(), Some("gpu,linux"));
     }
 
     #[test]

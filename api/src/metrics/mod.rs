@@ -123,6 +123,8 @@ impl Metrics {
         let status = |s: &str| vec![Label::new("status", s.to_owned())];
         self.set_gauge("taskexec_tasks", status("queued"), snapshot.queued as f64);
         self.set_gauge("taskexec_tasks", status("in_progress"), snapshot.in_progress as f64);
+        self.set_gauge("taskexec_tasks_delayed", Vec::new(), snapshot.delayed as f64);
+        self.set_gauge("taskexec_tasks_unroutable", Vec::new(), snapshot.unroutable as f64);
         self.set_gauge("taskexec_queue_oldest_age_seconds", Vec::new(), read.oldest_queued_age());
         self.set_gauge("taskexec_tasks_stuck", Vec::new(), snapshot.stuck as f64);
         let agents = [
@@ -180,7 +182,18 @@ impl Metrics {
 /// `# HELP` of every metric.
 const HELP: &[(&str, &str)] = &[
     ("taskexec_tasks", "Tasks queued or in progress, from the database (all API processes)."),
-    ("taskexec_queue_oldest_age_seconds", "Age of the oldest queued task; 0 when none is queued."),
+    (
+        "taskexec_queue_oldest_age_seconds",
+        "How long the queued task due first has been due (since its creation or run_at); 0 when none is.",
+    ),
+    (
+        "taskexec_tasks_delayed",
+        "Queued tasks not due yet (a run_at to come: a delay or a retry's backoff).",
+    ),
+    (
+        "taskexec_tasks_unroutable",
+        "Queued tasks whose tags no live agent has (all queued tasks when no agent is alive).",
+    ),
     (
         "taskexec_tasks_stuck",
         "Tasks in progress past their lease, or past their timeout plus the kill grace.",

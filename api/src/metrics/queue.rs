@@ -22,8 +22,14 @@ pub struct Snapshot {
     /// with this process's clock).
     pub taken_at: DateTime<Utc>,
     pub queued: i64,
+    /// Of the queued, those not due yet (a `run_at` to come: a delay, a retry's backoff).
+    pub delayed: i64,
+    /// Of the queued, those whose tags no live agent has (every queued task when no agent is
+    /// alive).
+    pub unroutable: i64,
     pub in_progress: i64,
-    /// Age of the oldest queued task when the snapshot was taken.
+    /// How long the queued task due first has been due (since its creation, or its
+    /// `run_at`) when the snapshot was taken.
     pub oldest_queued_secs: f64,
     pub stuck: i64,
     pub agents_idle: i64,
@@ -45,7 +51,7 @@ impl Read {
     /// by the database's clock to the read and by this process's from there (the two clocks
     /// are never compared).
     pub fn oldest_queued_age(&self) -> f64 {
-        if self.snapshot.queued == 0 {
+        if self.snapshot.queued == self.snapshot.delayed {
             return 0.0;
         }
         self.snapshot.oldest_queued_secs + self.snapshot.age_secs + self.at.elapsed().as_secs_f64()
@@ -134,17 +140,29 @@ async fn read(db: &Db, refresh: Duration, config: &AppConfig) -> Result<Snapshot
         tx.commit().await.op(OP)?;
         return Ok(locked);
     }
-    // Every count of tasks is served by a partial index (queued, in progress); the agents are
-    // those seen in the last day.
+    // Every count of tasks is served by a partial index (queued, in progress, delayed); the
+    // agents are those seen in the last day. The unroutable tasks are counted by tag set, each
+    // set against the live agents' tags.
     let counted = sqlx::query_as!(
         Snapshot,
         r#"UPDATE metrics_snapshot SET
                taken_at = now(),
                queued = (SELECT count(*) FROM tasks WHERE status = 'queued'),
+               delayed = (SELECT count(*) FROM tasks WHERE status = 'queued' AND run_at > now()),
+               unroutable = (
+                   SELECT COALESCE(sum(q.n), 0)::bigint
+                     FROM (SELECT tags, count(*) AS n FROM tasks WHERE status = 'queued'
+                            GROUP BY tags) q
+                    WHERE NOT EXISTS (
+                        SELECT 1 FROM agent_states($2) s JOIN agents a USING (name)
+                         WHERE s.state <> 'gone' AND q.tags <@ a.tags)),
                in_progress = (SELECT count(*) FROM tasks WHERE status = 'in_progress'),
-               oldest_queued_secs = COALESCE((
-                   SELECT extract(epoch FROM now() - created_at)::float8
-                     FROM tasks WHERE status = 'queued' ORDER BY seq LIMIT 1), 0),
+               oldest_queued_secs = COALESCE(extract(epoch FROM now() - least(
+                   (SELECT created_at FROM tasks WHERE status = 'queued' AND run_at IS NULL
+                     ORDER BY seq LIMIT 1),
+                   (SELECT greatest(created_at, run_at) FROM tasks
+                     WHERE status = 'queued' AND run_at <= now() ORDER BY run_at LIMIT 1)
+               ))::float8, 0),
                stuck = (SELECT count(*) FROM tasks
                          WHERE status = 'in_progress'
                            AND (lease_expires_at < now()
@@ -155,7 +173,7 @@ async fn read(db: &Db, refresh: Duration, config: &AppConfig) -> Result<Snapshot
                           count(*) FILTER (WHERE state = 'busy'),
                           count(*) FILTER (WHERE state = 'gone')
                      FROM agent_states($2))
-           RETURNING taken_at, queued, in_progress, oldest_queued_secs, stuck,
+           RETURNING taken_at, queued, delayed, unroutable, in_progress, oldest_queued_secs, stuck,
                      agents_idle, agents_busy, agents_gone, 0::float8 AS "age_secs!""#,
         config.kill_grace_secs as i32,
         config.lease_secs as i32,
@@ -176,7 +194,7 @@ async fn snapshot<'e>(
     if lock {
         sqlx::query_as!(
             Snapshot,
-            r#"SELECT taken_at, queued, in_progress, oldest_queued_secs, stuck,
+            r#"SELECT taken_at, queued, delayed, unroutable, in_progress, oldest_queued_secs, stuck,
                       agents_idle, agents_busy, agents_gone,
                       extract(epoch FROM now() - taken_at)::float8 AS "age_secs!"
                  FROM metrics_snapshot FOR UPDATE"#
@@ -186,7 +204,7 @@ async fn snapshot<'e>(
     } else {
         sqlx::query_as!(
             Snapshot,
-            r#"SELECT taken_at, queued, in_progress, oldest_queued_secs, stuck,
+            r#"SELECT taken_at, queued, delayed, unroutable, in_progress, oldest_queued_secs, stuck,
                       agents_idle, agents_busy, agents_gone,
                       extract(epoch FROM now() - taken_at)::float8 AS "age_secs!"
                  FROM metrics_snapshot"#

@@ -286,6 +286,7 @@ async fn pick(
     let wait = query::wait_secs(wait, config.pick_wait_default_secs, config.pick_wait_max_secs)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let tags = query::parsed("tags", tags, parse_agent_tags)?.unwrap_or_default();
+    agent.declare_tags(&tags);
     let mut reply = dispatcher.park(agent.name.clone(), &tags, deadline)?;
     // The dispatcher answers by the deadline unless the database holds it up; the margin keeps
     // this response inside the agent's read timeout even then.
