@@ -187,6 +187,30 @@ async fn a_task_several_tag_sets_could_take_goes_to_the_oldest_pick_and_the_othe
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_lone_task_that_every_tag_set_could_take_costs_one_claim() {
+    // Each tag set listed fewer tasks than it has picks: it saw all there is for it, and
+    // needs no second look though the task went to another. (A tag set with one pick that
+    // listed the task could have had another beyond it, and would look again.)
+    let (_db, pool) = migrated().await;
+    let (_, dispatcher, mut dispatch) = dispatcher(&pool);
+    let task = insert_tagged(&pool, &[], 0).await;
+    let mut replies = vec![
+        ("gpu", park_tagged(&dispatcher, "gpu", &["gpu"])),
+        ("plain", park(&dispatcher, "plain")),
+        ("linux", park_tagged(&dispatcher, "linux", &["linux"])),
+        ("plain-too", park(&dispatcher, "plain-too")),
+        ("gpu-too", park_tagged(&dispatcher, "gpu-too", &["gpu"])),
+        ("linux-too", park_tagged(&dispatcher, "linux-too", &["linux"])),
+    ];
+
+    let round = dispatch.run_once().await;
+
+    assert_eq!(round, Round { claims: 1, delivered: 1, returned: 0, expired: 0 });
+    let got = received(replies.drain(..1).collect()).await;
+    assert_eq!(got, [("gpu".to_owned(), task)], "the oldest pick");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn parked_picks_of_many_tag_sets_on_a_queue_with_nothing_for_them_cost_no_query() {
     let (db, pool) = migrated().await;
     let (notifier, dispatcher, mut dispatch) = dispatcher(&pool);

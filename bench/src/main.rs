@@ -37,6 +37,9 @@ async fn main() {
     if wanted(5) {
         rows.extend(scenarios::wake_fairness(&env, quick).await);
     }
+    if wanted(6) {
+        rows.extend(scenarios::routing(&env, quick).await);
+    }
     let machine = system::describe_machine(&env).await;
     report::write(&rows, &machine, quick, started.elapsed());
 }

@@ -1,4 +1,4 @@
-//! The five scenarios. Each starts from a fresh database and a fresh API process, measures
+//! The six scenarios. Each starts from a fresh database and a fresh API process, measures
 //! taskexec, measures its reference in the same run, and returns table rows.
 
 use std::collections::HashSet;
@@ -296,12 +296,21 @@ pub async fn submit(env: &Env, quick: bool) -> Vec<Row> {
     rows
 }
 
-/// 4. Idle cost: 1,000 parked long polls held for 30 s; then one task, and the claim
-/// statements it caused.
-pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
-    let (polls, hold) = (1000usize, if quick { 5 } else { 30 });
-    println!("4. idle cost: {polls} parked polls held {hold} s ...");
-    let db = env.database("bench_idle").await;
+/// What parked polls cost while nothing happens, and what one task then costs.
+struct Idle {
+    /// API CPU seconds over the hold.
+    cpu: f64,
+    rss_growth_mib: f64,
+    statements_per_sec: f64,
+    connections: i64,
+    /// Claim statements run for the one task submitted after the hold.
+    claims: i64,
+}
+
+/// `polls` long polls parked for `hold` seconds, the n-th with the tags `tag_sets[n % len]`;
+/// then one untagged task (which every tag set could take).
+async fn idle(env: &Env, name: &str, polls: usize, hold: u64, tag_sets: &[&'static str]) -> Idle {
+    let db = env.database(name).await;
     let api = env.api(&db, &[]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = api.rss_mib();
@@ -310,8 +319,9 @@ pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
     let handles: Vec<_> = (0..polls)
         .map(|n| {
             let pollers = pollers.clone();
+            let tags = tag_sets[n % tag_sets.len()];
             tokio::spawn(async move {
-                match pollers.pick(&format!("idle-{n}"), 60).await {
+                match pollers.pick_tagged(&format!("idle-{n}"), tags, 60).await {
                     Ok(Some(assignment)) => Some(assignment.task.id),
                     _ => None,
                 }
@@ -326,9 +336,9 @@ pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(hold)).await;
     let seconds = started.elapsed().as_secs_f64();
-    let statements = db.api_statements().await as f64 / seconds;
+    let statements_per_sec = db.api_statements().await as f64 / seconds;
     let cpu = api.cpu_seconds() - cpu_before;
-    let rss = api.rss_mib() - rss_before;
+    let rss_growth_mib = api.rss_mib() - rss_before;
     let connections = db.connections().await;
     db.reset_statements().await;
     api.api.submit("true").await;
@@ -345,7 +355,7 @@ pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
     // Let any echo of the notification arrive before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let claims: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query LIKE 'WITH locked AS%'",
+        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query LIKE 'WITH waiters AS%'",
     )
     .fetch_one(&db.pool)
     .await
@@ -354,17 +364,83 @@ pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
     for handle in handles {
         handle.abort();
     }
-    let rows = vec![
-        Row::new("4 idle", format!("API CPU, {polls} polls for {hold} s"), format!("{cpu:.2} s")),
-        Row::new("4 idle", "API RSS growth", format!("{rss:.1} MiB"))
-            .target("≤ 64 MiB", rss <= 64.0),
-        Row::new("4 idle", "database statements (transactions)/s", format!("{statements:.2}"))
-            .target("≤ 1", statements <= 1.0),
-        Row::new("4 idle", "database connections", format!("{connections}")),
-        Row::new("4 idle", "claim statements for 1 task", format!("{claims}"))
-            .target("≤ 2", claims <= 2),
-    ];
-    rows
+    Idle { cpu, rss_growth_mib, statements_per_sec, connections, claims }
+}
+
+/// 4. Idle cost: 1,000 parked long polls held for 30 s; then one task, and the claim
+/// statements it caused.
+pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
+    let (polls, hold) = (1000usize, if quick { 5 } else { 30 });
+    println!("4. idle cost: {polls} parked polls held {hold} s ...");
+    let idle = idle(env, "bench_idle", polls, hold, &[""]).await;
+    vec![
+        Row::new(
+            "4 idle",
+            format!("API CPU, {polls} polls for {hold} s"),
+            format!("{:.2} s", idle.cpu),
+        ),
+        Row::new("4 idle", "API RSS growth", format!("{:.1} MiB", idle.rss_growth_mib))
+            .target("≤ 64 MiB", idle.rss_growth_mib <= 64.0),
+        Row::new(
+            "4 idle",
+            "database statements (transactions)/s",
+            format!("{:.2}", idle.statements_per_sec),
+        )
+        .target("≤ 1", idle.statements_per_sec <= 1.0),
+        Row::new("4 idle", "database connections", format!("{}", idle.connections)),
+        Row::new("4 idle", "claim statements for 1 task", format!("{}", idle.claims))
+            .target("≤ 2", idle.claims <= 2),
+    ]
+}
+
+/// The agents' tag sets of scenario 6, and the tags of its tasks (each taken by some agent).
+const TAG_SETS: [&str; 4] = ["", "gpu", "linux", "gpu,linux"];
+
+/// 6. Routing: tasks of 4 tag sets and 3 priorities run one after another by agents of each
+/// kind (2 of each, parked); then 1,000 parked polls spread over the 4 tag sets, idle.
+pub async fn routing(env: &Env, quick: bool) -> Vec<Row> {
+    let (count, hold) = if quick { (100, 5) } else { (500, 30) };
+    println!("6. routing: {count} sequential tasks of 4 tag sets and 3 priorities, 8 agents ...");
+    let db = env.database("bench_routing").await;
+    let api = env.api(&db, &[]).await;
+    let mut workers = Vec::new();
+    for (n, tags) in TAG_SETS.iter().enumerate() {
+        workers.push(env.workers_named(&api, 2, &format!("tags{n}"), &[("AGENT_TAGS", tags)]));
+    }
+    until_parked(&api, 8).await;
+    for n in 0..count {
+        let task = NewTask {
+            tags: TAG_SETS[n % 4].split(',').filter(|t| !t.is_empty()).map(String::from).collect(),
+            priority: Some([-1, 0, 1][n % 3]),
+            ..NewTask::new("true")
+        };
+        let id = api.api.create(&task).await.unwrap().id;
+        until_done(&db, id).await;
+    }
+    for group in workers {
+        group.stop().await;
+    }
+    api.stop().await;
+    let (_, mut running) = latencies(&db).await;
+    let (p50, p99) = (percentile(&mut running, 50.0), percentile(&mut running, 99.0));
+
+    println!("   1,000 parked polls over 4 tag sets held {hold} s ...");
+    let idle = idle(env, "bench_routing_idle", 1000, hold, &TAG_SETS).await;
+    vec![
+        Row::new("6 routing", "created→started p50", format!("{p50:.2} ms"))
+            .target("≤ 5 ms", p50 <= 5.0),
+        Row::new("6 routing", "created→started p99", format!("{p99:.2} ms"))
+            .target("≤ 25 ms", p99 <= 25.0),
+        Row::new(
+            "6 routing",
+            "idle: database statements/s, 1,000 polls over 4 tag sets",
+            format!("{:.2}", idle.statements_per_sec),
+        )
+        .target("≤ 1", idle.statements_per_sec <= 1.0),
+        Row::new("6 routing", "idle: API CPU", format!("{:.2} s over {hold} s", idle.cpu)),
+        Row::new("6 routing", "claim statements for 1 untagged task", format!("{}", idle.claims))
+            .target("≤ 3", idle.claims <= 3),
+    ]
 }
 
 /// 5. Wake fairness: 100 parked polls and 100 tasks created at once.

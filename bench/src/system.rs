@@ -97,6 +97,17 @@ impl Env {
 
     /// `count` release workers for `api`.
     pub fn workers(&self, api: &Process, count: usize, extra_env: &[(&str, &str)]) -> Process {
+        self.workers_named(api, count, "bench", extra_env)
+    }
+
+    /// `count` release workers for `api`, named `{name}-0`, `{name}-1`, ...
+    pub fn workers_named(
+        &self,
+        api: &Process,
+        count: usize,
+        name: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Process {
         let children = (0..count)
             .map(|n| {
                 tokio::process::Command::new(self.bin.join("taskexec-worker"))
@@ -104,7 +115,7 @@ impl Env {
                     .env("PATH", std::env::var("PATH").unwrap_or_default())
                     .env("BACKEND_API_URL", &api.url)
                     .env("AGENT_TOKEN", TOKEN)
-                    .env("AGENT_NAME", format!("bench-{n}"))
+                    .env("AGENT_NAME", format!("{name}-{n}"))
                     .env("POLL_INTERVAL", "1s")
                     .env("LOG_LEVEL", "error")
                     .envs(extra_env.iter().copied())

@@ -558,9 +558,10 @@ pub struct Claimed {
 pub struct Claim {
     /// By slot.
     pub claimed: Vec<Claimed>,
-    /// A task that waiters of several tag sets could take went to one of them, so that
-    /// another may have found less than there is for it: claim again before taking the
-    /// queue to be empty for them.
+    /// A tag set's waiters listed as many tasks as they were, but some went to waiters of
+    /// another tag set that could take them too: there may be more for them beyond what they
+    /// listed, so claim again before taking the queue to be empty for them. (A tag set that
+    /// listed fewer saw all there is for it.)
     pub shared: bool,
     /// When something was claimed: how long until the earliest delayed task is due (see
     /// `next_due`, which a claim that found nothing leaves to be asked).
@@ -579,7 +580,8 @@ pub struct Picker<'a> {
 /// tags include all of its own, only once its `run_at` has come, higher priority first, then
 /// older first; the pickers are served oldest (first) first. Pickers with the same tags form a
 /// group that takes up to as many tasks as it has pickers; a task that several groups could
-/// take goes to the group of the oldest picker (`shared` says this happened). Rows that
+/// take goes to the group of the oldest picker (`shared` says when another group may have
+/// more to take because of it). Rows that
 /// another claimer holds are skipped, never waited for, so concurrent claimers never receive
 /// the same task.
 pub async fn claim(
@@ -633,7 +635,10 @@ pub async fn claim(
                      t.retries, t.env AS "env: Json<Env>", t.cwd,
                      t.lease AS "lease!: LeaseToken", t.lease_expires_at AS "lease_expires_at!",
                      paired.slot - 1 AS "slot!",
-                     (SELECT count(*) FROM listed) > (SELECT count(*) FROM kept) AS "shared!",
+                     EXISTS (SELECT 1 FROM groups g
+                              WHERE (SELECT count(*) FROM listed l WHERE l.grp = g.grp) = g.wanted
+                                AND (SELECT count(*) FROM kept k WHERE k.grp = g.grp) < g.wanted
+                            ) AS "shared!",
                      (SELECT extract(epoch FROM min(run_at) - now())::float8 FROM tasks
                        WHERE status = 'queued' AND run_at > now()) AS "next_due""#,
         &agents as &[&str],
