@@ -82,6 +82,8 @@ CREATE TABLE idempotency_keys (
 );
 
 CREATE INDEX idempotency_keys_by_created_at ON idempotency_keys (created_at);
+-- A deleted task's keys are found through this, not by a scan per task (retention's cascade).
+CREATE INDEX idempotency_keys_by_task ON idempotency_keys (task_id);
 
 -- end_attempt (migration 0006) now also writes the attempt's row. Refunded attempts: a
 -- hand-back is `released`; a pick its agent never confirmed is `requeued` as well as one

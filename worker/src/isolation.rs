@@ -297,6 +297,11 @@ pub fn is_protected(name: &str) -> bool {
     PROTECTED.contains(&name) || name.starts_with("LD_")
 }
 
+/// Whether the dynamic loader reads `name` (`LD_*`, `GLIBC_TUNABLES`).
+fn is_loader_variable(name: &str) -> bool {
+    name.starts_with("LD_") || name == "GLIBC_TUNABLES"
+}
+
 /// A command's environment: the agent's (`base`, from `command_env`) with the task's `env`
 /// added over it. A task that sets a protected variable the agent does not let it override
 /// is refused, with the names, rather than run in an environment it did not ask for.
@@ -305,9 +310,14 @@ pub fn with_task_env(
     task: &std::collections::BTreeMap<String, String>,
     overridable: &[String],
 ) -> Result<Vec<(String, String)>, String> {
+    // The dynamic loader's variables are never a task's to set, whatever the agent allows:
+    // the task's environment reaches the guard before it drops to `RUN_AS`, and the loader
+    // would honour them there, as root.
     let refused: Vec<&str> = task
         .keys()
-        .filter(|name| is_protected(name) && !overridable.contains(name))
+        .filter(|name| {
+            is_loader_variable(name) || (is_protected(name) && !overridable.contains(name))
+        })
         .map(String::as_str)
         .collect();
     if !refused.is_empty() {
@@ -348,6 +358,25 @@ pub const SHARED_USER_WARNING: &str = "RUN_AS is not set: commands run as the ag
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_env_adds_to_the_agents_but_protected_names_need_the_agents_leave() {
+        let base = vec![("PATH".to_owned(), "/usr/bin".to_owned())];
+        let env = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let added = with_task_env(&base, &env(&[("MODE", "fast")]), &[]).unwrap();
+        assert_eq!(added.len(), 2);
+        let why = with_task_env(&base, &env(&[("PATH", "/tmp")]), &[]).unwrap_err();
+        assert!(why.contains("PATH"), "{why}");
+        let path = with_task_env(&base, &env(&[("PATH", "/tmp")]), &["PATH".to_owned()]).unwrap();
+        assert_eq!(path, [("PATH".to_owned(), "/tmp".to_owned())]);
+        // The loader's variables, never, even when the agent lists them.
+        for name in ["LD_PRELOAD", "GLIBC_TUNABLES"] {
+            let allowed = [name.to_owned()];
+            assert!(with_task_env(&base, &env(&[(name, "x")]), &allowed).is_err(), "{name}");
+        }
+    }
 
     #[test]
     fn a_confinement_goes_through_its_argument_unchanged() {
