@@ -238,3 +238,45 @@ async fn limits_bound_a_fork_bomb_and_a_file_and_say_which_limit() {
     let stderr = file.stderr.clone().unwrap_or_default();
     assert!(stderr.contains("TASK_MAX_FILE_SIZE=1048576"), "the error names the limit: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_cwd_is_entered_as_the_commands_user_not_the_agents() {
+    if !needs_root() {
+        return;
+    }
+    let app = TestApp::spawn().await;
+    let user = TestUser::create();
+    let _worker = WorkerProcess::start(&app, "cwd-keeper", &[("RUN_AS", &user.name)]);
+    // An open folder under one closed to everyone but root: the command's user cannot reach
+    // it by its path, so it must not start in it either.
+    let closed = std::env::temp_dir().join(format!("taskexec-closed-{}", uuid::Uuid::new_v4()));
+    let inner = closed.join("open");
+    std::fs::create_dir_all(&inner).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(inner.join("secret"), b"root's").unwrap();
+
+    let task = taskexec_protocol::NewTask {
+        cwd: Some(inner.display().to_string()),
+        ..taskexec_protocol::NewTask::new("cat secret")
+    };
+    let id = app.create(&task).await.unwrap().id;
+    let done = app.until_done(id).await;
+
+    assert_ne!(done.exit_code, Some(0), "{done:?}");
+    assert!(!done.stdout.as_deref().unwrap_or("").contains("root's"), "{done:?}");
+
+    // A folder the user may enter: the command starts there.
+    let open = std::env::temp_dir().join(format!("taskexec-open-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let task = taskexec_protocol::NewTask {
+        cwd: Some(open.display().to_string()),
+        ..taskexec_protocol::NewTask::new("pwd")
+    };
+    let done = app.until_done(app.create(&task).await.unwrap().id).await;
+    assert_eq!(done.stdout.as_deref(), Some(format!("{}\n", open.display()).as_str()), "{done:?}");
+    std::fs::remove_dir_all(&closed).unwrap();
+    std::fs::remove_dir(&open).unwrap();
+}

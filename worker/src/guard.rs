@@ -18,6 +18,7 @@
 //! `taskexec-worker __guard <agent pid> <confinement> <command>`.
 
 use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -86,9 +87,29 @@ fn run(agent: &OsString, confinement: &OsString, command: &OsString) -> ExitCode
     // costs less than a fork on every task.
     if confinement != Confinement::default() {
         let applied = confinement.clone();
+        // The agent started this guard in the command's directory, as the agent's user. Once
+        // dropped to the command's user, enter it again by its path: a directory that user
+        // could not reach (under a folder closed to it) fails the start instead of being
+        // handed to the command open.
+        let workdir = match &confinement.identity {
+            Some(_) => std::env::current_dir()
+                .ok()
+                .and_then(|dir| std::ffi::CString::new(dir.into_os_string().into_vec()).ok()),
+            None => None,
+        };
         // SAFETY: `apply` makes only async-signal-safe calls (signal, setrlimit, setgroups,
-        // setgid, setuid, prctl, capset).
-        unsafe { sh.pre_exec(move || applied.apply()) };
+        // setgid, setuid, prctl, capset), and chdir is one too.
+        unsafe {
+            sh.pre_exec(move || {
+                applied.apply()?;
+                if let Some(dir) = &workdir {
+                    if libc::chdir(dir.as_ptr()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            })
+        };
     }
     let status = match sh.status() {
         Ok(status) => status,
