@@ -31,8 +31,6 @@ pub struct Intake {
     submissions: mpsc::UnboundedSender<Submission>,
     pool: PgPool,
     quota: Quota,
-    /// This process, in the quota's grants.
-    process: Uuid,
 }
 
 /// The most tasks one owner may have queued (`max_queued_per_owner`).
@@ -72,7 +70,7 @@ impl Intake {
     ) -> Result<Keyed, ApiError> {
         let row = NewRow { task, timeout_secs, owner };
         let Quota(max) = self.quota;
-        match store::insert_keyed(&self.pool, self.process, &row, key, digest, max).await? {
+        match store::insert_keyed(&self.pool, &row, key, digest, max).await? {
             Keyed::OverQuota => Err(ApiError::QuotaExceeded { owner: owner.to_owned(), max }),
             keyed => Ok(keyed),
         }
@@ -246,6 +244,6 @@ pub fn stage() -> AdHoc {
         let (sender, receiver) = mpsc::unbounded_channel();
         let (quota, process) = (Quota(config.max_queued_per_owner), Uuid::new_v4());
         tokio::spawn(run(pool.clone(), quota, process, receiver));
-        Ok(rocket.manage(Intake { submissions: sender, pool, quota, process }))
+        Ok(rocket.manage(Intake { submissions: sender, pool, quota }))
     })
 }
