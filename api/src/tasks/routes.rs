@@ -497,15 +497,15 @@ async fn finish(
         }
     };
     if let Some(task) = recorded {
-        agent.reported_end();
+        // The attempt is over: its parked heartbeat need not wait out its hold.
+        dispatcher.events().announce(lease.task, Woken::Ended);
         if task.status == TaskStatus::Queued {
-            // Retried: every dispatcher learns when it is due.
+            // Retried, not ended: every dispatcher learns when it is due.
             dispatcher.task_queued();
             journal::retried(&task);
             return Ok(Json(task));
         }
-        // The attempt is over: its parked heartbeat need not wait out its hold.
-        dispatcher.events().announce(lease.task, Woken::Ended);
+        agent.reported_end();
         metrics.ended(&task);
         journal::ended(&task);
         return Ok(Json(task));
