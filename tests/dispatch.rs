@@ -34,6 +34,17 @@ async fn claim(pool: &PgPool, agents: &[&str]) -> Vec<Claimed> {
     store::claim(pool, &pickers, &TERMS).await.unwrap().claimed
 }
 
+/// Starts the notifier's LISTEN connection and waits until it is up: "empty" is trusted only
+/// while notifications can arrive to say otherwise.
+async fn listening(db: &TestDb, notifier: &Notifier) {
+    tokio::spawn(notifier.clone().listen(db.url.clone(), Duration::from_secs(15)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !notifier.is_listening() {
+        assert!(Instant::now() < deadline, "the listener never connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn park(dispatcher: &Dispatcher, agent: &str) -> Reply {
     park_tagged(dispatcher, agent, &[])
 }
@@ -113,13 +124,7 @@ async fn one_claim_serves_all_parked_picks_oldest_waiter_first() {
 async fn parking_on_a_known_empty_queue_costs_no_query() {
     let (db, pool) = migrated().await;
     let (notifier, dispatcher, mut dispatch) = dispatcher(&pool);
-    // "Empty" is trusted only while notifications can arrive to say otherwise.
-    tokio::spawn(notifier.clone().listen(db.url.clone(), Duration::from_secs(15)));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !notifier.is_listening() {
-        assert!(Instant::now() < deadline, "the listener never connected");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    listening(&db, &notifier).await;
     let _first = park(&dispatcher, "a");
     assert_eq!(dispatch.run_once().await.claims, 1, "the first look queries");
 
@@ -214,12 +219,7 @@ async fn a_lone_task_that_every_tag_set_could_take_costs_one_claim() {
 async fn parked_picks_of_many_tag_sets_on_a_queue_with_nothing_for_them_cost_no_query() {
     let (db, pool) = migrated().await;
     let (notifier, dispatcher, mut dispatch) = dispatcher(&pool);
-    tokio::spawn(notifier.clone().listen(db.url.clone(), Duration::from_secs(15)));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !notifier.is_listening() {
-        assert!(Instant::now() < deadline, "the listener never connected");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    listening(&db, &notifier).await;
     // A task no parked agent can take stays queued, and costs nothing either.
     insert_tagged(&pool, &["arm64"], 0).await;
     let tag_sets: [&[&str]; 4] = [&[], &["gpu"], &["linux"], &["gpu", "linux"]];

@@ -33,7 +33,7 @@ pub struct Deleted {
 /// The database's; what was deleted before stays deleted, the next pass goes on.
 pub async fn run_once(pool: &PgPool, days: u32, batch: i64) -> Result<Deleted, DbError> {
     let mut deleted = Deleted::default();
-    loop {
+    deleted.keys = in_batches(batch, || async {
         let gone = sqlx::query!(
             r#"DELETE FROM idempotency_keys
                 WHERE (owner, key) IN (SELECT owner, key FROM idempotency_keys
@@ -46,18 +46,15 @@ pub async fn run_once(pool: &PgPool, days: u32, batch: i64) -> Result<Deleted, D
         )
         .execute(pool)
         .await
-        .op("delete expired idempotency keys")?
-        .rows_affected();
-        deleted.keys += gone;
-        if gone < batch.max(1) as u64 {
-            break;
-        }
-    }
+        .op("delete expired idempotency keys")?;
+        Ok(gone.rows_affected())
+    })
+    .await?;
     if days == 0 {
         return Ok(deleted);
     }
     let days = i32::try_from(days).unwrap_or(i32::MAX);
-    loop {
+    deleted.tasks = in_batches(batch, || async {
         // SKIP LOCKED: a task another process is deleting is its to delete.
         let gone = sqlx::query!(
             r#"DELETE FROM tasks
@@ -72,13 +69,10 @@ pub async fn run_once(pool: &PgPool, days: u32, batch: i64) -> Result<Deleted, D
         )
         .execute(pool)
         .await
-        .op("delete ended tasks past retention")?
-        .rows_affected();
-        deleted.tasks += gone;
-        if gone < batch.max(1) as u64 {
-            break;
-        }
-    }
+        .op("delete ended tasks past retention")?;
+        Ok(gone.rows_affected())
+    })
+    .await?;
     deleted.agents = sqlx::query!(
         "DELETE FROM agents WHERE last_seen_at < now() - make_interval(days => $1)",
         days
@@ -95,4 +89,21 @@ pub async fn run_once(pool: &PgPool, days: u32, batch: i64) -> Result<Deleted, D
         );
     }
     Ok(deleted)
+}
+
+/// Runs `delete` (one statement deleting at most `batch` rows) until a statement deletes fewer
+/// than that; the rows deleted in all.
+async fn in_batches<Delete, Deleting>(batch: i64, mut delete: Delete) -> Result<u64, DbError>
+where
+    Delete: FnMut() -> Deleting,
+    Deleting: std::future::Future<Output = Result<u64, DbError>>,
+{
+    let mut deleted = 0;
+    loop {
+        let gone = delete().await?;
+        deleted += gone;
+        if gone < batch.max(1) as u64 {
+            return Ok(deleted);
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! guard, keeps its lease alive, reports the result, and polls again at once. One task at a
 //! time.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -114,16 +114,13 @@ impl Worker {
             Some(cwd) => Some(PathBuf::from(cwd)),
             None => self.config.run_as.as_ref().map(isolation::RunAs::workdir),
         };
-        let refused = match (&options.cwd, &workdir) {
-            (Some(cwd), Some(dir)) if !dir.is_dir() => Some(format!(
+        let missing = options.cwd.as_ref().filter(|cwd| !Path::new(cwd).is_dir());
+        let env = match missing {
+            Some(cwd) => Err(format!(
                 "could not start the command: the working directory {cwd:?} does not exist on \
                  agent {:?}",
                 self.config.name
             )),
-            _ => None,
-        };
-        let env = match refused {
-            Some(why) => Err(why),
             None => isolation::with_task_env(&self.env, &options.env, &self.config.env_override),
         };
         let env = match env {
