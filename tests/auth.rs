@@ -319,6 +319,33 @@ async fn concurrent_submissions_fill_the_quota_exactly() {
     assert_eq!(alice.list("").await.unwrap().tasks.len(), 10);
 }
 
+/// Keyed submits go around the batched intake, but not around the quota: they count the room
+/// this very process was granted (and may fill without counting) as taken, so that plain and
+/// keyed submits of one owner, interleaved, never pass it together.
+#[tokio::test(flavor = "multi_thread")]
+async fn keyed_and_plain_submits_share_one_quota() {
+    let app = TestApp::spawn_with(|f| f.merge(("max_queued_per_owner", 10))).await;
+    let alice = app.as_user(&app.token("alice", Role::Submitter).await);
+
+    let mut accepted = 0;
+    for n in 0..30 {
+        let task = NewTask::new(format!("echo {n}"));
+        let answer = match n % 2 {
+            0 => alice.create(&task).await.map(|_| ()),
+            _ => alice.create_keyed(&task, &format!("key-{n}")).await.map(|_| ()),
+        };
+        match answer {
+            Ok(()) => accepted += 1,
+            Err(failure) => assert_eq!(failure.status, 429, "{failure}"),
+        }
+    }
+
+    let queued = alice.list("limit=100").await.unwrap().tasks.len();
+    assert_eq!(accepted, queued, "every 201 is a queued task");
+    assert!(queued <= 10, "{queued} queued, over the quota of 10");
+    assert!(queued >= 5, "only {queued} taken");
+}
+
 /// Three API processes share one owner's quota: each fills only the room the database granted
 /// it, which the others take as filled, so that together they never pass it, whether the
 /// submissions take turns between them or come at once. (Two would stay within it even if
