@@ -1,4 +1,4 @@
-.PHONY: run down down-prune-db logs scale-agents test dev build bench
+.PHONY: run down down-prune-db logs scale-agents test fuzz dev build bench
 
 # Docker Compose v2 (`docker compose`) when present, else the v1 `docker-compose` binary.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
@@ -34,6 +34,11 @@ build:
 # the offline query data in .sqlx/ is current. Every failure is reported, then a summary.
 test: build
 	scripts/with-postgres scripts/test
+
+# Schemathesis against the API for longer than `make test` does: a random seed, up to 500
+# cases per operation, for at most FUZZ_MINUTES (10). Report in target/fuzz-api/.
+fuzz: build
+	scripts/with-postgres scripts/fuzz-api --long
 
 # The whole system natively, without Docker: the API on port 3500 and two agents, on a
 # database of its own (taskexec_dev) on the PostgreSQL that `make test` would use. Ctrl-C

@@ -103,7 +103,7 @@ fn token(name: &str, role: Role) -> NewToken {
 
 /// One endpoint: how to call it (on fresh state made by the admin), and what each kind of
 /// valid caller gets. Every credential that is not valid gets 401, on every endpoint but the
-/// two public ones.
+/// public ones.
 struct Endpoint {
     name: &'static str,
     public: bool,
@@ -112,9 +112,11 @@ struct Endpoint {
     answers: [u16; 4],
 }
 
-const ENDPOINTS: [Endpoint; 20] = [
+const ENDPOINTS: [Endpoint; 22] = [
     Endpoint { name: "GET /", public: true, answers: [200, 200, 200, 200] },
     Endpoint { name: "GET /health", public: true, answers: [200, 200, 200, 200] },
+    Endpoint { name: "GET /openapi.json", public: true, answers: [200, 200, 200, 200] },
+    Endpoint { name: "GET /docs", public: true, answers: [200, 200, 200, 200] },
     Endpoint { name: "POST /tasks", public: false, answers: [201, 201, 403, 403] },
     Endpoint { name: "GET /tasks", public: false, answers: [200, 200, 200, 403] },
     Endpoint { name: "GET /tasks/<id>", public: false, answers: [200, 404, 200, 403] },
@@ -150,6 +152,8 @@ async fn call(app: &TestApp, endpoint: &str, authorization: Option<&str>) -> u16
     let (method, path, body): (Method, String, Option<Value>) = match endpoint {
         "GET /" => (Method::GET, "/".into(), None),
         "GET /health" => (Method::GET, "/health".into(), None),
+        "GET /openapi.json" => (Method::GET, "/openapi.json".into(), None),
+        "GET /docs" => (Method::GET, "/docs/".into(), None),
         "POST /tasks" => (Method::POST, "/tasks".into(), Some(json!({"command": "true"}))),
         "GET /tasks" => (Method::GET, "/tasks".into(), None),
         "GET /tasks/<id>" => (Method::GET, format!("/tasks/{task}"), None),
@@ -231,6 +235,46 @@ async fn every_endpoint_answers_every_credential_as_the_table_says() {
     }
 
     assert!(wrong.is_empty(), "{} answers off the table:\n{}", wrong.len(), wrong.join("\n"));
+}
+
+/// The roles the OpenAPI document names for each operation are the roles the table lets in
+/// (every answer but 403), and the public endpoints take no token there either.
+#[test]
+fn the_documents_roles_are_the_tables() {
+    let document: Value = serde_json::from_str(taskexec_api::openapi::json()).unwrap();
+    let roles = [Role::Admin, Role::Submitter, Role::Reader, Role::Agent];
+    for endpoint in &ENDPOINTS {
+        let (method, path) = endpoint.name.split_once(' ').unwrap();
+        let path = path.replace('<', "{").replace('>', "}");
+        if path == "/docs" {
+            continue; // Swagger UI's pages, not an operation of the API.
+        }
+        let operation = &document["paths"][&path][method.to_lowercase()];
+        assert!(operation.is_object(), "{} is not in the document", endpoint.name);
+        let named: Option<Vec<&str>> = operation["security"].as_array().map(|requirements| {
+            requirements
+                .iter()
+                .flat_map(|r| r["bearer"].as_array().into_iter().flatten())
+                .filter_map(Value::as_str)
+                .collect()
+        });
+        let allowed: Vec<&str> = roles
+            .iter()
+            .zip(endpoint.answers)
+            .filter(|(_, answer)| *answer != 403)
+            .map(|(role, _)| role.as_str())
+            .collect();
+        match named {
+            None => assert!(endpoint.public, "{} names no roles", endpoint.name),
+            Some(mut named) => {
+                assert!(!endpoint.public, "{} is public but names roles", endpoint.name);
+                named.sort_unstable();
+                let mut allowed = allowed;
+                allowed.sort_unstable();
+                assert_eq!(named, allowed, "{}: the document's roles", endpoint.name);
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -72,6 +72,8 @@ pub struct AppConfig {
     /// Waits and follows one token may hold at once (429 past it), and this process (503).
     pub max_waits_per_token: usize,
     pub max_waits: usize,
+    /// Seconds a followed log may go without sending anything before it ends.
+    pub follow_idle_secs: u64,
     /// Seconds a connection may take to send a request's head, and may wait idle for its next
     /// one (enforced by the patched Rocket, `vendor/rocket`).
     pub header_read_timeout: u64,
@@ -160,6 +162,7 @@ impl AppConfig {
             ((1..=3600).contains(&self.header_read_timeout),
              "header_read_timeout must be from 1 to 3600 seconds"),
             (self.max_client_connections >= 1, "max_client_connections must be at least 1"),
+            (self.follow_idle_secs >= 1, "follow_idle_secs must be at least 1"),
             (self.listen_probe_secs >= 1, "listen_probe_secs must be at least 1"),
             (self.metrics_refresh_secs >= 1, "metrics_refresh_secs must be at least 1"),
             (self.retention_days <= 36_500, "retention_days must be at most 36500 (0 keeps every task)"),

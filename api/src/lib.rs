@@ -18,6 +18,7 @@ mod error;
 mod health;
 mod logging;
 pub mod metrics;
+pub mod openapi;
 pub mod output;
 mod query;
 pub mod reaper;
@@ -63,6 +64,7 @@ pub fn build(figment: Figment) -> Rocket<Build> {
         .mount("/", auth::routes::routes())
         .mount("/", metrics::routes())
         .mount("/", agents::routes())
+        .mount("/", openapi::routes())
         .register("/", catchers![error::catch_all])
 }
 

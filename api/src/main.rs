@@ -17,6 +17,9 @@ enum Command {
     /// Manages API tokens on the database the server uses (no server needed).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Prints the API's OpenAPI 3.1 document (as GET /openapi.json serves it), for client
+    /// generators and linters, without a server or a database.
+    Openapi,
 }
 
 #[rocket::main]
@@ -24,6 +27,10 @@ async fn main() -> ExitCode {
     match Args::parse().command {
         Some(Command::Token(command)) => {
             taskexec_api::cli::token(taskexec_api::config::figment(), command).await
+        }
+        Some(Command::Openapi) => {
+            println!("{}", taskexec_api::openapi::json());
+            ExitCode::SUCCESS
         }
         None => match taskexec_api::rocket().launch().await {
             Ok(_) => ExitCode::SUCCESS,

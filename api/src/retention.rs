@@ -32,8 +32,7 @@ pub struct Deleted {
 /// # Errors
 /// The database's; what was deleted before stays deleted, the next pass goes on.
 pub async fn run_once(pool: &PgPool, days: u32, batch: i64) -> Result<Deleted, DbError> {
-    let mut deleted = Deleted::default();
-    deleted.keys = in_batches(batch, || async {
+    let keys = in_batches(batch, || async {
         let gone = sqlx::query!(
             r#"DELETE FROM idempotency_keys
                 WHERE (owner, key) IN (SELECT owner, key FROM idempotency_keys
@@ -50,6 +49,7 @@ pub async fn run_once(pool: &PgPool, days: u32, batch: i64) -> Result<Deleted, D
         Ok(gone.rows_affected())
     })
     .await?;
+    let mut deleted = Deleted { keys, ..Deleted::default() };
     if days == 0 {
         return Ok(deleted);
     }

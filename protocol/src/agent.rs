@@ -10,6 +10,7 @@ use crate::TaskId;
 
 /// What an agent is doing, as far as the server can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(
     feature = "sqlx",
@@ -45,6 +46,7 @@ impl fmt::Display for AgentState {
 
 /// One agent, by the name it gives in `X-Agent-Name`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentInfo {
     pub name: String,
     pub state: AgentState,

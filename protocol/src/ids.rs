@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 /// The id of a task: a random UUID, chosen by the server when the task is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 #[cfg_attr(feature = "sqlx", derive(sqlx::Type), sqlx(transparent))]
 pub struct TaskId(Uuid);
@@ -17,12 +18,14 @@ pub struct TaskId(Uuid);
 /// The lease of one attempt: a fresh random token per pick. Only its holder may heartbeat,
 /// upload output, finish or release the attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 #[cfg_attr(feature = "sqlx", derive(sqlx::Type), sqlx(transparent))]
 pub struct LeaseToken(Uuid);
 
 /// The id of an API token (not its secret): what lists show and revocation names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 #[cfg_attr(feature = "sqlx", derive(sqlx::Type), sqlx(transparent))]
 pub struct TokenId(Uuid);

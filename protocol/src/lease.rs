@@ -23,6 +23,7 @@ use crate::{LeaseToken, Task};
 /// heartbeat, the grace between SIGTERM and SIGKILL when the command must stop, and the
 /// output the server keeps per stream (the agent caps by the same rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseTerms {
     /// The pick's lease, in seconds: the confirmation window until the agent's first
     /// heartbeat grants the full lease.
@@ -35,6 +36,7 @@ pub struct LeaseTerms {
 /// The agent must heartbeat before `lease_expires_at`, stop the command after the task's
 /// `timeout_secs`, and wait `kill_grace_secs` between SIGTERM and SIGKILL.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Assignment {
     #[serde(flatten)]
     pub task: Task,
@@ -46,12 +48,14 @@ pub struct Assignment {
 
 /// The body of a heartbeat or a release: the lease the agent holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseBody {
     pub lease: LeaseToken,
 }
 
 /// The answer to a heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatReply {
     /// Stop the command: a user asked to abort the task.
     pub abort: bool,
@@ -64,6 +68,7 @@ pub struct HeartbeatReply {
 /// to one, `error` when it did not. Unknown fields are ignored, so that a newer agent can
 /// report to an older server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FinishReport {
     pub lease: LeaseToken,
     pub exit_code: Option<i32>,

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 /// One of a command's two output streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 #[cfg_attr(
     feature = "sqlx",
@@ -90,6 +91,7 @@ pub mod headers {
 
 /// The answer to an upload: where the server's copy of the stream now ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OutputAck {
     pub next_offset: u64,
 }

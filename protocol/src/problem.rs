@@ -128,6 +128,7 @@ impl ProblemType {
 /// The body of every error response, with the extension members (RFC 9457, section 3.2) that
 /// tell a client what to do next.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Problem {
     /// A [`ProblemType::uri`] (kept as a string: a newer server may send a kind this client
     /// does not know).

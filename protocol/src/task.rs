@@ -12,6 +12,7 @@ use crate::TaskId;
 /// Where a task is in its life. `queued` → `in_progress` → one of the three terminal states;
 /// an expired lease or a hand-back takes `in_progress` back to `queued`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(
     feature = "sqlx",
@@ -90,6 +91,7 @@ impl FromStr for TaskStatus {
 
 /// A task as users see it. The lease is not part of it: it is the agent's capability.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Task {
     pub id: TaskId,
     pub command: String,
@@ -102,7 +104,8 @@ pub struct Task {
     pub running_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub exit_code: Option<i32>,
-    /// The output as text, capped (see [`crate::OutputCap`]). Lists leave both out.
+    /// The output as text, capped at `max_output_bytes` (its first and last halves, with a
+    /// marker line between). Lists leave both out.
     #[serde(default)]
     pub stdout: Option<String>,
     #[serde(default)]
@@ -132,8 +135,8 @@ pub struct Task {
     /// The name of the token that aborted it, if one did.
     #[serde(default)]
     pub aborted_by: Option<String>,
-    /// Lists shorten commands longer than [`LISTED_COMMAND_CHARS`] characters to that many and
-    /// set this; `GET /tasks/<id>` has the whole command.
+    /// Lists shorten commands longer than 1,024 characters ([`LISTED_COMMAND_CHARS`]) to that
+    /// many and set this; `GET /tasks/<id>` has the whole command.
     #[serde(default)]
     pub command_truncated: bool,
     #[serde(flatten)]
@@ -146,6 +149,7 @@ pub struct Task {
 /// What a submit may say about a task besides its command and timeout, as the task shows it.
 /// The defaults are those of a task that says nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskOptions {
     /// Only an agent whose tags include all of these takes the task (sorted, no repeats).
     #[serde(default)]
@@ -193,6 +197,7 @@ impl Default for TaskOptions {
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(
     feature = "sqlx",
@@ -217,6 +222,7 @@ pub enum AttemptOutcome {
 /// One attempt of a task (`GET /tasks/<id>/attempts`). The current attempt of a task in
 /// progress comes last, without an outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Attempt {
     pub agent: String,
     pub started_at: DateTime<Utc>,
@@ -231,29 +237,52 @@ pub struct Attempt {
 /// otherwise be 64 MB of JSON.
 pub const LISTED_COMMAND_CHARS: usize = 1024;
 
-/// The body of `POST /tasks`. Every field but `command` may be left out.
+/// The body of `POST /tasks`. Every field but `command` may be left out; any other field is
+/// refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
 pub struct NewTask {
+    /// Run by `sh -c`; not only whitespace, without NUL, at most `max_command_bytes` (64 KiB
+    /// by default).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 65536))]
     pub command: String,
-    /// Stop the command after this many seconds (the server's default when absent).
+    /// Stop the command after this many seconds (the server's default when absent; at most
+    /// `max_timeout_secs`, a day by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
     pub timeout_secs: Option<u32>,
+    /// Only an agent whose tags include all of these takes the task: up to 16 of
+    /// `[a-z0-9][a-z0-9_.-]{0,63}`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 16))]
     pub tags: Vec<String>,
+    /// Higher first; 0 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = -100, maximum = 100))]
     pub priority: Option<i32>,
-    /// Not before this time; or `delay_secs` from the submit (not both).
+    /// Not before this time (within a year); or `delay_secs` from the submit (not both).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 31622400))]
     pub delay_secs: Option<u32>,
+    /// Times a command that exits non-zero or times out is tried again; 0 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 20))]
     pub max_retries: Option<u32>,
+    /// The first retry's delay, doubled for each next one (less up to a fifth at random, at
+    /// most an hour); 10 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 3600))]
     pub retry_backoff_secs: Option<u32>,
+    /// Added to the command's environment: up to 64 variables named `[A-Za-z_][A-Za-z0-9_]*`,
+    /// values without NUL, 32 KiB in all.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// The absolute path the command starts in (at most 4,096 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^/", max_length = 4096))]
     pub cwd: Option<String>,
 }
 
@@ -280,6 +309,7 @@ pub fn is_env_name(name: &str) -> bool {
 
 /// One page of `GET /tasks`, newest first. The tasks come without `stdout` and `stderr`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskPage {
     pub tasks: Vec<Task>,
     /// Pass as `cursor` to get the next (older) page; null on the last page.

@@ -11,6 +11,7 @@ use crate::TokenId;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(
     feature = "sqlx",
@@ -59,10 +60,12 @@ impl FromStr for Role {
 
 /// The body of `POST /tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     /// Who holds it: 1 to 64 of letters, digits and `._@-`. A submitter's tasks are owned by
     /// this name.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"))]
     pub name: String,
     pub role: Role,
     /// Seconds until it expires; never when absent.
@@ -75,6 +78,7 @@ pub struct NewToken {
 
 /// A token as lists show it: never its secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenInfo {
     pub id: TokenId,
     pub name: String,
@@ -89,6 +93,7 @@ pub struct TokenInfo {
 /// The answer to `POST /tokens`: the token and, this once, its secret (which its `Debug`
 /// leaves out).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreatedToken {
     pub id: TokenId,
     pub name: String,

@@ -26,6 +26,7 @@ use crate::auth::{AgentName, Allowed, Observe, Run};
 use crate::config::AppConfig;
 use crate::db::{required, DbError};
 use crate::error::ApiError;
+use crate::openapi::AgentHeaders;
 use crate::query::StrictQuery;
 use crate::Db;
 pub use sightings::Sightings;
@@ -34,6 +35,10 @@ use sightings::{Presence, TICK};
 pub fn routes() -> Vec<Route> {
     routes![list, leave]
 }
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, leave), components(schemas(AgentInfo)))]
+pub struct ApiDoc;
 
 /// The agent making a request, by its `X-Agent-Name`: present until the request is answered.
 /// Goes after the access guard, so that only a caller allowed to act as an agent is noted.
@@ -121,6 +126,15 @@ impl Agent {
 }
 
 /// Every agent seen in the last day, by name.
+#[utoipa::path(
+    get,
+    path = "/agents",
+    operation_id = "listAgents",
+    summary = "List agents",
+    tag = "operations",
+    security(("bearer" = ["admin", "reader"])),
+    responses((status = 200, description = "The agents, by name", body = Vec<AgentInfo>))
+)]
 #[get("/agents")]
 async fn list(
     _access: Allowed<Observe>,
@@ -134,6 +148,16 @@ async fn list(
 /// The agent is exiting: it is `gone` from now on, unless it comes back under the same name
 /// (a new run, with a new `X-Agent-Instance`). Its requests still in flight anywhere are no
 /// sign of life (when it sends its instance).
+#[utoipa::path(
+    post,
+    path = "/agents/leave",
+    operation_id = "leave",
+    summary = "Leave (an agent exiting)",
+    tag = "agents",
+    security(("bearer" = ["admin", "agent"])),
+    params(AgentHeaders),
+    responses((status = 204, description = "Gone from now on"))
+)]
 #[post("/agents/leave")]
 async fn leave(
     _access: Allowed<Run>,

@@ -10,6 +10,7 @@ use super::{tokens, Allowed, ManageTokens};
 use crate::body::{JsonBody, Limited};
 use crate::dispatch::Notifier;
 use crate::error::ApiError;
+use crate::openapi::{Invalid, NotFound, PayloadTooLarge, UnsupportedMediaType};
 use crate::query::StrictQuery;
 use crate::Db;
 
@@ -17,11 +18,33 @@ pub fn routes() -> Vec<Route> {
     routes![create, list, revoke]
 }
 
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(create, list, revoke), components(schemas(NewToken, CreatedToken, TokenInfo)))]
+pub struct ApiDoc;
+
 impl Limited for NewToken {
     const LIMIT: &'static str = "task";
     const DEFAULT_LIMIT: ByteUnit = ByteUnit::Kibibyte(128);
 }
 
+/// Creates a token. Its secret is in this answer only; the server keeps a digest of it.
+#[utoipa::path(
+    post,
+    path = "/tokens",
+    operation_id = "createToken",
+    summary = "Create a token",
+    tag = "tokens",
+    security(("bearer" = ["admin"])),
+    request_body(content = NewToken, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created, with its secret", body = CreatedToken,
+         headers(("Location" = String, description = "The token's address")),
+         links(("RevokeToken" = (operation_id = "revokeToken", parameters(("id" = "$response.body#/id")))))),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+    )
+)]
 #[post("/tokens", data = "<body>")]
 async fn create(
     _access: Allowed<ManageTokens>,
@@ -34,6 +57,16 @@ async fn create(
     Ok(Created::new(format!("/tokens/{}", created.id)).body(Json(created)))
 }
 
+/// Every token, without its secret.
+#[utoipa::path(
+    get,
+    path = "/tokens",
+    operation_id = "listTokens",
+    summary = "List tokens",
+    tag = "tokens",
+    security(("bearer" = ["admin"])),
+    responses((status = 200, description = "The tokens", body = Vec<TokenInfo>))
+)]
 #[get("/tokens")]
 async fn list(
     _access: Allowed<ManageTokens>,
@@ -44,6 +77,19 @@ async fn list(
 }
 
 /// Revokes a token: every API process refuses it within seconds (at once, as a rule).
+#[utoipa::path(
+    delete,
+    path = "/tokens/{id}",
+    operation_id = "revokeToken",
+    summary = "Revoke a token",
+    tag = "tokens",
+    security(("bearer" = ["admin"])),
+    params(("id" = TokenId, Path)),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, response = NotFound),
+    )
+)]
 #[delete("/tokens/<id>")]
 async fn revoke(
     _access: Allowed<ManageTokens>,

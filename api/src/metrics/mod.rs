@@ -26,6 +26,7 @@ use taskexec_protocol::{AgentState, Task, TaskStatus};
 use crate::auth::{Allowed, Observe};
 use crate::config::AppConfig;
 use crate::dispatch::Dispatcher;
+
 use crate::query::StrictQuery;
 use crate::tasks::store::{Fate, Reaped};
 use crate::Db;
@@ -259,7 +260,20 @@ pub fn routes() -> Vec<Route> {
     routes![scrape]
 }
 
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(scrape))]
+pub struct ApiDoc;
+
 /// The metrics in Prometheus's text format (0.0.4).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "getMetrics",
+    summary = "Prometheus metrics",
+    tag = "operations",
+    security(("bearer" = ["admin", "reader"])),
+    responses((status = 200, description = "Prometheus's text format 0.0.4", content_type = "text/plain", body = String))
+)]
 #[get("/metrics")]
 async fn scrape(
     _access: Allowed<Observe>,

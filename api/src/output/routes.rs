@@ -12,7 +12,7 @@ use rocket::response::{self, Responder};
 use rocket::serde::json::Json;
 use rocket::{get, post, routes, Request, Response, Route, Shutdown, State};
 use taskexec_protocol::output::headers;
-use taskexec_protocol::{LeaseToken, OutputAck, OutputCap, Stream, TaskStatus};
+use taskexec_protocol::{LeaseToken, OutputAck, OutputCap, Stream, TaskId, TaskStatus};
 use tokio::time::Instant;
 
 use super::feed::{Feeds, Shared};
@@ -24,23 +24,29 @@ use crate::body::read_within;
 use crate::config::AppConfig;
 use crate::dispatch::{ended, Dispatcher, WaitSlots, Woken, RECHECK};
 use crate::error::ApiError;
+use crate::openapi::{
+    AgentHeaders, Conflict, Invalid, NotFound, PayloadTooLarge, TooMany, UnsupportedMediaType,
+};
 use crate::query::{self, StrictQuery};
 use crate::tasks::lease::Lease;
 use crate::tasks::routes::parse_id;
 use crate::Db;
 
 pub fn routes() -> Vec<Route> {
-    routes![upload, read, log]
+    routes![upload, read, read_log]
 }
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(upload, read, read_log), components(schemas(OutputAck, Stream)))]
+pub struct ApiDoc;
 
 /// The largest answer to one read, in bytes.
 const MAX_READ: usize = 256 * 1024;
 
 /// How often a followed log checks its caller's token again (and looks at the database, while
-/// events cannot arrive), and how long it may go without anything to send before it ends (the client reconnects; a follower that went away
-/// without a word cannot be told from one that waits, so it must not cost forever).
+/// events cannot arrive). How long it may go without anything to send before it ends is
+/// `follow_idle_secs`.
 const FOLLOW_RECHECK: Duration = Duration::from_secs(5);
-const FOLLOW_IDLE: Duration = Duration::from_secs(15 * 60);
 
 /// The lease, from `X-Lease`, on uploads (whose body is the raw bytes).
 pub struct LeaseHeader(LeaseToken);
@@ -75,6 +81,33 @@ fn stream(value: Option<&str>) -> Result<Stream, ApiError> {
 /// A chunk of live output, the raw bytes as the body: `offset` is where they start in the
 /// stream; `skip=true` allows starting past the end of the stream (the bytes between are
 /// dropped), once its first half is complete. Answers the stream's new length.
+#[utoipa::path(
+    post,
+    path = "/tasks/{id}/output",
+    operation_id = "uploadOutput",
+    summary = "Upload a chunk of output",
+    tag = "agents",
+    security(("bearer" = ["admin", "agent"])),
+    params(
+        ("id" = TaskId, Path),
+        AgentHeaders,
+        ("X-Lease" = LeaseToken, Header, description = "The attempt's lease"),
+        ("stream" = Option<Stream>, Query, description = "stdout when absent"),
+        ("offset" = Option<u64>, Query, minimum = 0, maximum = 9007199254740992_u64,
+         description = "Where the chunk starts in the stream"),
+        ("skip" = Option<bool>, Query,
+         description = "Allow starting past the end of the stream (the bytes between are dropped), once its first half is complete"),
+    ),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The raw bytes"),
+    responses(
+        (status = 200, description = "Where the server's copy of the stream now ends", body = OutputAck),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+    )
+)]
 #[post("/tasks/<id>/output?<stream>&<offset>&<skip>", data = "<data>")]
 #[allow(clippy::too_many_arguments)]
 async fn upload(
@@ -136,6 +169,34 @@ impl<'r> Responder<'r, 'static> for OutputRead {
 /// The bytes of `stream` from `offset` (default 0), with where to read next and whether the
 /// task has ended. When there is nothing new yet and the task is still running, waits up to
 /// `wait` seconds for more.
+#[utoipa::path(
+    get,
+    path = "/tasks/{id}/output",
+    operation_id = "readOutput",
+    summary = "Read one stream of output by offset",
+    tag = "output",
+    security(("bearer" = ["admin", "reader", "submitter"])),
+    params(
+        ("id" = TaskId, Path),
+        ("stream" = Option<Stream>, Query, description = "stdout when absent"),
+        ("offset" = Option<u64>, Query, minimum = 0, maximum = 9007199254740992_u64,
+         description = "The first byte wanted; 0 when absent"),
+        ("wait" = Option<u64>, Query, minimum = 0,
+         description = "Seconds to wait for new bytes while the task runs: 0 to pick_wait_max_secs (60 by default)"),
+    ),
+    responses(
+        (status = 200, description = "The raw bytes from `offset` (up to 256 KiB)",
+         content_type = "application/octet-stream", body = Vec<u8>,
+         headers(
+             ("Taskexec-Next-Offset" = u64, description = "Where to read next"),
+             ("Taskexec-Dropped" = u64, description = "Bytes before the first one returned that were dropped (a flood)"),
+             ("Taskexec-Total" = u64, description = "The stream's length so far"),
+             ("Taskexec-Ended" = bool, description = "The task has ended: nothing more will come"),
+         )),
+        (status = 404, response = NotFound),
+        (status = 429, response = TooMany),
+    )
+)]
 #[get("/tasks/<id>/output?<stream>&<offset>&<wait>")]
 #[allow(clippy::too_many_arguments)]
 async fn read(
@@ -191,12 +252,38 @@ fn ending(standing: &Standing) -> String {
 /// `feed`); it checks its caller's token again every `FOLLOW_RECHECK` (and ends once the token
 /// is revoked or expired), and looks at the log on its timer only now and then, in case an
 /// event was lost (every time while no event can arrive).
+#[utoipa::path(
+    get,
+    path = "/tasks/{id}/log",
+    operation_id = "readLog",
+    summary = "Read or follow the combined log",
+    description = "stdout and stderr combined, in the order the agent sent them. With \
+                   `follow=true` the response goes on (chunked) until the task ends, like \
+                   `tail -f`, and then says how it ended (`[taskexec: task finished, exit code \
+                   0]`); a follow that has sent nothing for `follow_idle_secs` (15 minutes by \
+                   default) ends. Bytes that were dropped (a flood) are replaced by a line that \
+                   says how many.",
+    tag = "output",
+    security(("bearer" = ["admin", "reader", "submitter"])),
+    params(
+        ("id" = TaskId, Path),
+        ("follow" = Option<bool>, Query,
+         description = "Go on (chunked) until the task ends, then say how it ended; false when absent"),
+    ),
+    responses(
+        (status = 200, description = "stdout and stderr combined, in the order they came",
+         content_type = "text/plain", body = String),
+        (status = 404, response = NotFound),
+        (status = 429, response = TooMany),
+    )
+)]
 #[get("/tasks/<id>/log?<follow>")]
 #[allow(clippy::too_many_arguments)]
-async fn log(
+async fn read_log(
     access: Allowed<Read>,
     _query: StrictQuery,
     db: &Db,
+    config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
     verifier: &State<Verifier>,
     feeds: &State<Feeds>,
@@ -215,6 +302,7 @@ async fn log(
     let (pool, events) = (db.pool().clone(), dispatcher.events().clone());
     let (verifier, who) = (verifier.inner().clone(), access.who);
     let feed = feeds.feed(id);
+    let idle = Duration::from_secs(config.follow_idle_secs);
     let stream = ByteStream! {
         let _slot = slot;
         let mut shutdown = shutdown;
@@ -247,16 +335,17 @@ async fn log(
                 if ended && follow {
                     yield Shared::from(ending(&standing).into_bytes());
                 }
-                if ended || !follow || last_sent.elapsed() >= FOLLOW_IDLE {
+                if ended || !follow || last_sent.elapsed() >= idle {
                     break;
                 }
+                let look = FOLLOW_RECHECK.min(idle.saturating_sub(last_sent.elapsed()));
                 tokio::select! {
                     _ = watch.until(&[Woken::Output, Woken::Ended]) => {
                         watch = events.watch(id);
                         watched = Instant::now();
                         since = watched;
                     }
-                    _ = tokio::time::sleep(FOLLOW_RECHECK) => {
+                    _ = tokio::time::sleep(look) => {
                         // Against an event that never came (a lost NOTIFY): a look now and then,
                         // one read per task for all its followers here; every time while no
                         // event can arrive at all.

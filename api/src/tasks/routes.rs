@@ -18,7 +18,8 @@ use serde::Serialize;
 use taskexec_protocol::output::headers;
 use taskexec_protocol::output::OutputText;
 use taskexec_protocol::{
-    Attempt, FinishReport, HeartbeatReply, LeaseBody, OutputCap, Stream, Task, TaskId, TaskStatus,
+    Assignment, Attempt, FinishReport, HeartbeatReply, LeaseBody, NewTask, OutputCap, Stream, Task,
+    TaskId, TaskPage, TaskStatus,
 };
 
 use super::intake::Intake;
@@ -33,6 +34,9 @@ use crate::config::AppConfig;
 use crate::dispatch::{ended, Delivery, Dispatcher, Handover, WaitSlots, Woken, RECHECK};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::openapi::{
+    AgentHeaders, Conflict, Invalid, NotFound, PayloadTooLarge, TooMany, UnsupportedMediaType,
+};
 use crate::output::store::{self as output, Uploads};
 use crate::query::{self, StrictQuery};
 use crate::Db;
@@ -40,6 +44,25 @@ use crate::Db;
 pub fn routes() -> Vec<Route> {
     routes![create, list, show, attempts, abort, pick, heartbeat, release, finish]
 }
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(create, list, show, attempts, abort, pick, heartbeat, release, finish),
+    components(
+        schemas(
+            NewTask,
+            Task,
+            TaskPage,
+            Attempt,
+            Assignment,
+            LeaseBody,
+            HeartbeatReply,
+            FinishReport
+        ),
+        responses(NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType, Invalid, TooMany),
+    )
+)]
+pub struct ApiDoc;
 
 /// What a submit answers: 201 with the new task, or 200 with the task an earlier submit with
 /// the same `Idempotency-Key` created.
@@ -49,6 +72,36 @@ enum Submitted {
     Existing(Json<Task>),
 }
 
+#[utoipa::path(
+    post,
+    path = "/tasks",
+    operation_id = "createTask",
+    summary = "Submit a command",
+    tag = "tasks",
+    security(("bearer" = ["admin", "submitter"])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+         description = "1 to 255 visible ASCII characters, per owner, kept 24 h: a repeat with \
+                        the same body answers 200 with the task the first one created"),
+    ),
+    request_body(content = NewTask, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Queued", body = Task,
+         headers(("Location" = String, description = "The task's address")),
+         links(
+             ("GetTask" = (operation_id = "getTask", parameters(("id" = "$response.body#/id")))),
+             ("ListAttempts" = (operation_id = "listAttempts", parameters(("id" = "$response.body#/id")))),
+             ("ReadOutput" = (operation_id = "readOutput", parameters(("id" = "$response.body#/id")))),
+             ("ReadLog" = (operation_id = "readLog", parameters(("id" = "$response.body#/id")))),
+             ("AbortTask" = (operation_id = "abortTask", parameters(("id" = "$response.body#/id")))),
+         )),
+        (status = 200, description = "An earlier submit with this Idempotency-Key and body created it", body = Task),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+        (status = 429, response = TooMany),
+    )
+)]
 #[post("/tasks", data = "<body>")]
 #[allow(clippy::too_many_arguments)]
 async fn create(
@@ -137,6 +190,22 @@ impl Serialize for Summary {
 }
 
 /// The list, newest first. A submitter's holds its own tasks only; `owner` filters by owner.
+#[utoipa::path(
+    get,
+    path = "/tasks",
+    operation_id = "listTasks",
+    summary = "List tasks",
+    tag = "tasks",
+    security(("bearer" = ["admin", "reader", "submitter"])),
+    params(
+        ("status" = Option<TaskStatus>, Query, description = "Only tasks in this state"),
+        ("owner" = Option<String>, Query, description = "Only tasks of this owner (a submitter sees its own only)"),
+        ("limit" = Option<u32>, Query, minimum = 1,
+         description = "Tasks per page: 1 to list_limit_max (1,000 by default); list_limit_default (100) when absent"),
+        ("cursor" = Option<String>, Query, description = "The previous page's `next`"),
+    ),
+    responses((status = 200, description = "A page, newest first, without stdout and stderr", body = TaskPage))
+)]
 #[get("/tasks?<status>&<owner>&<limit>&<cursor>")]
 #[allow(clippy::too_many_arguments)]
 async fn list(
@@ -175,6 +244,24 @@ async fn list(
 
 /// The task. With `wait`, holds the request up to that many seconds until the task has ended,
 /// so that a user can submit and then wait in two calls.
+#[utoipa::path(
+    get,
+    path = "/tasks/{id}",
+    operation_id = "getTask",
+    summary = "Get a task, or wait for it to end",
+    tag = "tasks",
+    security(("bearer" = ["admin", "reader", "submitter"])),
+    params(
+        ("id" = TaskId, Path),
+        ("wait" = Option<u64>, Query, minimum = 0,
+         description = "Seconds to hold the answer until the task has ended: 0 to pick_wait_max_secs (60 by default)"),
+    ),
+    responses(
+        (status = 200, description = "The task", body = Task),
+        (status = 404, response = NotFound),
+        (status = 429, response = TooMany),
+    )
+)]
 #[get("/tasks/<id>?<wait>")]
 #[allow(clippy::too_many_arguments)]
 async fn show(
@@ -207,6 +294,19 @@ async fn show(
 
 /// Every attempt of the task, oldest first; the current one of a running task last, without
 /// an outcome.
+#[utoipa::path(
+    get,
+    path = "/tasks/{id}/attempts",
+    operation_id = "listAttempts",
+    summary = "A task's attempts",
+    tag = "tasks",
+    security(("bearer" = ["admin", "reader", "submitter"])),
+    params(("id" = TaskId, Path)),
+    responses(
+        (status = 200, description = "Every attempt, oldest first", body = Vec<Attempt>),
+        (status = 404, response = NotFound),
+    )
+)]
 #[get("/tasks/<id>/attempts")]
 async fn attempts(
     access: Allowed<Read>,
@@ -229,6 +329,21 @@ enum AbortResponse {
 }
 
 /// Cancels a queued task at once, or asks the agent of a running one to stop it.
+#[utoipa::path(
+    post,
+    path = "/tasks/{id}/abort",
+    operation_id = "abortTask",
+    summary = "Abort a task",
+    tag = "tasks",
+    security(("bearer" = ["admin", "submitter"])),
+    params(("id" = TaskId, Path)),
+    responses(
+        (status = 200, description = "A queued task, cancelled at once", body = Task),
+        (status = 202, description = "A running task: its agent stops it and reports", body = Task),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+    )
+)]
 #[post("/tasks/<id>/abort")]
 async fn abort(
     access: Allowed<Abort>,
@@ -269,6 +384,25 @@ enum PickResponse {
 /// Hands the agent the queued task it should run first (highest priority, then oldest, among
 /// those due whose tags are all among the agent's `tags`), waiting up to `wait` seconds for
 /// one to arrive.
+#[utoipa::path(
+    get,
+    path = "/tasks/pick",
+    operation_id = "pickTask",
+    summary = "Pick a task (long poll)",
+    tag = "agents",
+    security(("bearer" = ["admin", "agent"])),
+    params(
+        AgentHeaders,
+        ("wait" = Option<u64>, Query, minimum = 0,
+         description = "Seconds to wait for a task: 0 to pick_wait_max_secs (60 by default); pick_wait_default_secs (25) when absent"),
+        ("tags" = Option<String>, Query,
+         description = "The agent's tags, comma-separated (up to 64 of `[a-z0-9][a-z0-9_.-]{0,63}`)"),
+    ),
+    responses(
+        (status = 200, description = "A task, its lease and the lease's terms", body = Assignment),
+        (status = 204, description = "No task within the wait"),
+    )
+)]
 #[get("/tasks/pick?<wait>&<tags>")]
 #[allow(clippy::too_many_arguments)]
 async fn pick(
@@ -379,6 +513,29 @@ impl AsyncSeek for Signed {
 /// third of the lease) and answers at once if an abort of the task is requested meanwhile.
 /// An agent that heartbeats again as soon as this returns learns of an abort within
 /// milliseconds, without a busy poll.
+#[utoipa::path(
+    post,
+    path = "/tasks/{id}/heartbeat",
+    operation_id = "heartbeat",
+    summary = "Extend an attempt's lease",
+    tag = "agents",
+    security(("bearer" = ["admin", "agent"])),
+    params(
+        ("id" = TaskId, Path),
+        AgentHeaders,
+        ("wait" = Option<u64>, Query, minimum = 0,
+         description = "Seconds to hold the answer unless an abort comes: at most a third of the lease"),
+    ),
+    request_body(content = LeaseBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The lease, extended", body = HeartbeatReply),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+    )
+)]
 #[post("/tasks/<id>/heartbeat?<wait>", data = "<body>")]
 #[allow(clippy::too_many_arguments)]
 async fn heartbeat(
@@ -423,6 +580,24 @@ async fn heartbeat(
 }
 
 /// Hands the task back to the queue without counting the attempt (an agent that is draining).
+#[utoipa::path(
+    post,
+    path = "/tasks/{id}/release",
+    operation_id = "releaseTask",
+    summary = "Hand a task back",
+    tag = "agents",
+    security(("bearer" = ["admin", "agent"])),
+    params(("id" = TaskId, Path), AgentHeaders),
+    request_body(content = LeaseBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Back in the queue (or failed, handed back too often)", body = Task),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+    )
+)]
 #[post("/tasks/<id>/release", data = "<body>")]
 #[allow(clippy::too_many_arguments)]
 async fn release(
@@ -455,6 +630,24 @@ async fn release(
 /// text is made from the uploaded output by the cap's rule: stated lengths must be the
 /// uploads' lengths, and a reported text must be that text, so that the task's text and
 /// `/output` can never disagree.
+#[utoipa::path(
+    post,
+    path = "/tasks/{id}/finish",
+    operation_id = "finishTask",
+    summary = "Report an attempt's result",
+    tag = "agents",
+    security(("bearer" = ["admin", "agent"])),
+    params(("id" = TaskId, Path), AgentHeaders),
+    request_body(content = FinishReport, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The task as it ended (or queued again, to be retried)", body = Task),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Invalid),
+    )
+)]
 #[post("/tasks/<id>/finish", data = "<report>")]
 #[allow(clippy::too_many_arguments)]
 async fn finish(

@@ -1,0 +1,240 @@
+//! The API described: an OpenAPI 3.1 document built from the handlers' own `#[utoipa::path]`
+//! attributes and the protocol's types (`ToSchema`), so that a route, a parameter or a field
+//! cannot change without the document seeing it. Served at `GET /openapi.json`, and browsable
+//! at `GET /docs` (Swagger UI, its assets compiled into the binary: nothing is fetched).
+//!
+//! What every operation may answer the same way is added here once (`common_problems`), not
+//! on each handler: 400 for an unknown, repeated or malformed parameter (`StrictQuery`), 503
+//! while the database is away, and for operations that take a token, 401 and 403. Each
+//! operation's `security` names the roles that may call it: OpenAPI 3.1 lets a bearer
+//! scheme's requirement list roles, and `tests/auth.rs` checks them against the answers.
+
+use rocket::http::ContentType;
+use rocket::{get, routes, Route};
+use taskexec_protocol::Problem;
+use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{Content, OpenApi as Document, Ref, RefOr, Response};
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+/// The media type of every error answer (RFC 9457).
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Where the document is served.
+pub const DOCUMENT_PATH: &str = "/openapi.json";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "taskexec",
+        description = "Run shell commands on executor agents. Submit a task, follow its \
+                       output, wait for its exit code. Every error is an RFC 9457 problem \
+                       (`application/problem+json`) whose `type` names its kind. Tokens go \
+                       in `Authorization: Bearer`; each operation's security requirement \
+                       lists the roles that may call it.",
+        license(name = "MIT"),
+    ),
+    tags(
+        (name = "tasks", description = "Submitting, reading, waiting on and aborting tasks"),
+        (name = "output", description = "A task's live output"),
+        (name = "agents", description = "The agent protocol: pick, heartbeat, upload, report"),
+        (name = "tokens", description = "API tokens (admins)"),
+        (name = "operations", description = "Health, metrics, the agent registry, this document"),
+    ),
+    paths(document_json),
+    components(schemas(Problem))
+)]
+struct ApiDoc;
+
+/// The whole document: this module's part, each route module's paths, the security scheme
+/// and the problems every operation shares.
+pub fn document() -> Document {
+    let mut doc = ApiDoc::openapi();
+    for part in [
+        crate::health::ApiDoc::openapi(),
+        crate::tasks::routes::ApiDoc::openapi(),
+        crate::output::routes::ApiDoc::openapi(),
+        crate::auth::routes::ApiDoc::openapi(),
+        crate::agents::ApiDoc::openapi(),
+        crate::metrics::ApiDoc::openapi(),
+    ] {
+        doc.merge(part);
+    }
+    let components = doc.components.get_or_insert_with(Default::default);
+    let bearer = Http::builder()
+        .scheme(HttpAuthScheme::Bearer)
+        .description(Some(
+            "A token: the deployment's ADMIN_TOKEN or AGENT_TOKEN, or one made with \
+             POST /tokens (`tex_…`).",
+        ))
+        .build();
+    components.add_security_scheme(BEARER, SecurityScheme::Http(bearer));
+    for (name, description) in COMMON {
+        components.responses.insert(name.to_owned(), RefOr::T(problem(description)));
+    }
+    for item in doc.paths.paths.values_mut() {
+        for operation in operations(item) {
+            common_problems(operation);
+        }
+    }
+    doc
+}
+
+/// The name of the bearer scheme in `security` requirements.
+pub const BEARER: &str = "bearer";
+
+/// The shared problem responses, by component name.
+const COMMON: [(&str, &str); 4] = [
+    ("BadParameter", "An unknown, repeated or malformed query parameter or header, or a malformed id"),
+    ("Unauthorized", "No valid token: missing, malformed, unknown, revoked or expired"),
+    ("Forbidden", "The token's role may not do this"),
+    ("Unavailable", "The database does not answer, or this process holds as many waits as it may; retry after Retry-After"),
+];
+
+/// A problem response.
+pub fn problem(description: &str) -> Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(PROBLEM_JSON, Content::new(Some(Ref::from_schema_name("Problem"))))
+        .build()
+}
+
+fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
+    [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch]
+        .into_iter()
+        .filter_map(Option::as_mut)
+}
+
+/// Adds the answers every operation may give (see the module's comment), and the roles of a
+/// token-taking operation to its description.
+fn common_problems(operation: &mut Operation) {
+    let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
+    let mut common = vec![("400", "BadParameter"), ("503", "Unavailable")];
+    if secured {
+        common.extend([("401", "Unauthorized"), ("403", "Forbidden")]);
+    }
+    for (status, name) in common {
+        let responses = &mut operation.responses.responses;
+        responses
+            .entry(status.to_owned())
+            .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
+    }
+    if let Some(roles) = roles(operation) {
+        let description = operation.description.get_or_insert_with(String::new);
+        if !description.is_empty() {
+            description.push_str("\n\n");
+        }
+        description.push_str(&format!("**Roles:** {}.", roles.join(", ")));
+    }
+}
+
+/// The roles an operation's bearer requirement names.
+pub fn roles(operation: &Operation) -> Option<Vec<String>> {
+    let security = operation.security.as_ref()?;
+    let value = serde_json::to_value(security).ok()?;
+    let roles = value.as_array()?.iter().find_map(|requirement| requirement.get(BEARER))?;
+    Some(roles.as_array()?.iter().filter_map(|r| r.as_str().map(str::to_owned)).collect())
+}
+
+pub fn routes() -> Vec<Route> {
+    let docs: Vec<Route> = SwaggerUi::new("/docs/<_..>").url(DOCUMENT_PATH, document()).into();
+    // The UI's own route for the document is replaced by ours (`document_json`), which is
+    // described and takes the strict query like every other.
+    let mut all: Vec<Route> =
+        docs.into_iter().filter(|route| route.uri.path() != DOCUMENT_PATH).collect();
+    all.extend(routes![document_json]);
+    all
+}
+
+/// This document (OpenAPI 3.1), as JSON. No token needed.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "getOpenApi",
+    summary = "This document",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json"))
+)]
+#[get("/openapi.json")]
+fn document_json(_query: crate::query::StrictQuery) -> (ContentType, &'static str) {
+    (ContentType::JSON, json())
+}
+
+/// The document as JSON, made once.
+pub fn json() -> &'static str {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        let mut value = serde_json::to_value(document()).expect("the document serializes");
+        camel_case_links(&mut value);
+        serde_json::to_string_pretty(&value).expect("the document serializes")
+    })
+}
+
+/// utoipa 5 writes a Link Object's fields in snake case (`operation_id`), which OpenAPI
+/// clients do not read as links: renamed here to the specification's `operationId`,
+/// `operationRef` and `requestBody`.
+fn camel_case_links(value: &mut serde_json::Value) {
+    let Some(paths) = value.get_mut("paths").and_then(|p| p.as_object_mut()) else { return };
+    let responses = paths
+        .values_mut()
+        .filter_map(|item| item.as_object_mut())
+        .flat_map(|item| item.values_mut())
+        .filter_map(|operation| operation.get_mut("responses")?.as_object_mut())
+        .flat_map(|responses| responses.values_mut());
+    for response in responses {
+        let Some(links) = response.get_mut("links").and_then(|l| l.as_object_mut()) else {
+            continue;
+        };
+        for link in links.values_mut().filter_map(|link| link.as_object_mut()) {
+            for (from, to) in [
+                ("operation_id", "operationId"),
+                ("operation_ref", "operationRef"),
+                ("request_body", "requestBody"),
+            ] {
+                if let Some(field) = link.remove(from) {
+                    link.insert(to.to_owned(), field);
+                }
+            }
+        }
+    }
+}
+
+/// The headers an agent sends with each request of the agent protocol.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // Described only: the `Agent` guard reads the headers.
+pub struct AgentHeaders {
+    /// The agent's name: 1 to 128 characters, no control characters, no spaces around it (an
+    /// agent token bound to a name presents only that one).
+    #[param(rename = "X-Agent-Name", min_length = 1, max_length = 128)]
+    name: String,
+    /// The agent's version: 1 to 64 visible ASCII characters.
+    #[param(rename = "X-Agent-Version", min_length = 1, max_length = 64)]
+    version: Option<String>,
+    /// This run of the agent (a UUID), by which its leave is told from an older run's
+    /// requests still in flight.
+    #[param(rename = "X-Agent-Instance")]
+    instance: Option<uuid::Uuid>,
+}
+
+/// Problem responses particular to some operations, by status.
+macro_rules! problem_responses {
+    ($($name:ident: $description:literal;)*) => {$(
+        #[doc = $description]
+        #[derive(utoipa::ToResponse)]
+        #[response(description = $description, content_type = "application/problem+json")]
+        #[allow(dead_code)] // Described only: `ApiError` answers.
+        pub struct $name(Problem);
+    )*};
+}
+
+problem_responses! {
+    NotFound: "No such task or token (or not one the caller may see)";
+    Conflict: "The task's state does not allow it: it has ended, or another attempt holds it (the problem's `type` says which)";
+    PayloadTooLarge: "The body is over its limit";
+    UnsupportedMediaType: "The body is not of the content type the operation takes";
+    Invalid: "Well-formed JSON with a field that is not acceptable (the detail names it)";
+    TooMany: "The owner's quota of queued tasks, or the token's waits held at once, is full; retry after Retry-After";
+}
