@@ -12,8 +12,10 @@
 use rocket::http::ContentType;
 use rocket::{get, routes, Route};
 use taskexec_protocol::Problem;
+use utoipa::openapi::header::Header;
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{Content, OpenApi as Document, Ref, RefOr, Response};
 use utoipa::OpenApi;
@@ -71,8 +73,14 @@ pub fn document() -> Document {
         ))
         .build();
     components.add_security_scheme(BEARER, SecurityScheme::Http(bearer));
-    for (name, description) in COMMON {
-        components.responses.insert(name.to_owned(), RefOr::T(problem(description)));
+    for (name, description, header) in COMMON {
+        let mut response = problem(description);
+        if let Some((header, description)) = header {
+            let mut value = Header::new(ObjectBuilder::new().schema_type(Type::String));
+            value.description = Some(description.to_owned());
+            response.headers.insert(header.to_owned(), value);
+        }
+        components.responses.insert(name.to_owned(), RefOr::T(response));
     }
     for item in doc.paths.paths.values_mut() {
         for operation in operations(item) {
@@ -85,12 +93,25 @@ pub fn document() -> Document {
 /// The name of the bearer scheme in `security` requirements.
 pub const BEARER: &str = "bearer";
 
-/// The shared problem responses, by component name.
-const COMMON: [(&str, &str); 4] = [
-    ("BadParameter", "An unknown, repeated or malformed query parameter or header, or a malformed id"),
-    ("Unauthorized", "No valid token: missing, malformed, unknown, revoked or expired"),
-    ("Forbidden", "The token's role may not do this"),
-    ("Unavailable", "The database does not answer, or this process holds as many waits as it may; retry after Retry-After"),
+/// The shared problem responses, by component name, with the header each always carries.
+type Common = (&'static str, &'static str, Option<(&'static str, &'static str)>);
+const COMMON: [Common; 4] = [
+    (
+        "BadParameter",
+        "An unknown, repeated or malformed query parameter or header, or a malformed id",
+        None,
+    ),
+    (
+        "Unauthorized",
+        "No valid token: missing, malformed, unknown, revoked or expired",
+        Some(("WWW-Authenticate", "`Bearer`")),
+    ),
+    ("Forbidden", "The token's role may not do this", None),
+    (
+        "Unavailable",
+        "The database does not answer, or this process holds as many waits as it may",
+        Some(("Retry-After", "Seconds to wait before trying again")),
+    ),
 ];
 
 /// A problem response.
@@ -236,5 +257,14 @@ problem_responses! {
     PayloadTooLarge: "The body is over its limit";
     UnsupportedMediaType: "The body is not of the content type the operation takes";
     Invalid: "Well-formed JSON with a field that is not acceptable (the detail names it)";
-    TooMany: "The owner's quota of queued tasks, or the token's waits held at once, is full; retry after Retry-After";
 }
+
+/// The owner's quota of queued tasks, or the token's waits held at once, is full.
+#[derive(utoipa::ToResponse)]
+#[response(
+    description = "The owner's quota of queued tasks, or the token's waits held at once, is full",
+    content_type = "application/problem+json",
+    headers(("Retry-After" = String, description = "Seconds to wait before trying again"))
+)]
+#[allow(dead_code)] // Described only: `ApiError` answers.
+pub struct TooMany(Problem);

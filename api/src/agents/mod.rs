@@ -26,7 +26,6 @@ use crate::auth::{AgentName, Allowed, Observe, Run};
 use crate::config::AppConfig;
 use crate::db::{required, DbError};
 use crate::error::ApiError;
-use crate::openapi::AgentHeaders;
 use crate::query::StrictQuery;
 use crate::Db;
 pub use sightings::Sightings;
@@ -155,7 +154,11 @@ async fn list(
     summary = "Leave (an agent exiting)",
     tag = "agents",
     security(("bearer" = ["admin", "agent"])),
-    params(AgentHeaders),
+    params(
+        ("X-Agent-Name" = String, Header, description = "The agent's name"),
+        ("X-Agent-Instance" = Option<uuid::Uuid>, Header,
+         description = "This run of the agent: a later run under the same name is not gone"),
+    ),
     responses((status = 204, description = "Gone from now on"))
 )]
 #[post("/agents/leave")]
