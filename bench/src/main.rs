@@ -17,7 +17,7 @@ async fn main() {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .map(|list| list.split(',').filter_map(|n| n.trim().parse().ok()).collect());
-    let wanted = |n: u32| only.as_ref().map_or(true, |only| only.contains(&n));
+    let wanted = |n: u32| only.as_ref().is_none_or(|only| only.contains(&n));
     system::raise_file_limit();
     let started = Instant::now();
     let env = system::Env::from_environment().await;

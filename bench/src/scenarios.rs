@@ -141,7 +141,7 @@ UPDATE tasks SET status = 'finished', exit_code = 0, stdout = '', stderr = '', f
 ";
 
 /// 2. End-to-end throughput: a queue drained by 2, 4, 8 and 16 agents, against pgbench
-/// running the same three statements per task.
+///    running the same three statements per task.
 pub async fn throughput(env: &Env, quick: bool) -> Vec<Row> {
     let (tasks, counts, secs): (usize, &[usize], u64) =
         if quick { (1000, &[4], 3) } else { (5000, &[2, 4, 8, 16], 8) };
@@ -240,7 +240,7 @@ async fn submit_concurrently(api: &Process, tasks: usize, clients: usize) {
 }
 
 /// 3. Submit throughput: POST /tasks from 8 and 32 clients, against pgbench inserting into the
-/// same table.
+///    same table.
 pub async fn submit(env: &Env, quick: bool) -> Vec<Row> {
     let secs = if quick { 3 } else { 10 };
     let mut rows = Vec::new();
@@ -368,7 +368,7 @@ async fn idle(env: &Env, name: &str, polls: usize, hold: u64, tag_sets: &[&'stat
 }
 
 /// 4. Idle cost: 1,000 parked long polls held for 30 s; then one task, and the claim
-/// statements it caused.
+///    statements it caused.
 pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
     let (polls, hold) = (1000usize, if quick { 5 } else { 30 });
     println!("4. idle cost: {polls} parked polls held {hold} s ...");
@@ -397,7 +397,7 @@ pub async fn idle_cost(env: &Env, quick: bool) -> Vec<Row> {
 const TAG_SETS: [&str; 4] = ["", "gpu", "linux", "gpu,linux"];
 
 /// 6. Routing: tasks of 4 tag sets and 3 priorities run one after another by agents of each
-/// kind (2 of each, parked); then 1,000 parked polls spread over the 4 tag sets, idle.
+///    kind (2 of each, parked); then 1,000 parked polls spread over the 4 tag sets, idle.
 pub async fn routing(env: &Env, quick: bool) -> Vec<Row> {
     let (count, hold) = if quick { (100, 5) } else { (500, 30) };
     println!("6. routing: {count} sequential tasks of 4 tag sets and 3 priorities, 8 agents ...");

@@ -875,7 +875,7 @@ impl PgProxy {
                     tokio::select! {
                         _ = count_statements(&mut from_client, &mut to_server, &counter, &listens) => {}
                         _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
-                        _ = cut.changed() => return,
+                        _ = cut.changed() => {}
                         _ = frozen => {
                             // Open, but nothing passes either way: its host has vanished.
                             let _ = cut.changed().await;

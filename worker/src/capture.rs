@@ -162,7 +162,7 @@ impl Captured {
     /// The bytes from `offset` on, at most `max`, as far as they are still held: `(start,
     /// bytes)`, where a `start` past `offset` means the bytes between were dropped. `None`
     /// when there is nothing from `offset` on.
-    pub fn from_offset(&self, offset: u64, max: usize) -> Option<(u64, Vec<u8>)> {
+    pub fn read_from(&self, offset: u64, max: usize) -> Option<(u64, Vec<u8>)> {
         if offset >= self.total() {
             return None;
         }
@@ -207,11 +207,11 @@ mod tests {
         assert_eq!(text.text, "01234\n[taskexec: 10 bytes of output dropped here]\nfghij");
         assert!(!text.lossy && text.truncated);
         // The uploader reads by offset: the head, then past the drop, the window.
-        assert_eq!(captured.from_offset(0, 3), Some((0, b"012".to_vec())));
-        assert_eq!(captured.from_offset(3, 99), Some((3, b"34".to_vec())));
-        assert_eq!(captured.from_offset(5, 99), Some((15, b"fghij".to_vec())));
-        assert_eq!(captured.from_offset(17, 99), Some((17, b"hij".to_vec())));
-        assert_eq!(captured.from_offset(20, 99), None);
+        assert_eq!(captured.read_from(0, 3), Some((0, b"012".to_vec())));
+        assert_eq!(captured.read_from(3, 99), Some((3, b"34".to_vec())));
+        assert_eq!(captured.read_from(5, 99), Some((15, b"fghij".to_vec())));
+        assert_eq!(captured.read_from(17, 99), Some((17, b"hij".to_vec())));
+        assert_eq!(captured.read_from(20, 99), None);
     }
 
     #[test]

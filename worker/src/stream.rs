@@ -98,7 +98,7 @@ impl Streamer {
                 }
             }
             let Some((start, mut bytes)) = lock(&self.buffers[stream.index()])
-                .from_offset(self.sent[stream.index()], self.chunk)
+                .read_from(self.sent[stream.index()], self.chunk)
             else {
                 return Ok(());
             };
