@@ -406,6 +406,28 @@ async fn bytes_that_are_not_utf8_survive_the_stream_and_are_flagged_in_the_task(
     assert!(task.stdout_lossy);
 }
 
+/// A user's wait longer than the deployment's maximum is cut to it, not refused: a client need
+/// not know the maximum, and an earlier answer is always a valid one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wait_past_the_maximum_is_cut_to_it() {
+    let app = TestApp::spawn_with(|f| {
+        f.merge(("pick_wait_max_secs", 1)).merge(("pick_wait_default_secs", 1))
+    })
+    .await;
+    let task = app.submit("true").await;
+    let started = Instant::now();
+
+    let waited = app.request(Method::GET, &format!("/tasks/{}?wait=3600", task.id)).send().await;
+    let read = app
+        .request(Method::GET, &format!("/tasks/{}/output?wait=99999999999999999999999", task.id))
+        .send()
+        .await;
+
+    assert_eq!(waited.unwrap().status(), 200);
+    assert_eq!(read.unwrap().status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(30), "cut to a second each");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn waiting_on_a_task_returns_when_it_ends() {
     let app = TestApp::spawn().await;

@@ -88,6 +88,20 @@ pub fn wait_secs(value: Option<&str>, default: u64, max: u64) -> Result<u64, Api
     number("wait", value, default, (0, max), " of seconds")
 }
 
+/// A user's `wait` (a task's end, new output): whole seconds, cut to `max`. Answering sooner
+/// is always a valid answer to such a wait (the client looks again), so a client need not know
+/// this deployment's maximum. (An agent's waits, whose timing it relies on, are refused past
+/// theirs: `wait_secs`.)
+pub fn wait_secs_capped(value: Option<&str>, max: u64) -> Result<u64, ApiError> {
+    let Some(text) = value else { return Ok(0) };
+    match text.parse::<u64>() {
+        Ok(secs) => Ok(secs.min(max)),
+        // Digits beyond u64: a wait longer than any maximum.
+        Err(_) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => Ok(max),
+        Err(_) => Err(ApiError::bad_parameter("wait", "`wait` must be a whole number of seconds")),
+    }
+}
+
 /// Any other parameter, parsed by `parse`, whose error becomes the problem's detail.
 pub fn parsed<T, E: std::fmt::Display>(
     name: &str,

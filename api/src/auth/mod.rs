@@ -1,6 +1,7 @@
-//! Who is calling, and what they may do. Every endpoint but `GET /` and `GET /health` takes an
-//! `Allowed<A>` guard whose `A` states the roles that may call it: a request without a valid
-//! token gets 401 (with `WWW-Authenticate: Bearer`), a token whose role is not among them 403.
+//! Who is calling, and what they may do. Every endpoint but `GET /`, `GET /health` and the
+//! API's description (`/openapi.json`, `/docs`) takes an `Allowed<A>` guard whose `A` states
+//! the roles that may call it: a request without a valid token gets 401 (with
+//! `WWW-Authenticate: Bearer`), a token whose role is not among them 403.
 //!
 //! A token is one of the shared secrets of the deployment (`AGENT_TOKEN`, an agent; the
 //! optional `ADMIN_TOKEN`, an admin), compared in constant time, or a token created through

@@ -182,7 +182,7 @@ impl<'r> Responder<'r, 'static> for OutputRead {
         ("offset" = Option<u64>, Query, minimum = 0, maximum = 9007199254740992_u64,
          description = "The first byte wanted; 0 when absent"),
         ("wait" = Option<u64>, Query, minimum = 0,
-         description = "Seconds to wait for new bytes while the task runs: 0 to pick_wait_max_secs (60 by default)"),
+         description = "Seconds to wait for new bytes while the task runs; a longer wait is cut to pick_wait_max_secs (60 by default)"),
     ),
     responses(
         (status = 200, description = "The raw bytes from `offset` (up to 256 KiB)",
@@ -216,7 +216,7 @@ async fn read(
     let id = parse_id(id)?;
     let stream = self::stream(stream)?;
     let offset = self::offset(offset)?;
-    let wait = Duration::from_secs(query::wait_secs(wait, 0, config.pick_wait_max_secs)?);
+    let wait = Duration::from_secs(query::wait_secs_capped(wait, config.pick_wait_max_secs)?);
     let _slot = if wait.is_zero() { None } else { Some(slots.take(&access.who)?) };
     let scope = access.who.scope();
     let look = || async {

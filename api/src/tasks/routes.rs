@@ -254,7 +254,7 @@ async fn list(
     params(
         ("id" = TaskId, Path),
         ("wait" = Option<u64>, Query, minimum = 0,
-         description = "Seconds to hold the answer until the task has ended: 0 to pick_wait_max_secs (60 by default)"),
+         description = "Seconds to hold the answer until the task has ended; a longer wait is cut to pick_wait_max_secs (60 by default)"),
     ),
     responses(
         (status = 200, description = "The task", body = Task),
@@ -277,7 +277,7 @@ async fn show(
     gone: ClientGone,
 ) -> Result<Json<Task>, ApiError> {
     let id = parse_id(id)?;
-    let wait = Duration::from_secs(query::wait_secs(wait, 0, config.pick_wait_max_secs)?);
+    let wait = Duration::from_secs(query::wait_secs_capped(wait, config.pick_wait_max_secs)?);
     let _slot = if wait.is_zero() { None } else { Some(slots.take(&access.who)?) };
     let deadline = tokio::time::Instant::now() + wait;
     let scope = access.who.scope();
