@@ -405,6 +405,44 @@ async fn a_task_created_on_another_api_process_wakes_a_parked_pick() {
     assert_eq!(picked.task.id, task.id);
 }
 
+/// `listen_url` sends the LISTEN connection elsewhere than the pool (to PostgreSQL itself, when
+/// the pool goes through a transaction-mode pooler): here through a counting proxy, while the
+/// requests' statements go straight to the database.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_listen_connection_goes_to_listen_url_and_the_pool_does_not() {
+    let db = std::sync::Arc::new(TestDb::create().await);
+    let proxy = PgProxy::start(&db).await;
+    let url = proxy.url.clone();
+    let app = TestApp::spawn_on(db, move |figment| {
+        figment
+            .merge(("listen_url", url))
+            .merge(("dispatch_rescan_secs", 3600))
+            .merge(("listen_probe_secs", 3600))
+    })
+    .await;
+    let pick = {
+        let api = app.api.clone();
+        tokio::spawn(async move { api.pick("parked", 20).await })
+    };
+    app.until_parked(1).await;
+
+    let created = Instant::now();
+    let task = app.submit("echo wake").await;
+    let picked = tokio::time::timeout_at(created + Duration::from_secs(2), pick)
+        .await
+        .expect("woken within 2 s by a notification through listen_url")
+        .unwrap()
+        .unwrap()
+        .expect("a task, not 204");
+    assert_eq!(picked.task.id, task.id);
+    let through_proxy = proxy.statements();
+    assert!(through_proxy >= 1, "the LISTEN went through listen_url");
+    for _ in 0..20 {
+        app.list("").await.unwrap();
+    }
+    assert_eq!(proxy.statements(), through_proxy, "requests do not use listen_url");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_parked_pick_answers_204_at_its_deadline() {
     let app = TestApp::spawn().await;

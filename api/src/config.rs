@@ -22,6 +22,8 @@ unit, and can be overridden with ROCKET_<KEY>, e.g. ROCKET_LEASE_SECS=60):
   DATABASE_URL         postgres://user:password@host:port/database, or in parts:
   DB_USER, DB_PASSWORD, DB_HOST, DB_PORT, DB_NAME
                        [default: postgres://postgres@localhost:5432/postgres]
+  LISTEN_DATABASE_URL  where the LISTEN connection goes, if not to DATABASE_URL (which may
+                       then go through PgBouncer in transaction mode) [default: DATABASE_URL]
   SERVER_PORT          listen port [default: 3500]
   LOG_LEVEL            error, warn, info, debug or trace [default: info]
   LOG_FORMAT           text, or json for one JSON object per line [default: text]
@@ -40,6 +42,10 @@ const MIN_SHARED_TOKEN: usize = 16;
 
 /// Where the pool's URL lives in the figment (rocket_db_pools reads it there).
 pub const DATABASE_URL_KEY: &str = "databases.taskexec.url";
+/// Where the LISTEN connection goes, when not to the pool's URL (`LISTEN_DATABASE_URL`): the
+/// pool may go through a PgBouncer in transaction mode, which cannot carry a LISTEN; this must
+/// reach PostgreSQL itself.
+pub const LISTEN_URL_KEY: &str = "listen_url";
 
 /// The application's own settings (Rocket's, such as `port`, live in `rocket::Config`).
 #[derive(Debug, Clone, Deserialize)]
@@ -221,6 +227,9 @@ fn container_env(var: impl Fn(&str) -> Option<String>) -> Figment {
     let url = var("DATABASE_URL").or_else(|| database_url_from_parts(&var));
     if let Some(url) = url {
         env = env.merge(Serialized::global(DATABASE_URL_KEY, url));
+    }
+    if let Some(url) = var("LISTEN_DATABASE_URL") {
+        env = env.merge(Serialized::global(LISTEN_URL_KEY, url));
     }
     env
 }

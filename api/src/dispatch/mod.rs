@@ -20,7 +20,7 @@ pub use events::{ended, TaskEvents, Watch, Woken, RECHECK};
 pub use notifier::Notifier;
 pub use waits::{WaitSlot, WaitSlots};
 
-use crate::config::{AppConfig, DATABASE_URL_KEY};
+use crate::config::{AppConfig, DATABASE_URL_KEY, LISTEN_URL_KEY};
 use crate::db::required;
 
 /// The terms a pick grants, from the settings.
@@ -39,7 +39,9 @@ pub fn stage() -> AdHoc {
         let Some((pool, config)) = required(&rocket, "the dispatcher") else {
             return Err(rocket);
         };
-        let url: String = match rocket.figment().extract_inner(DATABASE_URL_KEY) {
+        let figment = rocket.figment();
+        let listen_url = figment.extract_inner(LISTEN_URL_KEY);
+        let url: String = match listen_url.or_else(|_| figment.extract_inner(DATABASE_URL_KEY)) {
             Ok(url) => url,
             Err(e) => {
                 log::error!("the dispatcher cannot start without a database URL: {e}");
