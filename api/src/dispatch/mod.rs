@@ -40,13 +40,12 @@ pub fn stage() -> AdHoc {
             return Err(rocket);
         };
         let figment = rocket.figment();
-        let listen_url = figment.extract_inner(LISTEN_URL_KEY);
-        let url: String = match listen_url.or_else(|_| figment.extract_inner(DATABASE_URL_KEY)) {
-            Ok(url) => url,
-            Err(e) => {
-                log::error!("the dispatcher cannot start without a database URL: {e}");
-                return Err(rocket);
-            }
+        let url = [LISTEN_URL_KEY, DATABASE_URL_KEY]
+            .into_iter()
+            .find_map(|key| figment.extract_inner::<String>(key).ok());
+        let Some(url) = url else {
+            log::error!("the dispatcher cannot start without a database URL");
+            return Err(rocket);
         };
         let rescan = Duration::from_secs(config.dispatch_rescan_secs.max(1));
         let listen_probe = Duration::from_secs(config.listen_probe_secs.max(1));
