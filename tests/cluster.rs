@@ -1,7 +1,11 @@
 //! What a cluster of API replicas depends on, tested with real processes: several replicas
-//! started at once on an empty database all come up, and the schema is migrated once.
+//! started at once on an empty database all come up and migrate it once; a rolling update of
+//! the replicas loses no task and runs none twice.
 
-use taskexec_tests::{ApiProcess, TestDb};
+use std::time::Duration;
+
+use taskexec_protocol::{NewTask, Task, TaskStatus};
+use taskexec_tests::{until, Api, ApiProcess, TestDb, WorkerProcess, ADMIN_TOKEN, TOKEN};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_started_at_once_on_an_empty_database_all_come_up_migrating_it_once() {
@@ -30,4 +34,149 @@ async fn three_replicas_started_at_once_on_an_empty_database_all_come_up_migrati
         let health = reqwest::get(format!("{}/health", api.url)).await.unwrap();
         assert_eq!(health.status(), 200, "{}", api.url);
     }
+}
+
+/// A rolling update: two API processes, agents given both addresses, a client submitting all
+/// the while to whichever answers (as a Service sends requests to ready replicas only). Each
+/// API is stopped with SIGTERM and started again in turn, twice. Every task the client was
+/// told was created runs exactly once and finishes; no answer is a 5xx but a 503 of a
+/// process shutting down.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_update_of_two_api_processes_loses_no_task_and_runs_none_twice() {
+    let db = TestDb::create().await;
+    let settings = [("ROCKET_LEASE_SECS", "10"), ("ROCKET_KILL_GRACE_SECS", "1")];
+    let mut apis = vec![ApiProcess::start(&db.url, &settings).await];
+    apis.push(ApiProcess::start(&db.url, &settings).await);
+    let urls: Vec<String> = apis.iter().map(|api| api.url.clone()).collect();
+    let dir = std::env::temp_dir().join(format!("taskexec-rolling-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let both = urls.join(",");
+    let _agents: Vec<WorkerProcess> = (0..3)
+        .map(|n| WorkerProcess::start_with_url(&both, &format!("rolling-{n}"), &[]))
+        .collect();
+
+    // The client: a task every 20 ms until told to stop, to the first address that answers.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let client = {
+        let (urls, dir, count) = (urls.clone(), dir.clone(), count.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let (mut created, mut refused) = (Vec::new(), Vec::new());
+            let mut n = 0;
+            while !*stopped.borrow() {
+                n += 1;
+                // Long enough that some run across each restart, on leases the restart keeps.
+                let command = format!("sleep 0.3; printf x >> {}/{n}", dir.display());
+                for url in urls.iter().cycle().skip(n % 2).take(2) {
+                    let sent = http
+                        .post(format!("{url}/tasks"))
+                        .bearer_auth(ADMIN_TOKEN)
+                        .json(&NewTask::new(command.clone()))
+                        .send()
+                        .await;
+                    let Ok(response) = sent else { continue }; // not listening: the other one
+                    let status = response.status().as_u16();
+                    if status == 201 {
+                        let task: Task = response.json().await.unwrap();
+                        created.push((n, task.id));
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        break;
+                    }
+                    refused.push(status);
+                    if status != 503 {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (created, refused)
+        })
+    };
+
+    // Tasks go on being created (and running) before, between and after the restarts.
+    let created_since = |from: usize| {
+        let count = count.clone();
+        move || count.load(std::sync::atomic::Ordering::SeqCst) >= from + 5
+    };
+    for _round in 0..2 {
+        // In turn: the first is back and healthy before the second stops.
+        for api in std::mem::take(&mut apis) {
+            let from = count.load(std::sync::atomic::Ordering::SeqCst);
+            until(Duration::from_secs(30), "tasks created", created_since(from)).await;
+            apis.push(api.restart().await);
+        }
+    }
+    let from = count.load(std::sync::atomic::Ordering::SeqCst);
+    until(Duration::from_secs(30), "tasks created", created_since(from)).await;
+    stop.send(true).unwrap();
+    let (created, refused) = client.await.unwrap();
+
+    eprintln!("rolling update: {} tasks created, answers refused: {refused:?}", created.len());
+    assert!(created.len() >= 20, "only {} tasks were created", created.len());
+    assert!(refused.iter().all(|&status| status == 503), "answers off the rule: {refused:?}");
+    let api = Api::new(&apis[0].url, ADMIN_TOKEN, TOKEN);
+    for (n, id) in &created {
+        let task = api.until_done(*id).await;
+        assert_eq!(task.status, TaskStatus::Finished, "{task:?}");
+        let ran = std::fs::read(dir.join(n.to_string())).unwrap_or_default();
+        assert_eq!(ran, b"x", "task {n} ({id}) ran {} times", ran.len());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A scale-in under load: half the agents get SIGTERM while each runs a task (as a
+/// Deployment scaled down would). A short task finishes within DRAIN_TIMEOUT; a long one is
+/// stopped and handed back, and runs to its end on an agent that stays. Every task completes
+/// its command once.
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_scaled_in_while_busy_finish_or_hand_back_their_tasks_and_none_runs_twice() {
+    let db = TestDb::create().await;
+    let api = ApiProcess::start(&db.url, &[]).await;
+    let dir = std::env::temp_dir().join(format!("taskexec-scale-in-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let client = Api::new(&api.url, ADMIN_TOKEN, TOKEN);
+    let drain = [("DRAIN_TIMEOUT", "1s")];
+    let mut leaving: Vec<WorkerProcess> = (0..2)
+        .map(|n| WorkerProcess::start_with_url(&api.url, &format!("leaving-{n}"), &drain))
+        .collect();
+    // Each leaving agent takes one task: one that ends within the drain, one that does not.
+    let mut tasks = Vec::new();
+    for (n, secs) in [(0, "0.3"), (1, "5")] {
+        let marker = dir.join(format!("started-{n}"));
+        let command =
+            format!("touch {}; sleep {secs}; printf x >> {}/{n}", marker.display(), dir.display());
+        tasks.push((n, client.submit(&command).await.id));
+    }
+    until(Duration::from_secs(30), "both leaving agents busy", || {
+        (0..2).all(|n| dir.join(format!("started-{n}")).exists())
+    })
+    .await;
+
+    for agent in &leaving {
+        agent.signal(libc::SIGTERM);
+    }
+    let staying = WorkerProcess::start_with_url(&api.url, "staying", &[]);
+    for n in 2..12usize {
+        let command = format!("printf x >> {}/{n}", dir.display());
+        tasks.push((n, client.submit(&command).await.id));
+    }
+
+    for agent in &mut leaving {
+        let status = agent.wait(Duration::from_secs(30)).await.expect("a leaving agent exits");
+        assert!(status.success(), "{status}");
+    }
+    for (n, id) in &tasks {
+        let task = client.until_done(*id).await;
+        assert_eq!(task.status, TaskStatus::Finished, "{task:?}");
+        let ran = std::fs::read(dir.join(n.to_string())).unwrap_or_default();
+        assert_eq!(ran, b"x", "task {n} completed {} times", ran.len());
+    }
+    let short = client.get(tasks[0].1).await.unwrap();
+    let finisher = short.agent.unwrap_or_default();
+    assert!(finisher.starts_with("leaving-"), "finished within the drain, by {finisher}");
+    let long = client.get(tasks[1].1).await.unwrap();
+    assert_eq!(long.agent.as_deref(), Some("staying"), "handed back, then run by the stayer");
+    drop(staying);
+    let _ = std::fs::remove_dir_all(&dir);
 }
