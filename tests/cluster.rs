@@ -180,3 +180,31 @@ async fn agents_scaled_in_while_busy_finish_or_hand_back_their_tasks_and_none_ru
     drop(staying);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The rule that makes rolling updates and rollbacks safe: a newer release's migrations only
+/// add, and a release runs against a database a newer one has migrated. Played here with a
+/// "next release" migration applied on top (a new column with a default, a new table, recorded
+/// in `_sqlx_migrations` as sqlx would): this release starts on it and runs a task through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_keeps_working_on_a_schema_a_newer_release_extended() {
+    let db = TestDb::create().await;
+    let api = ApiProcess::start(&db.url, &[]).await;
+    let pool = db.pool().await;
+    for statement in [
+        "ALTER TABLE tasks ADD COLUMN next_release_note text NOT NULL DEFAULT ''",
+        "CREATE TABLE next_release_things (id bigint PRIMARY KEY)",
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (99990101000000, 'next release', true, '\\x00', 1)",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+
+    let api = api.restart().await;
+    let _agent = WorkerProcess::start_with_url(&api.url, "older", &[]);
+    let client = Api::new(&api.url, ADMIN_TOKEN, TOKEN);
+    let task = client.submit("echo still works").await;
+
+    let done = client.until_done(task.id).await;
+    assert_eq!(done.status, TaskStatus::Finished, "{done:?}");
+    assert_eq!(done.stdout.as_deref(), Some("still works\n"));
+}

@@ -116,7 +116,7 @@ async fn connect(figment: &Figment) -> Result<PgPool, String> {
         .connect(&url)
         .await
         .map_err(|e| format!("cannot reach the database: {e}"))?;
-    sqlx::migrate!("../migrations")
+    crate::db::migrator()
         .run(&pool)
         .await
         .map_err(|e| format!("the database migration failed: {e}"))?;

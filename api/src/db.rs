@@ -133,3 +133,13 @@ pub fn required(
         }
     }
 }
+
+/// The embedded migrations, as every process of this release applies them. A newer release may
+/// have migrated the database already (a rolling update, or a rollback of that release): its
+/// migrations only add, so this release runs against them rather than refuse to start (README,
+/// "Upgrades"). Processes starting at once take turns on sqlx's advisory lock.
+pub fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("../migrations");
+    migrator.set_ignore_missing(true);
+    migrator
+}

@@ -73,7 +73,7 @@ async fn migrate(rocket: Rocket<Build>) -> Result<Rocket<Build>, Rocket<Build>> 
     let Some(db) = Db::fetch(&rocket) else {
         return Err(rocket);
     };
-    match sqlx::migrate!("../migrations").run(db.pool()).await {
+    match db::migrator().run(db.pool()).await {
         Ok(()) => Ok(rocket),
         Err(e) => {
             log::error!("database migration failed: {e}");
