@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use taskexec_protocol::{NewTask, Task, TaskStatus};
-use taskexec_tests::{until, Api, ApiProcess, TestDb, WorkerProcess, ADMIN_TOKEN, TOKEN};
+use taskexec_tests::{until, Api, ApiProcess, TestApp, TestDb, WorkerProcess, ADMIN_TOKEN, TOKEN};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_started_at_once_on_an_empty_database_all_come_up_migrating_it_once() {
@@ -207,4 +207,39 @@ async fn a_release_keeps_working_on_a_schema_a_newer_release_extended() {
     let done = client.until_done(task.id).await;
     assert_eq!(done.status, TaskStatus::Finished, "{done:?}");
     assert_eq!(done.stdout.as_deref(), Some("still works\n"));
+}
+
+/// KEDA's query in deploy/kubernetes/keda-scaledobject.yaml, run against the real schema: it
+/// counts the untagged tasks that are running or due, not the delayed, tagged or ended ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_autoscalers_query_counts_the_tasks_an_agent_is_needed_for() {
+    let manifest = include_str!("../deploy/kubernetes/keda-scaledobject.yaml");
+    // The folded scalar after `query: >-`: its more-indented lines, joined by spaces.
+    let mut lines = manifest.lines().skip_while(|line| !line.trim().starts_with("query: >-"));
+    let indent = |line: &str| line.len() - line.trim_start().len();
+    let head = lines.next().expect("a query in the ScaledObject");
+    let query: Vec<&str> =
+        lines.take_while(|line| indent(line) > indent(head)).map(str::trim).collect();
+    let query = query.join(" ");
+    let app = TestApp::spawn().await;
+    for task in [
+        NewTask::new("true"),
+        NewTask::new("true"),
+        NewTask { delay_secs: Some(3600), ..NewTask::new("later") },
+        NewTask { tags: vec!["gpu".into()], ..NewTask::new("elsewhere") },
+    ] {
+        app.create(&task).await.unwrap();
+    }
+    let running = app.pick("busy", 0).await.unwrap().expect("a due task");
+    let ended = app.submit("done").await;
+    app.abort(ended.id).await.unwrap();
+
+    let pool = app.db.pool().await;
+    let count: i64 = sqlx::query_scalar(&query).fetch_one(&pool).await.unwrap();
+
+    assert_eq!(
+        count, 2,
+        "one running ({}), one due; not the delayed, tagged or ended",
+        running.task.id
+    );
 }

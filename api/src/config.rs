@@ -228,7 +228,7 @@ fn container_env(var: impl Fn(&str) -> Option<String>) -> Figment {
     if let Some(url) = url {
         env = env.merge(Serialized::global(DATABASE_URL_KEY, url));
     }
-    if let Some(url) = var("LISTEN_DATABASE_URL") {
+    if let Some(url) = var("LISTEN_DATABASE_URL").filter(|url| !url.is_empty()) {
         env = env.merge(Serialized::global(LISTEN_URL_KEY, url));
     }
     env

@@ -98,7 +98,8 @@ type Common = (&'static str, &'static str, Option<(&'static str, &'static str)>)
 const COMMON: [Common; 4] = [
     (
         "BadParameter",
-        "An unknown, repeated or malformed query parameter or header, or a malformed id",
+        "An unknown, repeated or malformed query parameter or header, a malformed id, or a body \
+         that is not JSON",
         None,
     ),
     (
@@ -239,6 +240,12 @@ pub struct AgentHeaders {
     #[param(rename = "X-Agent-Instance")]
     instance: Option<uuid::Uuid>,
 }
+
+/// Raw bytes, as a body: a stream's output, uploaded or read.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)] // Described only: the handlers read and write the bytes themselves.
+pub struct RawBytes(Vec<u8>);
 
 /// Problem responses particular to some operations, by status.
 macro_rules! problem_responses {

@@ -243,14 +243,14 @@ pub const LISTED_COMMAND_CHARS: usize = 1024;
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewTask {
-    /// Run by `sh -c`; not only whitespace, without NUL, at most `max_command_bytes` (64 KiB
-    /// by default).
-    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 65536))]
+    /// Run by `sh -c`; not only whitespace, without NUL, at most `max_command_bytes` bytes
+    /// (64 KiB by default).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub command: String,
     /// Stop the command after this many seconds (the server's default when absent; at most
     /// `max_timeout_secs`, a day by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub timeout_secs: Option<u32>,
     /// Only an agent whose tags include all of these takes the task: up to 16 of
     /// `[a-z0-9][a-z0-9_.-]{0,63}`.

@@ -25,7 +25,7 @@ use crate::config::AppConfig;
 use crate::dispatch::{ended, Dispatcher, WaitSlots, Woken, RECHECK};
 use crate::error::ApiError;
 use crate::openapi::{
-    AgentHeaders, Conflict, Invalid, NotFound, PayloadTooLarge, TooMany, UnsupportedMediaType,
+    AgentHeaders, Conflict, Invalid, NotFound, PayloadTooLarge, RawBytes, TooMany,
 };
 use crate::query::{self, StrictQuery};
 use crate::tasks::lease::Lease;
@@ -37,7 +37,7 @@ pub fn routes() -> Vec<Route> {
 }
 
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(upload, read, read_log), components(schemas(OutputAck, Stream)))]
+#[openapi(paths(upload, read, read_log), components(schemas(OutputAck, Stream, RawBytes)))]
 pub struct ApiDoc;
 
 /// The largest answer to one read, in bytes.
@@ -98,13 +98,12 @@ fn stream(value: Option<&str>) -> Result<Stream, ApiError> {
         ("skip" = Option<bool>, Query,
          description = "Allow starting past the end of the stream (the bytes between are dropped), once its first half is complete"),
     ),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The raw bytes"),
+    request_body(content = RawBytes, content_type = "application/octet-stream", description = "The raw bytes"),
     responses(
         (status = 200, description = "Where the server's copy of the stream now ends", body = OutputAck),
         (status = 404, response = NotFound),
         (status = 409, response = Conflict),
         (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
         (status = 422, response = Invalid),
     )
 )]
@@ -186,7 +185,7 @@ impl<'r> Responder<'r, 'static> for OutputRead {
     ),
     responses(
         (status = 200, description = "The raw bytes from `offset` (up to 256 KiB)",
-         content_type = "application/octet-stream", body = Vec<u8>,
+         content_type = "application/octet-stream", body = RawBytes,
          headers(
              ("Taskexec-Next-Offset" = u64, description = "Where to read next"),
              ("Taskexec-Dropped" = u64, description = "Bytes before the first one returned that were dropped (a flood)"),
