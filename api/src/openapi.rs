@@ -9,7 +9,12 @@
 //! operation's `security` names the roles that may call it: OpenAPI 3.1 lets a bearer
 //! scheme's requirement list roles, and `tests/auth.rs` checks them against the answers.
 
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use rocket::http::uri::Origin;
 use rocket::http::ContentType;
+use rocket::response::Redirect;
 use rocket::{get, routes, Route};
 use taskexec_protocol::Problem;
 use utoipa::openapi::header::Header;
@@ -19,7 +24,10 @@ use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{Content, OpenApi as Document, Ref, RefOr, Response};
 use utoipa::OpenApi;
-use utoipa_swagger_ui::SwaggerUi;
+use utoipa_swagger_ui::Config;
+
+use crate::error::ApiError;
+use crate::query::StrictQuery;
 
 /// The media type of every error answer (RFC 9457).
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -161,13 +169,41 @@ pub fn roles(operation: &Operation) -> Option<Vec<String>> {
 }
 
 pub fn routes() -> Vec<Route> {
-    let docs: Vec<Route> = SwaggerUi::new("/docs/<_..>").url(DOCUMENT_PATH, document()).into();
-    // The UI's own route for the document is replaced by ours (`document_json`), which is
-    // described and takes the strict query like every other.
-    let mut all: Vec<Route> =
-        docs.into_iter().filter(|route| route.uri.path() != DOCUMENT_PATH).collect();
-    all.extend(routes![document_json]);
-    all
+    routes![document_json, docs]
+}
+
+/// A page or asset of Swagger UI, or the way to it.
+#[derive(rocket::Responder)]
+enum Docs {
+    File(Vec<u8>, ContentType),
+    Moved(Redirect),
+}
+
+/// Swagger UI (`/docs/`), browsing this document: its pages and assets are compiled into the
+/// binary (utoipa-swagger-ui's `vendored` feature), so nothing is fetched from elsewhere. Not
+/// described in the document: it is not part of the API. No token needed.
+#[get("/docs/<tail..>")]
+fn docs(_query: StrictQuery, tail: PathBuf, uri: &Origin<'_>) -> Result<Docs, ApiError> {
+    // `/docs` itself: the page's assets are relative to `/docs/`.
+    if tail.as_os_str().is_empty() && !uri.path().ends_with('/') {
+        return Ok(Docs::Moved(Redirect::to("/docs/")));
+    }
+    static CONFIG: OnceLock<Arc<Config<'static>>> = OnceLock::new();
+    let config = CONFIG.get_or_init(|| Arc::new(Config::new([DOCUMENT_PATH])));
+    let not_found = || ApiError::NotFound(format!("no page at /docs/{}", tail.display()));
+    let file = tail.to_str().ok_or_else(not_found)?;
+    match utoipa_swagger_ui::serve(file, config.clone()) {
+        Ok(Some(file)) => {
+            let kind =
+                ContentType::parse_flexible(&file.content_type).unwrap_or(ContentType::Binary);
+            Ok(Docs::File(file.bytes.into_owned(), kind))
+        }
+        Ok(None) => Err(not_found()),
+        Err(e) => {
+            log::error!("Swagger UI could not serve {file}: {e}");
+            Err(ApiError::Internal)
+        }
+    }
 }
 
 /// This document (OpenAPI 3.1), as JSON. No token needed.
@@ -180,7 +216,7 @@ pub fn routes() -> Vec<Route> {
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json"))
 )]
 #[get("/openapi.json")]
-fn document_json(_query: crate::query::StrictQuery) -> (ContentType, &'static str) {
+fn document_json(_query: StrictQuery) -> (ContentType, &'static str) {
     (ContentType::JSON, json())
 }
 
