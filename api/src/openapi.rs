@@ -3,9 +3,10 @@
 //! cannot change without the document seeing it. Served at `GET /openapi.json`, and browsable
 //! at `GET /docs` (Swagger UI, its assets compiled into the binary: nothing is fetched).
 //!
-//! What every operation may answer the same way is added here once (`common_problems`), not
-//! on each handler: 400 for an unknown, repeated or malformed parameter (`StrictQuery`), 503
-//! while the database is away, and for operations that take a token, 401 and 403. Each
+//! What every operation of a kind may answer the same way is added here once
+//! (`common_problems`), not on each handler: 400 for an unknown, repeated or malformed
+//! parameter (`StrictQuery`), 503 while the database is away; with a token, 401 and 403; with
+//! an id in the path, 404; with a body, 413, and with a JSON body, 415 and 422. Each
 //! operation's `security` names the roles that may call it: OpenAPI 3.1 lets a bearer
 //! scheme's requirement list roles, and `tests/auth.rs` checks them against the answers.
 
@@ -54,7 +55,10 @@ pub const DOCUMENT_PATH: &str = "/openapi.json";
         (name = "operations", description = "Health, metrics, the agent registry, this document"),
     ),
     paths(document_json),
-    components(schemas(Problem))
+    components(
+        schemas(Problem),
+        responses(NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType, Invalid, TooMany),
+    )
 )]
 struct ApiDoc;
 
@@ -90,9 +94,10 @@ pub fn document() -> Document {
         }
         components.responses.insert(name.to_owned(), RefOr::T(response));
     }
-    for item in doc.paths.paths.values_mut() {
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let names_one = path.contains('{');
         for operation in operations(item) {
-            common_problems(operation);
+            common_problems(operation, names_one);
         }
     }
     doc
@@ -137,13 +142,27 @@ fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
         .filter_map(Option::as_mut)
 }
 
-/// Adds the answers every operation may give (see the module's comment), and the roles of a
-/// token-taking operation to its description.
-fn common_problems(operation: &mut Operation) {
+/// Adds the answers every operation of its kind may give (see the module's comment), and the
+/// roles of a token-taking operation to its description. `names_one`: its path names a task
+/// or token, which may not exist.
+fn common_problems(operation: &mut Operation, names_one: bool) {
     let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
+    let body = operation.request_body.as_ref();
+    // Every body is read within its limit; a JSON one (`JsonBody`) also by its content type,
+    // and then by its fields.
+    let json = body.is_some_and(|body| body.content.contains_key("application/json"));
     let mut common = vec![("400", "BadParameter"), ("503", "Unavailable")];
     if secured {
         common.extend([("401", "Unauthorized"), ("403", "Forbidden")]);
+    }
+    if names_one {
+        common.push(("404", "NotFound"));
+    }
+    if body.is_some() {
+        common.push(("413", "PayloadTooLarge"));
+    }
+    if json {
+        common.extend([("415", "UnsupportedMediaType"), ("422", "Invalid")]);
     }
     for (status, name) in common {
         let responses = &mut operation.responses.responses;

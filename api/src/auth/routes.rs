@@ -10,7 +10,6 @@ use super::{tokens, Allowed, ManageTokens};
 use crate::body::{JsonBody, Limited};
 use crate::dispatch::Notifier;
 use crate::error::ApiError;
-use crate::openapi::{Invalid, NotFound, PayloadTooLarge, UnsupportedMediaType};
 use crate::query::StrictQuery;
 use crate::Db;
 
@@ -40,9 +39,6 @@ impl Limited for NewToken {
         (status = 201, description = "Created, with its secret", body = CreatedToken,
          headers(("Location" = String, description = "The token's address")),
          links(("RevokeToken" = (operation_id = "revokeToken", parameters(("id" = "$response.body#/id")))))),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Invalid),
     )
 )]
 #[post("/tokens", data = "<body>")]
@@ -87,7 +83,6 @@ async fn list(
     params(("id" = TokenId, Path)),
     responses(
         (status = 204, description = "Revoked"),
-        (status = 404, response = NotFound),
     )
 )]
 #[delete("/tokens/<id>")]

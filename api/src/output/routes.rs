@@ -24,9 +24,7 @@ use crate::body::read_within;
 use crate::config::AppConfig;
 use crate::dispatch::{ended, Dispatcher, WaitSlots, Woken, RECHECK};
 use crate::error::ApiError;
-use crate::openapi::{
-    AgentHeaders, Conflict, Invalid, NotFound, PayloadTooLarge, RawBytes, TooMany,
-};
+use crate::openapi::{AgentHeaders, Conflict, Invalid, RawBytes, TooMany};
 use crate::query::{self, StrictQuery};
 use crate::tasks::lease::Lease;
 use crate::tasks::routes::parse_id;
@@ -101,9 +99,7 @@ fn stream(value: Option<&str>) -> Result<Stream, ApiError> {
     request_body(content = RawBytes, content_type = "application/octet-stream", description = "The raw bytes"),
     responses(
         (status = 200, description = "Where the server's copy of the stream now ends", body = OutputAck),
-        (status = 404, response = NotFound),
         (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
         (status = 422, response = Invalid),
     )
 )]
@@ -192,7 +188,6 @@ impl<'r> Responder<'r, 'static> for OutputRead {
              ("Taskexec-Total" = u64, description = "The stream's length so far"),
              ("Taskexec-Ended" = bool, description = "The task has ended: nothing more will come"),
          )),
-        (status = 404, response = NotFound),
         (status = 429, response = TooMany),
     )
 )]
@@ -272,7 +267,6 @@ fn ending(standing: &Standing) -> String {
     responses(
         (status = 200, description = "stdout and stderr combined, in the order they came",
          content_type = "text/plain", body = String),
-        (status = 404, response = NotFound),
         (status = 429, response = TooMany),
     )
 )]

@@ -34,9 +34,7 @@ use crate::config::AppConfig;
 use crate::dispatch::{ended, Delivery, Dispatcher, Handover, WaitSlots, Woken, RECHECK};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::openapi::{
-    AgentHeaders, Conflict, Invalid, NotFound, PayloadTooLarge, TooMany, UnsupportedMediaType,
-};
+use crate::openapi::{AgentHeaders, Conflict, TooMany};
 use crate::output::store::{self as output, Uploads};
 use crate::query::{self, StrictQuery};
 use crate::Db;
@@ -48,19 +46,16 @@ pub fn routes() -> Vec<Route> {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(create, list, show, attempts, abort, pick, heartbeat, release, finish),
-    components(
-        schemas(
-            NewTask,
-            Task,
-            TaskPage,
-            Attempt,
-            Assignment,
-            LeaseBody,
-            HeartbeatReply,
-            FinishReport
-        ),
-        responses(NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType, Invalid, TooMany),
-    )
+    components(schemas(
+        NewTask,
+        Task,
+        TaskPage,
+        Attempt,
+        Assignment,
+        LeaseBody,
+        HeartbeatReply,
+        FinishReport
+    ),)
 )]
 pub struct ApiDoc;
 
@@ -96,9 +91,6 @@ enum Submitted {
              ("AbortTask" = (operation_id = "abortTask", parameters(("id" = "$response.body#/id")))),
          )),
         (status = 200, description = "An earlier submit with this Idempotency-Key and body created it", body = Task),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Invalid),
         (status = 429, response = TooMany),
     )
 )]
@@ -258,7 +250,6 @@ async fn list(
     ),
     responses(
         (status = 200, description = "The task", body = Task),
-        (status = 404, response = NotFound),
         (status = 429, response = TooMany),
     )
 )]
@@ -304,7 +295,6 @@ async fn show(
     params(("id" = TaskId, Path)),
     responses(
         (status = 200, description = "Every attempt, oldest first", body = Vec<Attempt>),
-        (status = 404, response = NotFound),
     )
 )]
 #[get("/tasks/<id>/attempts")]
@@ -340,7 +330,6 @@ enum AbortResponse {
     responses(
         (status = 200, description = "A queued task, cancelled at once", body = Task),
         (status = 202, description = "A running task: its agent stops it and reports", body = Task),
-        (status = 404, response = NotFound),
         (status = 409, response = Conflict),
     )
 )]
@@ -529,11 +518,7 @@ impl AsyncSeek for Signed {
     request_body(content = LeaseBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The lease, extended", body = HeartbeatReply),
-        (status = 404, response = NotFound),
         (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Invalid),
     )
 )]
 #[post("/tasks/<id>/heartbeat?<wait>", data = "<body>")]
@@ -591,11 +576,7 @@ async fn heartbeat(
     request_body(content = LeaseBody, content_type = "application/json"),
     responses(
         (status = 200, description = "Back in the queue (or failed, handed back too often)", body = Task),
-        (status = 404, response = NotFound),
         (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Invalid),
     )
 )]
 #[post("/tasks/<id>/release", data = "<body>")]
@@ -641,11 +622,7 @@ async fn release(
     request_body(content = FinishReport, content_type = "application/json"),
     responses(
         (status = 200, description = "The task as it ended (or queued again, to be retried)", body = Task),
-        (status = 404, response = NotFound),
         (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Invalid),
     )
 )]
 #[post("/tasks/<id>/finish", data = "<report>")]
