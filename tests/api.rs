@@ -363,6 +363,13 @@ async fn thirty_two_concurrent_pickers_get_each_of_500_tasks_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_parked_pick_wakes_when_a_task_is_created() {
     let app = spawn_without_rescan().await;
+    let woken = "woken within 2 s of the create, not by a rescan or the 20 s deadline";
+    woken_by(&app, app.submit("echo wake"), woken).await;
+}
+
+/// Parks a pick on `app`, then creates a task with `create`: the pick must get that task
+/// within 2 s (`woken` says how it should have been woken).
+async fn woken_by(app: &TestApp, create: impl std::future::Future<Output = Task>, woken: &str) {
     let pick = {
         let api = app.api.clone();
         tokio::spawn(async move { api.pick("parked", 20).await })
@@ -370,11 +377,11 @@ async fn a_parked_pick_wakes_when_a_task_is_created() {
     app.until_parked(1).await;
 
     let created = Instant::now();
-    let task = app.submit("echo wake").await;
+    let task = create.await;
 
     let picked = tokio::time::timeout_at(created + Duration::from_secs(2), pick)
         .await
-        .expect("woken within 2 s of the create, not by a rescan or the 20 s deadline")
+        .expect(woken)
         .unwrap()
         .unwrap()
         .expect("a task, not 204");
@@ -387,22 +394,8 @@ async fn a_task_created_on_another_api_process_wakes_a_parked_pick() {
     let peer =
         TestApp::spawn_on(app.db.clone(), |figment| figment.merge(("dispatch_rescan_secs", 3600)))
             .await;
-    let pick = {
-        let api = app.api.clone();
-        tokio::spawn(async move { api.pick("parked", 20).await })
-    };
-    app.until_parked(1).await;
-
-    let created = Instant::now();
-    let task = peer.submit("echo from the peer").await;
-
-    let picked = tokio::time::timeout_at(created + Duration::from_secs(2), pick)
-        .await
-        .expect("woken within 2 s of the peer's create, not by a rescan or the deadline")
-        .unwrap()
-        .unwrap()
-        .expect("a task, not 204");
-    assert_eq!(picked.task.id, task.id);
+    let woken = "woken within 2 s of the peer's create, not by a rescan or the deadline";
+    woken_by(&app, peer.submit("echo from the peer"), woken).await;
 }
 
 /// `listen_url` sends the LISTEN connection elsewhere than the pool (to PostgreSQL itself, when
@@ -420,21 +413,8 @@ async fn the_listen_connection_goes_to_listen_url_and_the_pool_does_not() {
             .merge(("listen_probe_secs", 3600))
     })
     .await;
-    let pick = {
-        let api = app.api.clone();
-        tokio::spawn(async move { api.pick("parked", 20).await })
-    };
-    app.until_parked(1).await;
-
-    let created = Instant::now();
-    let task = app.submit("echo wake").await;
-    let picked = tokio::time::timeout_at(created + Duration::from_secs(2), pick)
-        .await
-        .expect("woken within 2 s by a notification through listen_url")
-        .unwrap()
-        .unwrap()
-        .expect("a task, not 204");
-    assert_eq!(picked.task.id, task.id);
+    let woken = "woken within 2 s by a notification through listen_url";
+    woken_by(&app, app.submit("echo wake"), woken).await;
     let through_proxy = proxy.statements();
     assert!(through_proxy >= 1, "the LISTEN went through listen_url");
     for _ in 0..20 {
