@@ -45,8 +45,8 @@ async fn three_replicas_started_at_once_on_an_empty_database_all_come_up_migrati
 async fn a_rolling_update_of_two_api_processes_loses_no_task_and_runs_none_twice() {
     let db = TestDb::create().await;
     let settings = [("ROCKET_LEASE_SECS", "10"), ("ROCKET_KILL_GRACE_SECS", "1")];
-    let mut apis = vec![ApiProcess::start(&db.url, &settings).await];
-    apis.push(ApiProcess::start(&db.url, &settings).await);
+    let mut apis = vec![ApiProcess::start_logged(&db.url, &settings).await];
+    apis.push(ApiProcess::start_logged(&db.url, &settings).await);
     let urls: Vec<String> = apis.iter().map(|api| api.url.clone()).collect();
     let dir = std::env::temp_dir().join(format!("taskexec-rolling-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -646,7 +646,7 @@ impl ApiProcess {
             .await
             .expect("the API stops on SIGTERM")
             .expect("wait for the API");
-        assert!(status.success(), "the API exited with {status}");
+        assert!(status.success(), "the API exited with {status}; its log:\n{}", self.log());
         let (port, logged) = (self.port, self.log.is_some());
         ApiProcess::launch(port, &self.database_url, &self.env, logged, self.open_files).await
     }
