@@ -446,6 +446,35 @@ async fn wait_beyond_the_maximum_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_pick_with_max_gets_a_list_of_up_to_max_tasks_each_with_its_own_lease() {
+    let app = TestApp::spawn().await;
+    for (query, needle) in [
+        ("max=0", "`max` must be a whole number from 1 to 64"),
+        ("max=65", "`max` must be a whole number from 1 to 64"),
+        ("max=two", "`max` must be a whole number"),
+        ("max=2&max=3", "`max` is given more than once"),
+    ] {
+        let path = format!("/tasks/pick?wait=0&{query}");
+        let response = app.agent(Method::GET, &path, "a").send().await.unwrap();
+        assert_bad_parameter(response, "max", needle).await;
+    }
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(app.submit(&format!("echo {n}")).await.id);
+    }
+
+    let picked = app.pick_many("slots", 2, 0).await.unwrap();
+
+    let got: Vec<_> = picked.iter().map(|a| a.task.id).collect();
+    assert_eq!(got, ids[..2], "the two oldest, in order");
+    assert_ne!(picked[0].lease, picked[1].lease);
+    // The list form even for one; none left after the last is an empty answer.
+    let last = app.pick_many("slots", 5, 0).await.unwrap();
+    assert_eq!(last.iter().map(|a| a.task.id).collect::<Vec<_>>(), ids[2..]);
+    assert!(app.pick_many("slots", 5, 0).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn shutting_the_api_down_ends_parked_picks_with_204() {
     let app = TestApp::spawn().await;
     let pick = {

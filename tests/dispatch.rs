@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use taskexec_api::dispatch::{DispatchLoop, Dispatcher, Notifier, Reply, Round};
+use taskexec_api::dispatch::{DispatchLoop, Dispatcher, Handover, Notifier, Reply, Round};
 use taskexec_api::tasks::store::{self, Claimed, Fate, NewRow, Picker};
 use taskexec_protocol::{LeaseTerms, NewTask, TaskId, TaskStatus};
 use taskexec_tests::{TestApp, TestDb};
@@ -52,7 +52,13 @@ fn park(dispatcher: &Dispatcher, agent: &str) -> Reply {
 /// A pick of an agent with `tags` (sorted), parked for a minute.
 fn park_tagged(dispatcher: &Dispatcher, agent: &str, tags: &[&str]) -> Reply {
     let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
-    dispatcher.park(agent.to_owned(), &tags, Instant::now() + Duration::from_secs(60)).unwrap()
+    dispatcher.park(agent.to_owned(), &tags, 1, Instant::now() + Duration::from_secs(60)).unwrap()
+}
+
+/// The one task a pick without `max` got.
+fn single(mut handed: Vec<Handover>) -> Handover {
+    assert_eq!(handed.len(), 1, "a pick of one task gets one");
+    handed.pop().unwrap()
 }
 
 /// A queued task with `tags` (sorted) and `priority`.
@@ -70,7 +76,7 @@ async fn insert_tagged(pool: &PgPool, tags: &[&str], priority: i32) -> TaskId {
 async fn received(replies: Vec<(&str, Reply)>) -> Vec<(String, TaskId)> {
     let mut got = Vec::new();
     for (agent, reply) in replies {
-        let picked = reply.await.unwrap().expect("a task").delivered();
+        let picked = single(reply.await.unwrap()).delivered();
         assert_eq!(picked.task.agent.as_deref(), Some(agent));
         got.push((agent.to_owned(), picked.task.id));
     }
@@ -88,7 +94,7 @@ async fn a_handover_that_never_reached_its_agent_goes_back_to_the_queue() {
     let task = store::insert(&pool, "echo back", 60, "tester").await.unwrap().id;
     let round = dispatch.run_once().await;
     assert_eq!(round, Round { claims: 1, delivered: 1, returned: 0, expired: 0 });
-    drop(reply.await.unwrap().expect("a task"));
+    drop(single(reply.await.unwrap()));
 
     let round = dispatch.run_once().await;
 
@@ -113,11 +119,45 @@ async fn one_claim_serves_all_parked_picks_oldest_waiter_first() {
 
     assert_eq!(round, Round { claims: 1, delivered: 3, returned: 0, expired: 0 });
     for (n, reply) in replies.drain(..3).enumerate() {
-        let picked = reply.await.unwrap().expect("a task").delivered();
+        let picked = single(reply.await.unwrap()).delivered();
         assert_eq!(picked.task.id, tasks[n], "waiter {n} gets the {n}th oldest task");
         assert_eq!(picked.task.agent.as_deref(), Some(format!("agent-{n}").as_str()));
     }
     assert_eq!(dispatcher.parked(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pick_of_several_takes_up_to_its_max_in_the_same_claim_as_the_others() {
+    let (db, pool) = migrated().await;
+    let (notifier, dispatcher, mut dispatch) = dispatcher(&pool);
+    // Listening, so that a queue found empty is known empty (the inserts send no hint).
+    listening(&db, &notifier).await;
+    let forever = Instant::now() + Duration::from_secs(60);
+    let slots = dispatcher.park("slots".into(), &[], 3, forever).unwrap();
+    let single_pick = park(&dispatcher, "single");
+    let mut tasks = Vec::new();
+    for n in 0..5 {
+        tasks.push(store::insert(&pool, &format!("echo {n}"), 60, "tester").await.unwrap().id);
+    }
+
+    let round = dispatch.run_once().await;
+
+    assert_eq!(round, Round { claims: 1, delivered: 4, returned: 0, expired: 0 });
+    let got: Vec<_> = slots.await.unwrap().into_iter().map(Handover::delivered).collect();
+    let ids: Vec<TaskId> = got.iter().map(|a| a.task.id).collect();
+    assert_eq!(ids, tasks[..3], "the older pick takes the three oldest, in order");
+    let leases: std::collections::HashSet<_> = got.iter().map(|a| a.lease).collect();
+    assert_eq!(leases.len(), 3, "each task has a lease of its own");
+    assert!(got.iter().all(|a| a.task.agent.as_deref() == Some("slots")));
+    assert_eq!(single(single_pick.await.unwrap()).delivered().task.id, tasks[3]);
+
+    // A pick of 4 with one task left gets that one at once, and the queue is known empty.
+    let rest = dispatcher.park("slots".into(), &[], 4, forever).unwrap();
+    let round = dispatch.run_once().await;
+    assert_eq!(round, Round { claims: 1, delivered: 1, returned: 0, expired: 0 });
+    assert_eq!(single(rest.await.unwrap()).delivered().task.id, tasks[4]);
+    let _parked = dispatcher.park("slots".into(), &[], 4, forever).unwrap();
+    assert_eq!(dispatch.run_once().await.claims, 0, "no claim on a queue known empty");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -253,7 +293,7 @@ async fn a_hundred_parked_picks_and_a_hundred_tasks_pair_up_one_to_one() {
     assert_eq!(round.delivered, 100);
     let mut ids = std::collections::HashSet::new();
     for reply in replies {
-        let picked = reply.await.unwrap().expect("one task each").delivered();
+        let picked = single(reply.await.unwrap()).delivered();
         assert!(ids.insert(picked.task.id));
     }
 }
@@ -262,12 +302,12 @@ async fn a_hundred_parked_picks_and_a_hundred_tasks_pair_up_one_to_one() {
 async fn a_pick_past_its_deadline_is_answered_with_nothing() {
     let (_db, pool) = migrated().await;
     let (_, dispatcher, mut dispatch) = dispatcher(&pool);
-    let reply = dispatcher.park("late".into(), &[], Instant::now()).unwrap();
+    let reply = dispatcher.park("late".into(), &[], 1, Instant::now()).unwrap();
 
     let round = dispatch.run_once().await;
 
     assert_eq!(round.expired, 1);
-    assert!(reply.await.unwrap().is_none());
+    assert!(reply.await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -73,6 +73,8 @@ async fn an_agent_killed_mid_task_is_replaced_and_leaves_no_orphan() {
     let task = app.submit(&first_then_second(&dir, &sleep)).await;
     let sleeper = read_pid(&dir.join("sleep.pid")).await;
     let escapee = read_pid(&dir.join("escapee.pid")).await;
+    // Confirmed running: the lost attempt counts (a pick never confirmed is refunded).
+    app.until_running(task.id).await;
 
     doomed.signal(libc::SIGKILL);
     let killed = Instant::now();

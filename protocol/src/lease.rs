@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! agent                                   API
-//!   GET /tasks/pick?wait=25  ─────────────▶  parks; one claim for all parked picks
-//!   ◀──────────────── 200 Assignment (task, lease, terms: confirmation window)
+//!   GET /tasks/pick?wait=25&max=N ────────▶  parks; one claim for all parked picks
+//!   ◀──────────────── 200 [Assignment] (1 to N: task, lease, terms: confirmation window)
 //!   POST /tasks/<id>/heartbeat {lease} ──▶  full lease; held until an abort or wait ends
 //!   ◀──────────────── 200 HeartbeatReply {abort, lease_secs}
 //!   POST /tasks/<id>/output?stream&offset (X-Lease) ─▶ 200 OutputAck {next_offset}
@@ -44,6 +44,19 @@ pub struct Assignment {
     pub lease_expires_at: DateTime<Utc>,
     #[serde(flatten)]
     pub terms: LeaseTerms,
+}
+
+/// The most tasks one pick may ask for (`GET /tasks/pick?max=`): an agent's slots.
+pub const MAX_PICK: usize = 64;
+
+/// The answer to a pick: one assignment when the pick named no `max`, as agents before
+/// `max` expect, else a list of one to `max` of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(untagged)]
+pub enum Picked {
+    One(Box<Assignment>),
+    Many(Vec<Assignment>),
 }
 
 /// The body of a heartbeat or a release: the lease the agent holds.

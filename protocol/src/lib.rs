@@ -16,7 +16,9 @@ pub mod token;
 
 pub use agent::{AgentInfo, AgentState};
 pub use ids::{LeaseToken, ParseIdError, TaskId, TokenId};
-pub use lease::{Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseTerms};
+pub use lease::{
+    Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseTerms, Picked, MAX_PICK,
+};
 pub use output::{OutputAck, OutputCap, Stream};
 pub use problem::{Problem, ProblemType};
 pub use task::{

@@ -295,6 +295,17 @@ impl Api {
         }
     }
 
+    /// `GET /tasks/pick?wait=S&max=N` as agent `name`: up to `max` tasks, as a list.
+    pub async fn pick_many(&self, name: &str, max: usize, wait: u64) -> Answer<Vec<Assignment>> {
+        let path = format!("/tasks/pick?wait={wait}&max={max}");
+        let response = self.agent(Method::GET, &path, name).send().await.unwrap();
+        match response.status() {
+            StatusCode::OK => Ok(response.json().await.unwrap()),
+            StatusCode::NO_CONTENT => Ok(Vec::new()),
+            _ => Err(failure(response).await),
+        }
+    }
+
     /// `POST /tasks/<id>/heartbeat?wait=S`.
     pub async fn heartbeat(
         &self,
@@ -357,6 +368,20 @@ impl Api {
             }
         }
         panic!("task {id} did not end within a minute");
+    }
+
+    /// The task once its agent has confirmed that its command runs (`running_at` set by the
+    /// first heartbeat, about a second after the start), for at most 30 s.
+    pub async fn until_running(&self, id: TaskId) -> Task {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let task = self.get(id).await.unwrap();
+            if task.running_at.is_some() {
+                return task;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "task {id} never ran: {task:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until `parked` picks are parked, as the server reports on /health.

@@ -410,7 +410,12 @@ pub struct TestUser {
 
 impl TestUser {
     pub fn create() -> TestUser {
-        let name = format!("tex{}", &Uuid::new_v4().simple().to_string()[..12]);
+        TestUser::named(&format!("tex{}", &Uuid::new_v4().simple().to_string()[..12]))
+    }
+
+    /// A user called `name` (which no other test may use).
+    pub fn named(name: &str) -> TestUser {
+        let name = name.to_owned();
         // useradd takes a lock on /etc/passwd, which a concurrent useradd or userdel may hold.
         for attempt in 0.. {
             let out = std::process::Command::new("useradd")

@@ -23,11 +23,16 @@ Settings (environment variables):
   PICK_WAIT                 how long the server may hold a pick [default: 25s]
   POLL_INTERVAL             pause after the API was unreachable [default: 5s]
   DRAIN_TIMEOUT             after SIGTERM, how long a running task may go on [default: 30s]
+  CONCURRENCY               how many commands the agent runs at once, each in a slot with
+                            its own lease [default: 1; at most 64; above 1 the API must
+                            know GET /tasks/pick?max]
   LOG_FORMAT                text, or json for one JSON object per line [default: text]
   LOG_LEVEL                 error, warn, info, debug or trace [default: info]
   RUN_AS                    the user commands run as (a user of this agent's own: all its
                             processes are killed when a task ends); needs root, or
-                            CAP_SETUID, CAP_SETGID and CAP_KILL [default: the agent's user]
+                            CAP_SETUID, CAP_SETGID and CAP_KILL [default: the agent's user];
+                            with CONCURRENCY above 1, one user per slot: {slot} stands for
+                            the slot's number from 0, as in taskexec-run-{slot}
   TASK_ENV_ALLOW            variables passed to commands besides PATH, HOME, LANG, LC_* and
                             TZ: comma-separated names or PREFIX_* patterns
   TASK_ENV_OVERRIDE         protected variables a task's env may set all the same (PATH,
@@ -44,7 +49,7 @@ back and exits.";
 
 /// The taskexec executor agent: long-polls the API for tasks and runs each with `sh -c`
 /// under a guard process, keeps its lease alive with heartbeats, streams its output and
-/// reports how it ended. One task at a time; run more agents to run more at once.
+/// reports how it ended. CONCURRENCY tasks at a time (default 1).
 #[derive(Parser)]
 #[command(name = "taskexec-worker", version, after_help = SETTINGS)]
 struct Args {}
@@ -88,13 +93,14 @@ pub fn main() -> ExitCode {
 fn isolate(config: &Config) -> Result<(), String> {
     // SAFETY: prctl with these options only changes attributes of this process.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let confined = config.run_as.is_some() || config.limits != crate::isolation::Limits::default();
+    let confined =
+        !config.run_as.is_empty() || config.limits != crate::isolation::Limits::default();
     if confined && std::env::current_exe().is_err() {
         return Err("RUN_AS and TASK_MAX_* need the guard (this binary), whose path cannot be \
                     found: refusing to run commands unconfined"
             .into());
     }
-    let Some(user) = &config.run_as else {
+    let Some(first) = config.run_as.first() else {
         log::warn!("{}", crate::isolation::SHARED_USER_WARNING);
         return Ok(());
     };
@@ -102,16 +108,21 @@ fn isolate(config: &Config) -> Result<(), String> {
     if !missing.is_empty() {
         return Err(format!(
             "RUN_AS={} needs root or the capabilities {}: the agent has not got {}",
-            user.name,
+            first.name,
             "CAP_SETUID, CAP_SETGID and CAP_KILL",
             missing.join(", ")
         ));
     }
-    let left = crate::procs::sweep(crate::procs::Scope::User(user.uid));
-    if left > 0 {
-        log::warn!("killed {left} processes of {} left from before this agent started", user.name);
+    for (slot, user) in config.run_as.iter().enumerate() {
+        let left = crate::procs::sweep(crate::procs::Scope::User(user.uid));
+        if left > 0 {
+            log::warn!(
+                "killed {left} processes of {} left from before this agent started",
+                user.name
+            );
+        }
+        log::info!("slot {slot}: commands run as {} (uid {})", user.name, user.uid);
     }
-    log::info!("commands run as {} (uid {})", user.name, user.uid);
     Ok(())
 }
 

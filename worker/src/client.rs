@@ -128,12 +128,19 @@ pub struct Client {
     pick_wait: Duration,
     /// `AGENT_TAGS`: a task goes to this agent only if these include all of its tags.
     tags: Vec<String>,
+    /// Picks name `max` (an agent of several slots), and the answer is a list.
+    listed: bool,
 }
 
 impl Client {
     pub fn new(config: &Config) -> Client {
+        // Each slot keeps a heartbeat, uploads and a finish going: enough idle connections
+        // that none of them connects afresh for every call.
+        let idle = 4 * config.concurrency + 2;
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .max_idle_connections(idle)
+            .max_idle_connections_per_host(idle)
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .user_agent(concat!("taskexec-worker/", env!("CARGO_PKG_VERSION")))
             .tls_config(tls(config.ca_certs.as_deref()))
@@ -149,6 +156,7 @@ impl Client {
             instance: uuid::Uuid::new_v4().to_string(),
             pick_wait: config.pick_wait,
             tags: config.tags.clone(),
+            listed: config.concurrency > 1,
         }
     }
 
@@ -165,34 +173,74 @@ impl Client {
         error
     }
 
-    /// Long-polls for a task: `None` when none arrived within the server's hold.
-    pub fn pick(&self) -> Result<Option<Assignment>, ClientError> {
-        self.try_pick().map_err(|e| self.fail_over(e))
+    /// Long-polls for up to `max` tasks (at least one): none when none arrived within the
+    /// server's hold. An agent of one slot asks as agents before `max` did, so that it works
+    /// with any API.
+    pub fn pick(&self, max: usize) -> Result<Vec<Assignment>, ClientError> {
+        self.try_pick(max).map_err(|e| self.fail_over(e))
     }
 
-    fn try_pick(&self) -> Result<Option<Assignment>, ClientError> {
-        let mut response = self
+    fn try_pick(&self, max: usize) -> Result<Vec<Assignment>, ClientError> {
+        let max = max.clamp(1, taskexec_protocol::MAX_PICK);
+        let mut request = self
             .identified(self.http.get(self.url("/tasks/pick")))
             .query("wait", self.pick_wait.as_secs().to_string())
-            .query("tags", self.tags.join(","))
+            .query("tags", self.tags.join(","));
+        if self.listed {
+            request = request.query("max", max.to_string());
+        }
+        let mut response = request
             .config()
             .timeout_global(Some(self.pick_wait + PICK_READ_MARGIN))
             .build()
             .call()
             .map_err(transport)?;
         match response.status().as_u16() {
-            204 => Ok(None),
+            204 => Ok(Vec::new()),
             200 => {
-                let assignment: Assignment = response
-                    .body_mut()
-                    .with_config()
-                    .limit(MAX_PICK_BYTES)
-                    .read_json()
-                    .map_err(|e| ClientError::Unexpected(format!("unreadable pick: {e}")))?;
-                validate(assignment, &self.tags).map(Some)
+                let body = response.body_mut().with_config().limit(MAX_PICK_BYTES * max as u64);
+                let unreadable = |e| ClientError::Unexpected(format!("unreadable pick: {e}"));
+                let assignments = if self.listed {
+                    body.read_json::<Vec<Assignment>>().map_err(unreadable)?
+                } else {
+                    vec![body.read_json::<Assignment>().map_err(unreadable)?]
+                };
+                self.check_picked(assignments, max)
             }
             _ => Err(status_error(response)),
         }
+    }
+
+    /// The picked assignments this agent can run: no more than it asked for, each task once,
+    /// each valid. One that is not is left alone (its lease runs out and the server queues it
+    /// again), with a warning; the others run.
+    fn check_picked(
+        &self,
+        assignments: Vec<Assignment>,
+        max: usize,
+    ) -> Result<Vec<Assignment>, ClientError> {
+        if assignments.is_empty() || assignments.len() > max {
+            return Err(ClientError::Unexpected(format!(
+                "a pick of at most {max} tasks answered with {}",
+                assignments.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut valid = Vec::new();
+        for assignment in assignments {
+            if !seen.insert(assignment.task.id) {
+                log::warn!("task {}: handed out twice in one pick; ran once", assignment.task.id);
+                continue;
+            }
+            match validate(assignment, &self.tags) {
+                Ok(assignment) => valid.push(assignment),
+                Err(e) => log::warn!("a picked task is left alone: {e}"),
+            }
+        }
+        if valid.is_empty() {
+            return Err(ClientError::Unexpected("no picked task could be run".into()));
+        }
+        Ok(valid)
     }
 
     /// Tells the API this agent is exiting, so that it shows as gone at once. Short: an exit

@@ -37,9 +37,14 @@ pub struct Config {
     /// `BACKEND_API_CA_FILE`: PEM certificates trusted besides the system's roots, for an API
     /// behind a private CA (read at start, so that a wrong path stops the agent at once).
     pub ca_certs: Option<Vec<u8>>,
-    /// `RUN_AS`: the user (name or uid) commands run as, and whose every process is killed
-    /// when a task ends; a user of this agent's own. Unset: the agent's own user.
-    pub run_as: Option<RunAs>,
+    /// `CONCURRENCY` (default 1, at most 64): how many commands the agent runs at once, each
+    /// in a slot of its own with its own lease, heartbeats, output and drain.
+    pub concurrency: usize,
+    /// `RUN_AS`, by slot: the user (name or uid) a slot's commands run as, and whose every
+    /// process is killed when its task ends; a user of this agent's own. With more than one
+    /// slot it names one user per slot (`taskexec-run-{slot}`), so that the commands of two
+    /// slots cannot reach each other. Empty: the agent's own user.
+    pub run_as: Vec<RunAs>,
     /// `TASK_ENV_ALLOW`: the agent's variables passed to commands besides `PATH`, `HOME`,
     /// `LANG`, `LC_*` and `TZ`: comma-separated names or `PREFIX_*` patterns.
     pub env_allow: Vec<String>,
@@ -90,6 +95,7 @@ impl Config {
                 )),
             };
         let name = var("AGENT_NAME").unwrap_or_else(host_name);
+        let concurrency = concurrency(&var)?;
         let ca_certs = match var("BACKEND_API_CA_FILE") {
             Some(path) => Some(ca_file(&path)?),
             None => None,
@@ -114,7 +120,8 @@ impl Config {
                 None => LogFormat::Text,
             },
             ca_certs,
-            run_as: var("RUN_AS").map(|user| RunAs::resolve(user.trim())).transpose()?,
+            concurrency,
+            run_as: run_as(&var, concurrency)?,
             env_allow: list(&var, "TASK_ENV_ALLOW"),
             tags: tags(&var)?,
             env_override: list(&var, "TASK_ENV_OVERRIDE"),
@@ -153,6 +160,40 @@ fn tags(var: &impl Fn(&str) -> Option<String>) -> Result<Vec<String>, Error> {
         return Err(Error::Config("AGENT_TAGS: at most 64 tags".into()));
     }
     Ok(tags)
+}
+
+/// `CONCURRENCY`: 1 to `MAX_PICK` slots.
+fn concurrency(var: &impl Fn(&str) -> Option<String>) -> Result<usize, Error> {
+    let Some(text) = var("CONCURRENCY") else { return Ok(1) };
+    let max = taskexec_protocol::MAX_PICK;
+    text.trim().parse().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| {
+        Error::Config(format!("CONCURRENCY={text:?} must be a whole number from 1 to {max}"))
+    })
+}
+
+/// `RUN_AS`, one user per slot: `{slot}` in it stands for the slot's number (from 0). Every
+/// process of a slot's user is killed when its task ends, so two slots may not share one.
+fn run_as(var: &impl Fn(&str) -> Option<String>, concurrency: usize) -> Result<Vec<RunAs>, Error> {
+    let Some(pattern) = var("RUN_AS") else { return Ok(Vec::new()) };
+    let pattern = pattern.trim();
+    if concurrency > 1 && !pattern.contains("{slot}") {
+        return Err(Error::Config(format!(
+            "RUN_AS={pattern:?} must name a user per slot when CONCURRENCY is {concurrency}, \
+             such as taskexec-run-{{slot}} ({{slot}} is 0 to {}): every process of a slot's \
+             user is killed when its task ends",
+            concurrency - 1
+        )));
+    }
+    let users = (0..concurrency)
+        .map(|slot| RunAs::resolve(&pattern.replace("{slot}", &slot.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut uids: Vec<u32> = users.iter().map(|u| u.uid).collect();
+    uids.sort_unstable();
+    uids.dedup();
+    if uids.len() < users.len() {
+        return Err(Error::Config(format!("RUN_AS={pattern:?} gives two slots the same user")));
+    }
+    Ok(users)
 }
 
 /// A `TASK_MAX_*` limit: unset is none; below `least` (a shell could not even start) or
@@ -293,6 +334,18 @@ mod tests {
         {
             assert!(config(&[("AGENT_TOKEN", "t"), (name, bad)]).is_err(), "{name}={bad}");
         }
+    }
+
+    #[test]
+    fn concurrency_is_one_to_sixty_four_and_needs_a_run_as_user_per_slot() {
+        assert_eq!(config(&[("AGENT_TOKEN", "t")]).unwrap().concurrency, 1);
+        assert_eq!(config(&[("AGENT_TOKEN", "t"), ("CONCURRENCY", "8")]).unwrap().concurrency, 8);
+        for bad in ["0", "65", "two", "-1"] {
+            assert!(config(&[("AGENT_TOKEN", "t"), ("CONCURRENCY", bad)]).is_err(), "{bad}");
+        }
+        // One user for two slots: cleaning up after one task would kill the other's command.
+        let shared = config(&[("AGENT_TOKEN", "t"), ("CONCURRENCY", "2"), ("RUN_AS", "daemon")]);
+        assert!(matches!(shared, Err(Error::Config(m)) if m.contains("{slot}")));
     }
 
     #[test]

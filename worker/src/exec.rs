@@ -1,6 +1,7 @@
 //! Running one command: `sh -c` through duct (under the guard), in its own process group, with
 //! stdout and stderr captured separately into bounded buffers and a clean environment.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -54,6 +55,15 @@ pub struct Spec<'a> {
     /// The user, limits and folder the guard runs the command with.
     pub confinement: &'a Confinement,
     pub workdir: Option<&'a Path>,
+}
+
+/// The agent's live guards, by pid (a count, should a pid be reused before its old guard's
+/// entry is gone): a sweep after one slot's guard died must spare the other slots' commands.
+/// Held while a guard is spawned, so that a sweep never sees a guard it does not know of.
+static GUARDS: Mutex<Option<HashMap<libc::pid_t, usize>>> = Mutex::new(None);
+
+fn guards() -> std::sync::MutexGuard<'static, Option<HashMap<libc::pid_t, usize>>> {
+    GUARDS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A command that has been started: its process group and its output, still being read.
@@ -112,11 +122,16 @@ pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
             child.process_group(0);
             Ok(())
         });
+    let mut live = guards();
     let handle = expression.start();
     // The expression holds our copies of the write ends: drop them, or the pipes never close.
     drop(expression);
     let handle = handle?;
     let group = handle.pids().first().copied();
+    if let (Some(pid), Some(_)) = (group, spec.guard) {
+        *live.get_or_insert_with(HashMap::new).entry(pid as libc::pid_t).or_default() += 1;
+    }
+    drop(live);
     let runs = Arc::new(Mutex::new(Runs::default()));
     Ok(Running {
         handle: Arc::new(handle),
@@ -135,7 +150,14 @@ impl Running {
     /// Calls `exited` on another thread once the command has exited.
     pub fn on_exit(&self, exited: impl FnOnce(Exit) + Send + 'static) {
         let handle = self.handle.clone();
-        thread::spawn(move || exited(exit_of(handle.wait().map(|output| output.status))));
+        let guard = self.group.filter(|_| self.guarded);
+        thread::spawn(move || {
+            let exit = exit_of(handle.wait().map(|output| output.status));
+            if let Some(pid) = guard {
+                forget_guard(pid as libc::pid_t);
+            }
+            exited(exit);
+        });
     }
 
     /// The live buffers of stdout and stderr, and the order they were written in, for the
@@ -171,7 +193,13 @@ impl Running {
         }
         let mut survivors = 0;
         if self.sweep {
-            survivors = procs::sweep(Scope::DescendantsOf(std::process::id() as libc::pid_t));
+            // A guard that exits with a code has killed all of its descendants first; one
+            // that died of a signal may have been killed before it could.
+            if !matches!(exit, Exit::Code(_)) {
+                let live = guards();
+                let spared = live.as_ref().map(|g| g.keys().copied().collect()).unwrap_or_default();
+                survivors = procs::sweep(Scope::Orphans(&spared));
+            }
             if let Some(uid) = self.run_as {
                 // Processes of the user that no task of this agent started (a daemon that
                 // slipped out some other way): not this task's doing, but they must go too.
@@ -188,6 +216,19 @@ impl Running {
             stderr: self.stderr.collect(deadline),
             started: Some(self.started),
             survivors,
+        }
+    }
+}
+
+/// A guard has been waited for: its pid no longer stands for a live guard.
+fn forget_guard(pid: libc::pid_t) {
+    let mut live = guards();
+    if let Some(live) = live.as_mut() {
+        if let Some(count) = live.get_mut(&pid) {
+            *count -= 1;
+            if *count == 0 {
+                live.remove(&pid);
+            }
         }
     }
 }
@@ -211,6 +252,9 @@ pub fn run(spec: &Spec<'_>) -> Execution {
     match start(spec) {
         Ok(running) => {
             let exit = exit_of(running.handle.wait().map(|output| output.status));
+            if let Some(pid) = running.group.filter(|_| running.guarded) {
+                forget_guard(pid as libc::pid_t);
+            }
             running.finish(exit)
         }
         Err(e) => Execution::not_started(format!("could not start the command: {e}"), spec.cap),

@@ -1,9 +1,8 @@
-//! The taskexec executor agent: long-polls the API for a task, runs it with `sh -c` under a
-//! guard, keeps its lease alive, reports the result, and polls again at once. One task at a
-//! time.
+//! The taskexec executor agent: long-polls the API for tasks, runs each with `sh -c` under a
+//! guard, keeps its lease alive, reports the result, and polls again at once. `CONCURRENCY`
+//! slots run a task each at once; one pick asks for as many tasks as there are free slots.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -35,84 +34,147 @@ pub enum Error {
     Config(String),
 }
 
-/// What one step of the loop did.
-#[derive(Debug)]
-pub enum Step {
-    /// The pick ended without a task.
-    Idle,
-    /// A task ran; `recorded` says whether the API accepted its result (or took it back).
-    Ran { id: TaskId, recorded: bool },
-    /// The pick failed; the loop pauses for `POLL_INTERVAL` before the next.
-    Unavailable(ClientError),
-}
-
 pub struct Worker {
     config: Config,
     client: Arc<Client>,
-    /// The environment commands run with: the agent's variables that `TASK_ENV_ALLOW` and the
-    /// few every command needs let through.
-    env: Vec<(String, String)>,
+    /// By slot: the environment and confinement its commands run with.
+    slots: Vec<Slot>,
     /// This binary, which runs each command under its guard.
     guard: Option<PathBuf>,
+}
+
+/// What a slot's commands run with.
+struct Slot {
+    /// The agent's variables that `TASK_ENV_ALLOW` and the few every command needs let
+    /// through (HOME and USER of the slot's run-as user).
+    env: Vec<(String, String)>,
     /// The user and limits the guard gives each command.
     confinement: Confinement,
+    /// Where a command without a `cwd` starts: the run-as user's home.
+    workdir: Option<PathBuf>,
 }
 
 impl Worker {
     pub fn new(config: Config) -> Worker {
         let client = Arc::new(Client::new(&config));
         let guard = std::env::current_exe().ok();
-        let env =
-            isolation::command_env(std::env::vars(), &config.env_allow, config.run_as.as_ref());
-        let confinement = Confinement::new(config.run_as.as_ref(), config.limits);
-        Worker { config, client, env, guard, confinement }
+        let slots = (0..config.concurrency)
+            .map(|slot| {
+                let run_as = config.run_as.get(slot);
+                Slot {
+                    env: isolation::command_env(std::env::vars(), &config.env_allow, run_as),
+                    confinement: Confinement::new(run_as, config.limits),
+                    workdir: run_as.map(isolation::RunAs::workdir),
+                }
+            })
+            .collect();
+        Worker { config, client, slots, guard }
     }
 
-    /// One pick and, if a task came, its run and its report.
-    pub fn run_once(&self, stop: &Stop) -> Step {
-        let assignment = match self.client.pick() {
-            Ok(Some(assignment)) => assignment,
-            Ok(None) => return Step::Idle,
-            Err(e) => return Step::Unavailable(e),
-        };
+    /// Picks tasks for the free slots and hands each to its slot's thread, until a signal asks
+    /// the agent to stop; then waits for the slots to finish (or hand back) their tasks.
+    fn run_slots(&self, stop: &Stop) {
+        let (freed, free_slots) = mpsc::channel::<usize>();
+        thread::scope(|scope| {
+            let mut inboxes = Vec::new();
+            for slot in 0..self.slots.len() {
+                let (inbox, assignments) = mpsc::channel::<Assignment>();
+                let freed = freed.clone();
+                thread::Builder::new()
+                    .name(format!("slot-{slot}"))
+                    .spawn_scoped(scope, move || {
+                        for assignment in assignments {
+                            self.run_task(slot, assignment, stop);
+                            if freed.send(slot).is_err() {
+                                break;
+                            }
+                        }
+                    })
+                    .expect("a thread for each slot");
+                inboxes.push(inbox);
+            }
+            let mut free: Vec<usize> = (0..self.slots.len()).rev().collect();
+            while !stop.requested() {
+                free.extend(free_slots.try_iter());
+                if free.is_empty() {
+                    match free_slots.recv() {
+                        Ok(slot) => free.push(slot),
+                        Err(_) => break,
+                    }
+                    continue;
+                }
+                match self.client.pick(free.len()) {
+                    Ok(picked) if picked.is_empty() => {
+                        // Without a long poll (the original design), a pick every poll interval.
+                        if self.config.pick_wait.is_zero() {
+                            thread::sleep(self.config.poll_interval);
+                        }
+                    }
+                    Ok(picked) => {
+                        for assignment in picked {
+                            let slot = free.pop().expect("no more tasks than free slots");
+                            let _ = inboxes[slot].send(assignment);
+                        }
+                    }
+                    Err(e) => {
+                        let pause = jitter(self.config.poll_interval);
+                        log::warn!("pick failed, next try in {:.1}s: {e}", pause.as_secs_f64());
+                        thread::sleep(pause);
+                    }
+                }
+            }
+            // The slots end once their tasks are done.
+            drop(inboxes);
+        });
+    }
+
+    /// One task in `slot`, from its assignment to its report. Returns whether the API took
+    /// note of the result (or took the task back).
+    fn run_task(&self, slot: usize, assignment: Assignment, stop: &Stop) -> bool {
         let attempt = Attempt::new(self.client.clone(), &assignment);
         let (events, inbox) = mpsc::channel();
         let id = attempt.task;
-        let Some(busy) = stop.busy(events.clone()) else {
-            // Exiting on a signal that came while the pick was answered: hand the task back
-            // unstarted (if the exit comes first, the server refunds the pick after its
-            // confirmation window; either way it runs once, elsewhere).
-            let _ = attempt.release(self.config.drain_timeout);
-            return Step::Idle;
+        let Some(busy) = stop.busy(slot, events.clone()) else {
+            // The process is exiting: if the hand-back does not make it, the server refunds
+            // the pick after its confirmation window. Either way it runs once, elsewhere.
+            return attempt.release(self.config.drain_timeout).is_ok();
         };
-        log::info!("task {id}: picked (attempt {})", assignment.task.attempts);
+        if !busy.may_start() {
+            // A signal came while the pick was answered: hand the task back unstarted.
+            log::info!("task {id}: picked while stopping; handing it back unstarted");
+            let timeout = self.config.drain_timeout;
+            return self.retry(id, "release", stop, || attempt.release(timeout));
+        }
+        log::info!("task {id}: picked (attempt {}, slot {slot})", assignment.task.attempts);
         let started = Instant::now();
-        // Heartbeats go on until the report is in: a finish retried through an API outage
-        // must not lose its lease meanwhile.
-        let beating = Arc::new(AtomicBool::new(true));
+        // Heartbeats go on until the report is in (`beating` is dropped): a finish retried
+        // through an API outage must not lose its lease meanwhile.
+        let (beating, done) = mpsc::channel();
         let (ending, streamer) =
-            self.execute(&assignment, &attempt, (events, &inbox), &beating, &busy);
+            self.execute(slot, &assignment, &attempt, (events, &inbox), done, &busy);
         busy.reporting();
         let recorded = self.conclude(&attempt, &assignment, ending, streamer, started, stop);
-        beating.store(false, Ordering::Release);
-        Step::Ran { id, recorded }
+        drop(beating);
+        recorded
     }
 
     fn execute(
         &self,
+        slot: usize,
         assignment: &Assignment,
         attempt: &Attempt,
         (events, inbox): (mpsc::Sender<task::Event>, &mpsc::Receiver<task::Event>),
-        beating: &Arc<AtomicBool>,
-        busy: &stop::Busy<'_>,
+        done: mpsc::Receiver<()>,
+        busy: &stop::Busy,
     ) -> (Ending, Option<Streamer>) {
+        let setup = &self.slots[slot];
         let options = &assignment.task.options;
         let cap = OutputCap::new(assignment.terms.max_output_bytes as usize);
         // The task's directory, else the run-as user's home: the agent's own folder may be
         // closed to it.
         let workdir = match &options.cwd {
             Some(cwd) => Some(PathBuf::from(cwd)),
-            None => self.config.run_as.as_ref().map(isolation::RunAs::workdir),
+            None => setup.workdir.clone(),
         };
         let missing = options.cwd.as_ref().filter(|cwd| !Path::new(cwd).is_dir());
         let env = match missing {
@@ -121,7 +183,7 @@ impl Worker {
                  agent {:?}",
                 self.config.name
             )),
-            None => isolation::with_task_env(&self.env, &options.env, &self.config.env_override),
+            None => isolation::with_task_env(&setup.env, &options.env, &self.config.env_override),
         };
         let env = match env {
             Ok(env) => env,
@@ -133,7 +195,7 @@ impl Worker {
             // Capped as the server keeps it, so that both agree on what is dropped.
             cap,
             guard: self.guard.as_deref(),
-            confinement: &self.confinement,
+            confinement: &setup.confinement,
             workdir: workdir.as_deref(),
         };
         let running = match exec::start(&spec) {
@@ -145,9 +207,9 @@ impl Worker {
         };
         let (stop_uploads, uploader) = Streamer::new(attempt.clone(), running.buffers()).spawn();
         busy.command_group(running.group());
-        // The first heartbeat goes out as soon as the command runs: the server records when
-        // it started, and an abort reaches the agent from then on.
-        task::heartbeat(attempt.clone(), assignment, events.clone(), beating.clone());
+        // Heartbeats start once the command runs (the first a moment later: see
+        // `task::FIRST_BEAT`); an abort reaches the agent through them.
+        task::heartbeat(attempt.clone(), assignment, events.clone(), done);
         running.on_exit(move |exit| {
             let _ = events.send(task::Event::Exited(exit));
         });
@@ -307,21 +369,11 @@ impl Worker {
     /// Picks and runs tasks until a signal asks it to stop.
     pub fn run(&self, stop: &Stop) {
         let urls = self.config.api_urls.join(", ");
-        log::info!("agent {:?} taking tasks from {urls}", self.config.name);
+        let slots = self.slots.len();
+        log::info!("agent {:?} taking tasks from {urls} ({slots} at once)", self.config.name);
         let client = self.client.clone();
         stop.on_exit(move || leave(&client));
-        while !stop.requested() {
-            match self.run_once(stop) {
-                Step::Unavailable(e) => {
-                    let pause = jitter(self.config.poll_interval);
-                    log::warn!("pick failed, next try in {:.1}s: {e}", pause.as_secs_f64());
-                    thread::sleep(pause);
-                }
-                // Without a long poll (the original design), a pick every poll interval.
-                _ if self.config.pick_wait.is_zero() => thread::sleep(self.config.poll_interval),
-                _ => {}
-            }
-        }
+        self.run_slots(stop);
         // A second signal asked to exit at once: no farewell to wait on.
         if !stop.quitting() {
             leave(&self.client);

@@ -2,7 +2,7 @@
 //! processes, and whether a signal's sender is one of the agent's own commands. Shared by the
 //! guard and the agent, which both make sure that nothing of a task outlives it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// One live process: its id, parent and process group.
@@ -53,6 +53,15 @@ fn real_uid(pid: libc::pid_t) -> Option<u32> {
 
 /// Live descendants of `root`, with their process group.
 pub fn descendants_of(root: libc::pid_t) -> Vec<(libc::pid_t, libc::pid_t)> {
+    descendants_except(root, &HashSet::new())
+}
+
+/// Live descendants of `root`, with their process group, leaving out the children of `root`
+/// in `spared` and everything under them.
+fn descendants_except(
+    root: libc::pid_t,
+    spared: &HashSet<libc::pid_t>,
+) -> Vec<(libc::pid_t, libc::pid_t)> {
     let mut children: HashMap<libc::pid_t, Vec<Entry>> = HashMap::new();
     for entry in all() {
         children.entry(entry.ppid).or_default().push(entry);
@@ -61,6 +70,9 @@ pub fn descendants_of(root: libc::pid_t) -> Vec<(libc::pid_t, libc::pid_t)> {
     let mut frontier = vec![root];
     while let Some(parent) = frontier.pop() {
         for entry in children.get(&parent).into_iter().flatten() {
+            if parent == root && spared.contains(&entry.pid) {
+                continue;
+            }
             found.push((entry.pid, entry.pgid));
             frontier.push(entry.pid);
         }
@@ -83,18 +95,23 @@ pub fn descends_from(pid: libc::pid_t, ancestor: libc::pid_t) -> bool {
     false
 }
 
-/// What a sweep is after: every descendant of a process, or every process of a user.
+/// What a sweep is after: this agent's descendants outside the live guards (what a guard that
+/// died left behind: orphans come back to the agent, a subreaper), or every process of a user.
 #[derive(Clone, Copy, Debug)]
-pub enum Scope {
-    DescendantsOf(libc::pid_t),
+pub enum Scope<'a> {
+    /// The agent's descendants, but for the live guards in the set and theirs: the commands
+    /// of the agent's other slots.
+    Orphans(&'a HashSet<libc::pid_t>),
     User(u32),
 }
 
-impl Scope {
+impl Scope<'_> {
     fn members(self) -> Vec<libc::pid_t> {
         match self {
-            Scope::DescendantsOf(root) => {
-                descendants_of(root).into_iter().map(|(p, _)| p).collect()
+            Scope::Orphans(guards) => {
+                // SAFETY: getpid cannot fail.
+                let me = unsafe { libc::getpid() };
+                descendants_except(me, guards).into_iter().map(|(p, _)| p).collect()
             }
             Scope::User(uid) => {
                 all().into_iter().map(|e| e.pid).filter(|p| real_uid(*p) == Some(uid)).collect()
@@ -103,19 +120,14 @@ impl Scope {
     }
 }
 
-/// SIGKILLs every process in `scope` and reaps those that are our children, until none is left
-/// (a process may fork while it is being killed). Returns how many processes were killed.
-pub fn sweep(scope: Scope) -> usize {
-    let mut killed = std::collections::HashSet::new();
-    // SAFETY: getpid cannot fail.
-    let own = matches!(scope, Scope::DescendantsOf(root) if root == unsafe { libc::getpid() });
+/// SIGKILLs every process in `scope` and reaps those of them that are our children, until
+/// none is left (a process may fork while it is being killed). Returns how many processes
+/// were killed. Only the processes it killed are reaped: a guard of another slot is waited
+/// for by its own slot, which must get its status.
+pub fn sweep(scope: Scope<'_>) -> usize {
+    let mut killed = HashSet::new();
     for round in 0..50 {
-        reap();
-        // Our own descendants all have an ancestor among our children (orphans come back to a
-        // subreaper): none, no walk through /proc.
-        if own && !has_children() {
-            return killed.len();
-        }
+        reap_some(&killed);
         let members = scope.members();
         if members.is_empty() {
             return killed.len();
@@ -126,11 +138,22 @@ pub fn sweep(scope: Scope) -> usize {
                 killed.insert(*pid);
             }
         }
-        reap();
+        reap_some(&killed);
         std::thread::sleep(Duration::from_millis(if round < 10 { 2 } else { 20 }));
     }
     log::warn!("processes of a task survived 50 rounds of SIGKILL: {:?}", scope.members());
     killed.len()
+}
+
+/// Collects the exit status of those of `pids` that are finished children of ours (killed
+/// orphans, re-parented to us).
+fn reap_some(pids: &HashSet<libc::pid_t>) {
+    for &pid in pids {
+        let mut status = 0;
+        // SAFETY: waitpid with WNOHANG and a valid pointer; a pid that is not our child
+        // yields ECHILD.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    }
 }
 
 /// Collects the exit status of any finished child (orphans re-parented to us included).

@@ -3,9 +3,7 @@
 //! command can be stopped goes through `stop_command`: SIGTERM to the process group, the kill
 //! grace, then SIGKILL.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -155,16 +153,21 @@ const LEASE_MARGIN: Duration = Duration::from_secs(1);
 /// The shortest heartbeat call, even when the lease is nearly out: less than `LEASE_MARGIN`.
 const LAST_CALL: Duration = Duration::from_millis(500);
 
-/// Keeps the lease alive while `beating` holds: at least three heartbeats per lease, each held
-/// by the server until the next is due unless an abort comes first. Reports an abort (and goes
-/// on beating until the report is in), a fence (409), or an API out of reach for so long that
-/// the command must be stopped now to be dead, after its kill grace, before the lease runs out
-/// and the task is handed to another agent.
+/// How long after the start the first heartbeat goes out (sooner if a third of the pick's
+/// usable lease is sooner): a command that ends before then never heartbeats, and its finish
+/// records when it started. An abort of a command this young waits that long to reach it.
+const FIRST_BEAT: Duration = Duration::from_secs(1);
+
+/// Keeps the lease alive until `done` is dropped (or sent to): at least three heartbeats per
+/// lease, each held by the server until the next is due unless an abort comes first. Reports an
+/// abort (and goes on beating until the report is in), a fence (409), or an API out of reach
+/// for so long that the command must be stopped now to be dead, after its kill grace, before
+/// the lease runs out and the task is handed to another agent.
 pub fn heartbeat(
     attempt: Attempt,
     assignment: &Assignment,
     events: Sender<Event>,
-    beating: Arc<AtomicBool>,
+    done: Receiver<()>,
 ) {
     let id = attempt.task;
     let grace = Duration::from_secs(assignment.terms.kill_grace_secs.into());
@@ -172,8 +175,12 @@ pub fn heartbeat(
     let mut granted = Duration::from_secs(assignment.terms.lease_secs.into());
     thread::spawn(move || {
         let mut lease_start = Instant::now();
+        let first = (granted.saturating_sub(grace + LEASE_MARGIN) / 3).min(FIRST_BEAT);
+        if ended(&done, first) {
+            return;
+        }
         let mut aborted = false;
-        while beating.load(Ordering::Acquire) {
+        loop {
             let started = Instant::now();
             let usable = granted.saturating_sub(grace + LEASE_MARGIN);
             let give_up = lease_start + usable;
@@ -202,14 +209,19 @@ pub fn heartbeat(
             };
             let fenced = matches!(news, Some(Event::Fenced(_)));
             if let Some(news) = news {
-                if beating.load(Ordering::Acquire) {
+                if !ended(&done, Duration::ZERO) {
                     let _ = events.send(news);
                 }
             }
-            if fenced {
+            if fenced || ended(&done, (started + period).saturating_duration_since(Instant::now()))
+            {
                 return;
             }
-            thread::sleep((started + period).saturating_duration_since(Instant::now()));
         }
     });
+}
+
+/// Waits up to `wait` for the attempt's report to be in: true when it is.
+fn ended(done: &Receiver<()>, wait: Duration) -> bool {
+    !matches!(done.recv_timeout(wait), Err(RecvTimeoutError::Timeout))
 }

@@ -27,7 +27,7 @@ use crate::error::ApiError;
 use crate::tasks::lease::Lease;
 use crate::tasks::store::{self, Claimed, Picker};
 
-/// The most picks served by one claim statement.
+/// The most tasks claimed by one statement (a pick taking `max` counts `max` times).
 const MAX_BATCH: usize = 512;
 
 /// The handle that request handlers use (managed state).
@@ -40,21 +40,24 @@ pub struct Dispatcher {
     notifier: Notifier,
 }
 
-/// What a parked pick receives: a task, or `None` at its deadline or on shutdown.
-pub type Reply = oneshot::Receiver<Option<Handover>>;
+/// What a parked pick receives: one to `max` tasks, or none at its deadline or on shutdown.
+pub type Reply = oneshot::Receiver<Vec<Handover>>;
 
 struct Waiter {
     agent: String,
     /// The agent's tags, sorted and joined by commas (empty for none).
     tags: String,
+    /// How many tasks the pick takes at most (an agent's free slots).
+    max: usize,
     deadline: Instant,
-    reply: oneshot::Sender<Option<Handover>>,
+    reply: oneshot::Sender<Vec<Handover>>,
 }
 
 impl Dispatcher {
-    /// Parks a pick for `agent`, which takes tasks whose tags are among `tags` (sorted, without
-    /// repeats). The reply comes by `deadline` (a deadline in the past asks for one look at
-    /// the queue), unless the dispatcher is stuck on the database.
+    /// Parks a pick for `agent`, which takes up to `max` tasks (at least one) whose tags are
+    /// among `tags` (sorted, without repeats). The reply comes as soon as a claim finds any,
+    /// else by `deadline` (a deadline in the past asks for one look at the queue), unless the
+    /// dispatcher is stuck on the database.
     ///
     /// # Errors
     /// `Unavailable` when the dispatcher has stopped (the server is shutting down).
@@ -62,10 +65,11 @@ impl Dispatcher {
         &self,
         agent: String,
         tags: &[String],
+        max: usize,
         deadline: Instant,
     ) -> Result<Reply, ApiError> {
         let (reply, receiver) = oneshot::channel();
-        let waiter = Waiter { agent, tags: tags.join(","), deadline, reply };
+        let waiter = Waiter { agent, tags: tags.join(","), max: max.max(1), deadline, reply };
         self.parks.send(waiter).map_err(|_| ApiError::Unavailable)?;
         Ok(receiver)
     }
@@ -294,7 +298,7 @@ impl DispatchLoop {
             self.run_once().await;
         }
         for waiter in self.waiters.drain(..) {
-            let _ = waiter.reply.send(None);
+            let _ = waiter.reply.send(Vec::new());
         }
         self.put_back_stragglers().await;
     }
@@ -383,18 +387,21 @@ impl DispatchLoop {
             self.waiters.drain(..).partition(|w| w.deadline <= now);
         self.waiters.extend(waiting);
         for waiter in expired {
-            let _ = waiter.reply.send(None);
+            let _ = waiter.reply.send(Vec::new());
             round.expired += 1;
         }
         self.parked.store(self.waiters.len(), Ordering::Relaxed);
         round
     }
 
-    /// One claim statement for the oldest `MAX_BATCH` waiters whose tags are not known to
-    /// have nothing to claim. False when it failed.
+    /// One claim statement for the oldest waiters whose tags are not known to have nothing to
+    /// claim, up to `MAX_BATCH` tasks: a pick that takes `max` tasks counts as `max` pickers.
+    /// False when it failed.
     async fn claim(&mut self, round: &mut Round) -> bool {
+        // A waiter's index once for every task it may take.
         let batch: Vec<usize> = (0..self.waiters.len())
             .filter(|&i| !self.empty.contains(&self.waiters[i].tags))
+            .flat_map(|i| std::iter::repeat(i).take(self.waiters[i].max))
             .take(MAX_BATCH)
             .collect();
         let pickers: Vec<Picker<'_>> = batch
@@ -410,46 +417,57 @@ impl DispatchLoop {
                 return false;
             }
         };
-        // The batch's waiters that got a task, by their place in the queue of waiters.
-        let served: HashSet<usize> = claim.claimed.iter().map(|c| batch[c.slot]).collect();
+        let claimed_count = claim.claimed.len();
+        // The tasks each waiter got, by its place in the queue of waiters.
+        let mut handed: HashMap<usize, Vec<Claimed>> = HashMap::new();
+        for claimed in claim.claimed {
+            handed.entry(batch[claimed.slot]).or_default().push(claimed);
+        }
         if !claim.shared {
-            // Every tag set with a waiter left unserved has nothing more to claim.
+            // Every tag set with a waiter that got fewer than it asked (in this batch) has
+            // nothing more to claim.
+            let mut asked: HashMap<usize, usize> = HashMap::new();
             for &i in &batch {
-                if !served.contains(&i) {
+                *asked.entry(i).or_default() += 1;
+            }
+            for (i, asked) in asked {
+                if handed.get(&i).map_or(0, Vec::len) < asked {
                     self.empty.insert(self.waiters[i].tags.clone());
                 }
             }
         }
-        let mut handed: HashMap<usize, Claimed> =
-            claim.claimed.into_iter().map(|c| (batch[c.slot], c)).collect();
         let waiters = std::mem::take(&mut self.waiters);
         for (i, waiter) in waiters.into_iter().enumerate() {
             let Some(claimed) = handed.remove(&i) else {
                 self.waiters.push_back(waiter);
                 continue;
             };
-            let handover = Handover {
-                assignment: Assignment {
-                    task: claimed.task,
-                    lease: claimed.lease.token,
-                    lease_expires_at: claimed.lease_expires_at,
-                    terms: self.terms,
-                },
-                delivery: Delivery::new(
-                    claimed.lease,
-                    self.returns.clone(),
-                    self.in_flight.clone(),
-                ),
-            };
-            // A pick that gave up meanwhile drops the handover, which comes back to be put
+            let handovers: Vec<Handover> = claimed
+                .into_iter()
+                .map(|claimed| Handover {
+                    assignment: Assignment {
+                        task: claimed.task,
+                        lease: claimed.lease.token,
+                        lease_expires_at: claimed.lease_expires_at,
+                        terms: self.terms,
+                    },
+                    delivery: Delivery::new(
+                        claimed.lease,
+                        self.returns.clone(),
+                        self.in_flight.clone(),
+                    ),
+                })
+                .collect();
+            let count = handovers.len();
+            // A pick that gave up meanwhile drops the handovers, which come back to be put
             // back in the next round.
-            if waiter.reply.send(Some(handover)).is_ok() {
-                round.delivered += 1;
+            if waiter.reply.send(handovers).is_ok() {
+                round.delivered += count;
             }
         }
         // Waiters are left without a task: learn when the next delayed one is due, so as to
         // wake for it rather than poll.
-        if served.len() < batch.len() && !claim.shared {
+        if claimed_count < batch.len() && !claim.shared {
             let next_due = match claim.next_due {
                 Some(next_due) => next_due,
                 None => match store::next_due(&self.pool).await {

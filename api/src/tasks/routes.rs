@@ -18,8 +18,8 @@ use serde::Serialize;
 use taskexec_protocol::output::headers;
 use taskexec_protocol::output::OutputText;
 use taskexec_protocol::{
-    Assignment, Attempt, FinishReport, HeartbeatReply, LeaseBody, NewTask, OutputCap, Stream, Task,
-    TaskId, TaskPage, TaskStatus,
+    Assignment, Attempt, FinishReport, HeartbeatReply, LeaseBody, NewTask, OutputCap, Picked,
+    Stream, Task, TaskId, TaskPage, TaskStatus, MAX_PICK,
 };
 
 use super::intake::Intake;
@@ -370,14 +370,15 @@ enum PickResponse {
     Nothing(()),
 }
 
-/// Hands the agent the queued task it should run first (highest priority, then oldest, among
-/// those due whose tags are all among the agent's `tags`), waiting up to `wait` seconds for
-/// one to arrive.
+/// Hands the agent the queued tasks it should run first (highest priority, then oldest, among
+/// those due whose tags are all among the agent's `tags`): one, or up to `max` for an agent
+/// with that many free slots, as soon as any is there; waiting up to `wait` seconds for one
+/// to arrive.
 #[utoipa::path(
     get,
     path = "/tasks/pick",
     operation_id = "pickTask",
-    summary = "Pick a task (long poll)",
+    summary = "Pick tasks (long poll)",
     tag = "agents",
     security(("bearer" = ["admin", "agent"])),
     params(
@@ -386,13 +387,15 @@ enum PickResponse {
          description = "Seconds to wait for a task: 0 to pick_wait_max_secs (60 by default); pick_wait_default_secs (25) when absent"),
         ("tags" = Option<String>, Query,
          description = "The agent's tags, comma-separated (up to 64 of `[a-z0-9][a-z0-9_.-]{0,63}`)"),
+        ("max" = Option<u64>, Query, minimum = 1, maximum = 64,
+         description = "Take up to this many tasks (an agent's free slots); the answer is then a list of 1 to `max` assignments. Without it, one assignment, not in a list"),
     ),
     responses(
-        (status = 200, description = "A task, its lease and the lease's terms", body = Assignment),
+        (status = 200, description = "Tasks, their leases and the leases' terms: one assignment, or a list of them when `max` is given", body = Picked),
         (status = 204, description = "No task within the wait"),
     )
 )]
-#[get("/tasks/pick?<wait>&<tags>")]
+#[get("/tasks/pick?<wait>&<tags>&<max>")]
 #[allow(clippy::too_many_arguments)]
 async fn pick(
     _access: Allowed<Run>,
@@ -400,6 +403,7 @@ async fn pick(
     agent: Agent,
     wait: Option<&str>,
     tags: Option<&str>,
+    max: Option<&str>,
     config: &State<AppConfig>,
     dispatcher: &State<Dispatcher>,
     metrics: &State<Metrics>,
@@ -409,64 +413,80 @@ async fn pick(
     let wait = query::wait_secs(wait, config.pick_wait_default_secs, config.pick_wait_max_secs)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let tags = query::parsed("tags", tags, parse_agent_tags)?.unwrap_or_default();
+    let listed = max.is_some();
+    let max = query::number("max", max, 1, (1, MAX_PICK as u64), "")? as usize;
     agent.declare_tags(&tags);
-    let mut reply = dispatcher.park(agent.name.clone(), &tags, deadline)?;
+    let mut reply = dispatcher.park(agent.name.clone(), &tags, max, deadline)?;
     // The dispatcher answers by the deadline unless the database holds it up; the margin keeps
     // this response inside the agent's read timeout even then.
     let mut departed = false;
     let handed = tokio::select! {
         biased;
-        answer = &mut reply => answer.unwrap_or(None),
-        _ = shutdown => None,
+        answer = &mut reply => answer.unwrap_or_default(),
+        _ = shutdown => Vec::new(),
         _ = gone.departed() => {
             departed = true;
-            None
+            Vec::new()
         }
-        _ = tokio::time::sleep_until(deadline + Duration::from_secs(5)) => None,
+        _ = tokio::time::sleep_until(deadline + Duration::from_secs(5)) => Vec::new(),
     };
     // Giving up: close the channel so that the dispatcher puts back anything it claims from
     // now on, and deliver what it may have sent in the meantime rather than drop it.
-    let handed = handed.or_else(|| {
+    let handed = if handed.is_empty() {
         reply.close();
-        reply.try_recv().ok().flatten()
-    });
+        reply.try_recv().unwrap_or_default()
+    } else {
+        handed
+    };
     if departed {
         // An agent that has gone leaves the parked picks now, not at the next rescan.
         dispatcher.left();
     }
-    Ok(match handed {
-        Some(handover) => {
-            metrics.picked(&handover.assignment.task);
-            journal::picked(&handover.assignment.task);
-            PickResponse::Task(Box::new(Handed(handover)))
-        }
-        None => PickResponse::Nothing(()),
-    })
+    if handed.is_empty() {
+        return Ok(PickResponse::Nothing(()));
+    }
+    for handover in &handed {
+        metrics.picked(&handover.assignment.task);
+        journal::picked(&handover.assignment.task);
+    }
+    Ok(PickResponse::Task(Box::new(Handed { handovers: handed, listed })))
 }
 
-/// A pick's task as JSON. Its delivery is signed only when the server reads the body to its
-/// end, which it does only after the connection took the response: an agent that has gone
-/// (its connection closed while the pick was parked) never takes it, and the task goes back
-/// to the queue at once.
-struct Handed(Handover);
+/// A pick's tasks as JSON: a list when the pick gave `max`, else its one assignment. Their
+/// deliveries are signed only when the server reads the body to its end, which it does only
+/// after the connection took the response: an agent that has gone (its connection closed
+/// while the pick was parked) never takes them, and the tasks go back to the queue at once.
+struct Handed {
+    handovers: Vec<Handover>,
+    listed: bool,
+}
 
 impl<'r> Responder<'r, 'static> for Handed {
     fn respond_to(self, _: &'r Request<'_>) -> response::Result<'static> {
-        let Handover { assignment, delivery } = self.0;
-        let body = serde_json::to_vec(&assignment).map_err(|e| {
-            log::error!("task {}: the assignment could not be encoded: {e}", assignment.task.id);
+        let (assignments, deliveries): (Vec<Assignment>, Vec<Delivery>) =
+            self.handovers.into_iter().map(|h| (h.assignment, h.delivery)).unzip();
+        let encoded = if self.listed {
+            serde_json::to_vec(&assignments)
+        } else {
+            serde_json::to_vec(&assignments[0])
+        };
+        let body = encoded.map_err(|e| {
+            log::error!(
+                "task {}: the assignment could not be encoded: {e}",
+                assignments[0].task.id
+            );
             rocket::http::Status::InternalServerError
         })?;
         let size = body.len();
-        let signed = Signed { bytes: Cursor::new(body), delivery: Some(delivery) };
+        let signed = Signed { bytes: Cursor::new(body), deliveries };
         Response::build().header(ContentType::JSON).sized_body(size, signed).ok()
     }
 }
 
-/// A body that signs its delivery when it has been read to the end.
+/// A body that signs its deliveries when it has been read to the end.
 struct Signed {
     bytes: Cursor<Vec<u8>>,
-    delivery: Option<Delivery>,
+    deliveries: Vec<Delivery>,
 }
 
 impl AsyncRead for Signed {
@@ -480,7 +500,7 @@ impl AsyncRead for Signed {
         ready!(Pin::new(&mut this.bytes).poll_read(cx, buf))?;
         if buf.filled().len() == before && buf.remaining() > 0 {
             // The end: every byte went to a connection that was alive to take them.
-            if let Some(delivery) = this.delivery.take() {
+            for delivery in this.deliveries.drain(..) {
                 delivery.delivered();
             }
         }
