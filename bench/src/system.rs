@@ -128,9 +128,9 @@ impl Env {
         Process { url: api.url.clone(), api: api.api.clone(), children }
     }
 
-    /// How many times per second the machine can run a task's processes alone (the guard and
-    /// `sh -c true`), with one spawner per core.
-    pub async fn spawn_rate(&self, span: Duration) -> f64 {
+    /// How many times per second the machine can run `sh -c true`, back to back with one
+    /// spawner per core (the guard's path when `guarded`: the guard, which runs `sh -c true`).
+    pub async fn spawn_rate(&self, span: Duration, guarded: bool) -> f64 {
         let worker = self.bin.join("taskexec-worker");
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let until = std::time::Instant::now() + span;
@@ -141,12 +141,19 @@ impl Env {
                     let me = std::process::id().to_string();
                     let mut spawned = 0u64;
                     while std::time::Instant::now() < until {
-                        let status = std::process::Command::new(&worker)
-                            // No confinement (the empty argument): the guard as a native
-                            // agent without RUN_AS runs it.
-                            .args(["__guard", &me, "", "true"])
-                            .status()
-                            .expect("run the guard");
+                        let status = if guarded {
+                            std::process::Command::new(&worker)
+                                // No confinement (the empty argument): the guard as a native
+                                // agent without RUN_AS runs it.
+                                .args(["__guard", &me, "", "true"])
+                                .status()
+                                .expect("run the guard")
+                        } else {
+                            std::process::Command::new("sh")
+                                .args(["-c", "true"])
+                                .status()
+                                .expect("run sh")
+                        };
                         assert!(status.success());
                         spawned += 1;
                     }
@@ -194,6 +201,58 @@ pub struct Database {
     pub pool: PgPool,
 }
 
+/// CPU seconds (user + system) of the benchmark's PostgreSQL cluster: the postmaster and its
+/// children, those that have exited included.
+pub async fn postgres_cpu_seconds(db: &Database) -> f64 {
+    let dir: String = sqlx::query_scalar("SHOW data_directory").fetch_one(&db.pool).await.unwrap();
+    let pid_file = std::fs::read_to_string(format!("{dir}/postmaster.pid")).unwrap_or_default();
+    let Some(postmaster) = pid_file.lines().next().and_then(|l| l.trim().parse::<u32>().ok())
+    else {
+        return 0.0;
+    };
+    let mut total = cpu_of(postmaster, true);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if stat_fields(pid).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(postmaster) {
+            total += cpu_of(pid, false);
+        }
+    }
+    total
+}
+
+/// CPU seconds the whole machine has spent busy (every core, every process) so far.
+pub fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return 0.0 };
+    let ticks: Vec<f64> = line.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: f64 =
+        ticks.iter().enumerate().filter(|(i, _)| ![3, 4].contains(i)).map(|(_, t)| t).sum();
+    busy / clock_ticks()
+}
+
+/// The fields of /proc/<pid>/stat after the command name: state, ppid, ...
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit(')').next()?.split_whitespace().map(String::from).collect())
+}
+
+/// CPU seconds of `pid`, with those of its children it has waited for when `reaped`.
+fn cpu_of(pid: u32, reaped: bool) -> f64 {
+    let Some(fields) = stat_fields(pid) else { return 0.0 };
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let own = field(11) + field(12);
+    let children = if reaped { field(13) + field(14) } else { 0.0 };
+    (own + children) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
 impl Database {
     /// Starts counting statements afresh (pg_stat_statements, which the benchmark's cluster
     /// loads).
@@ -214,6 +273,22 @@ impl Database {
         )
         .bind(&self.name)
         .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// The `n` statements run most often since the last reset, by anyone but the benchmark:
+    /// calls and the statement's first 100 characters.
+    pub async fn top_statements(&self, n: i64) -> Vec<(i64, String)> {
+        sqlx::query_as(
+            "SELECT calls, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 100)
+               FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+              WHERE d.datname = $1 AND s.query NOT LIKE '%pg_stat%'
+              ORDER BY calls DESC LIMIT $2",
+        )
+        .bind(&self.name)
+        .bind(n)
+        .fetch_all(&self.pool)
         .await
         .unwrap()
     }
@@ -243,13 +318,15 @@ impl Process {
         self.children[0].id().expect("running")
     }
 
-    /// CPU time used so far (user + system), in seconds.
+    /// CPU time used so far (user + system) by the first process, in seconds.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        // SAFETY: sysconf has no preconditions.
-        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+        cpu_of(self.pid(), false)
+    }
+
+    /// CPU time used so far by every process, with the children each has waited for (an
+    /// agent's guards, and their `sh`), in seconds.
+    pub fn cpu_seconds_with_children(&self) -> f64 {
+        self.children.iter().filter_map(|c| c.id()).map(|pid| cpu_of(pid, true)).sum()
     }
 
     /// Resident memory, in MiB.

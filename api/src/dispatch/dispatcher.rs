@@ -20,7 +20,7 @@ use taskexec_protocol::{Assignment, LeaseTerms};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{sleep_until, Instant};
 
-use super::events::TaskEvents;
+use super::events::{TaskEvents, Woken};
 use super::notifier::Notifier;
 use crate::db::{DbError, Op};
 use crate::error::ApiError;
@@ -95,6 +95,12 @@ impl Dispatcher {
     /// long polls that wait for one should wait less.
     pub fn is_listening(&self) -> bool {
         self.notifier.is_listening()
+    }
+
+    /// The payload announcing `what` of a task to the other API processes, but for the task's
+    /// id: for a statement that sends the NOTIFY itself, on its commit.
+    pub fn event_prefix(&self, what: Woken) -> String {
+        self.notifier.event_prefix(what)
     }
 
     /// The registry of requests waiting for something to happen to a task.

@@ -85,6 +85,12 @@ impl Notifier {
         self.events.is_listening()
     }
 
+    /// The payload of a NOTIFY on `EVENTS_CHANNEL` announcing `what` of one task, all but the
+    /// task id, for a statement that sends it itself (see `payloads`).
+    pub fn event_prefix(&self, what: Woken) -> String {
+        format!("{};{}:", self.instance, what as usize)
+    }
+
     /// How many times the LISTEN connection was established again after the first.
     pub fn reconnects(&self) -> u64 {
         self.connections.load(Ordering::Relaxed).saturating_sub(1)

@@ -9,7 +9,7 @@ use taskexec_protocol::output::OutputText;
 use taskexec_protocol::{LeaseToken, Task, TaskId, TaskStatus};
 
 use super::model::Outcome;
-use super::store::{task_from, Env};
+use super::store::{self, task_from, Env};
 use crate::db::{DbError, Op};
 use sqlx::types::Json;
 
@@ -52,12 +52,16 @@ impl Lease {
     /// unfinished one and its uploads are exactly `lengths` long (they were checked against
     /// them; an upload since then leaves the finish to be tried again). `None` means nothing
     /// was written.
+    /// `ended` is the event announcing the attempt's end to the other API processes, all but
+    /// the task id (see `Dispatcher::event_prefix`): sent by the same statement, on its commit,
+    /// rather than by a statement of its own.
     pub async fn finish(
         &self,
         pool: &PgPool,
         outcome: &Outcome,
         [stdout, stderr]: &[OutputText; 2],
         lengths: [u64; 2],
+        ended: &str,
     ) -> Result<Option<Task>, DbError> {
         let [stdout_bytes, stderr_bytes] = lengths.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
         // A failed command (non-zero exit code, timeout) with retries left goes back to the
@@ -131,7 +135,8 @@ impl Lease {
                          t.stderr_truncated, t.stdout_bytes, t.stderr_bytes, t.error, t.agent,
                          t.attempts, t.timeout_secs, t.abort_requested_at, t.owner,
                          t.aborted_by, t.tags, t.priority, t.run_at, t.max_retries,
-                         t.retry_backoff_secs, t.retries, t.env AS "env: Json<Env>", t.cwd"#,
+                         t.retry_backoff_secs, t.retries, t.env AS "env: Json<Env>", t.cwd,
+                         pg_notify($17, $18 || t.id::text) IS NOT NULL AS "notified!""#,
             self.task as TaskId,
             self.token as LeaseToken,
             outcome.aborted,
@@ -148,6 +153,8 @@ impl Lease {
             stderr_bytes,
             outcome.started_ms_ago.map(|ms| ms as f64),
             outcome.timed_out,
+            store::EVENTS_CHANNEL,
+            ended,
         )
         .fetch_optional(pool)
         .await

@@ -661,6 +661,8 @@ async fn finish(
     let lease = Lease { task: parse_id(id)?, token: report.0.lease };
     let default_cap = OutputCap::new(config.max_output_bytes as usize);
     let outcome = model::outcome(report.0)?;
+    // The attempt's end reaches the other API processes with the finish's own commit.
+    let ended = dispatcher.event_prefix(Woken::Ended);
     let recorded = match outcome.lengths {
         // Nothing uploaded, says the agent (a command without output): the write checks it,
         // with no read before it.
@@ -673,22 +675,23 @@ async fn finish(
                 return Err(ApiError::OutputMismatch(Stream::ALL[index]));
             }
             let empty = || default_cap.text(&[], &[], 0);
-            lease.finish(db, &outcome, &[empty(), empty()], [0, 0]).await?
+            lease.finish(db, &outcome, &[empty(), empty()], [0, 0], &ended).await?
         }
         stated => {
             let upto = stated.unwrap_or([u64::MAX; 2]);
             match output::uploads(db, &lease, upto, default_cap).await? {
                 Some(uploads) => {
                     let (texts, lengths) = output_texts(&outcome, &uploads)?;
-                    lease.finish(db, &outcome, &texts, lengths).await?
+                    lease.finish(db, &outcome, &texts, lengths, &ended).await?
                 }
                 None => None,
             }
         }
     };
     if let Some(task) = recorded {
-        // The attempt is over: its parked heartbeat need not wait out its hold.
-        dispatcher.events().announce(lease.task, Woken::Ended);
+        // The attempt is over: its parked heartbeat need not wait out its hold. (The other
+        // processes were told by the finish itself.)
+        dispatcher.events().wake(lease.task, Woken::Ended);
         if task.status == TaskStatus::Queued {
             // Retried, not ended: every dispatcher learns when it is due.
             dispatcher.task_queued();
