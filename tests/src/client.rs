@@ -371,7 +371,7 @@ impl Api {
     }
 
     /// The task once its agent has confirmed that its command runs (`running_at` set by the
-    /// first heartbeat, about a second after the start), for at most 30 s.
+    /// first heartbeat, 250 ms after the start), for at most 30 s.
     pub async fn until_running(&self, id: TaskId) -> Task {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {

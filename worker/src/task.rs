@@ -155,8 +155,9 @@ const LAST_CALL: Duration = Duration::from_millis(500);
 
 /// How long after the start the first heartbeat goes out (sooner if a third of the pick's
 /// usable lease is sooner): a command that ends before then never heartbeats, and its finish
-/// records when it started. An abort of a command this young waits that long to reach it.
-const FIRST_BEAT: Duration = Duration::from_secs(1);
+/// records when it started. An abort of a command this young waits that long to reach it, and
+/// an agent lost this early leaves a pick never confirmed (refunded, a bounded number of times).
+const FIRST_BEAT: Duration = Duration::from_millis(250);
 
 /// Keeps the lease alive until `done` is dropped (or sent to): at least three heartbeats per
 /// lease, each held by the server until the next is due unless an abort comes first. Reports an
