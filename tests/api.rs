@@ -475,6 +475,27 @@ async fn a_pick_with_max_gets_a_list_of_up_to_max_tasks_each_with_its_own_lease(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_unstarted_release_is_as_if_never_picked_unless_a_heartbeat_said_it_ran() {
+    let app = TestApp::spawn().await;
+    let task = app.submit("echo once").await;
+
+    // Confirmed by a heartbeat: released as started whatever the agent says, with its row.
+    let picked = app.pick("a", 0).await.unwrap().expect("the task");
+    app.heartbeat(task.id, picked.lease, 0).await.unwrap();
+    let back = app.release_unstarted(task.id, picked.lease).await.unwrap();
+    assert_eq!(back.status, TaskStatus::Queued);
+    assert_eq!(app.attempts(task.id).await.unwrap().len(), 1, "a hand-back is recorded");
+
+    // Never confirmed: queued again with no trace of the pick.
+    let picked = app.pick("a", 0).await.unwrap().expect("the task again");
+    let back = app.release_unstarted(task.id, picked.lease).await.unwrap();
+    assert_eq!((back.status, back.attempts, back.agent), (TaskStatus::Queued, 0, None));
+    assert_eq!(app.attempts(task.id).await.unwrap().len(), 1, "no row for an unstarted pick");
+    // The lease is spent either way.
+    assert!(app.release_unstarted(task.id, picked.lease).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn shutting_the_api_down_ends_parked_picks_with_204() {
     let app = TestApp::spawn().await;
     let pick = {

@@ -113,8 +113,9 @@ async fn n_tasks_run_at_once_on_one_agent_each_fenced_by_its_own_lease() {
 async fn a_drain_with_every_slot_busy_lets_them_finish_and_hands_back_what_overruns() {
     let app = TestApp::spawn_with(fast).await;
     let dir = scratch();
-    let mut agent =
-        WorkerProcess::start(&app, "draining", &[("CONCURRENCY", "3"), ("DRAIN_TIMEOUT", "3s")]);
+    // Four slots, three busy: the fourth's pick stays parked through the drain.
+    let env = [("CONCURRENCY", "4"), ("DRAIN_TIMEOUT", "3s"), ("LOG_LEVEL", "info")];
+    let mut agent = WorkerProcess::start(&app, "draining", &env);
     let mut commands: Vec<String> = (0..2).map(|n| wait_for_go(&dir, n)).collect();
     let d = dir.display();
     commands.push(format!("echo $$ > {d}/pid-2.tmp; mv {d}/pid-2.tmp {d}/pid-2; sleep 300"));
@@ -123,10 +124,16 @@ async fn a_drain_with_every_slot_busy_lets_them_finish_and_hands_back_what_overr
     for n in 0..3 {
         pids.push(pid_of(&dir, n).await);
     }
+    app.until_parked(1).await;
 
     agent.signal(libc::SIGTERM);
-    // Draining: no new task starts on it.
+    // Draining: a task the parked pick gets is handed back unstarted, without counting.
     let late = app.submit("echo late").await;
+    let handed_back = format!("task {}: picked while stopping", late.id);
+    until(Duration::from_secs(10), "the late task is handed back", || {
+        agent.log().contains(&handed_back)
+    })
+    .await;
     std::fs::write(dir.join("go"), "").unwrap();
     let status = agent.wait(Duration::from_secs(30)).await.expect("the agent exits");
 
@@ -140,8 +147,18 @@ async fn a_drain_with_every_slot_busy_lets_them_finish_and_hands_back_what_overr
     assert_eq!(overran.status, TaskStatus::Queued, "handed back: {overran:?}");
     assert_eq!(overran.attempts, 0, "a release is not a failed attempt");
     assert!(!is_alive(pids[2]), "the overrunning command was stopped");
-    let late = app.get(late.id).await.unwrap();
+    let late_id = late.id;
+    let late = app.get(late_id).await.unwrap();
     assert_eq!(late.status, TaskStatus::Queued, "nothing new started while draining: {late:?}");
+    assert_eq!(late.attempts, 0, "{late:?}");
+    let pool = PgPool::connect(&app.db.url).await.unwrap();
+    let (releases, lost): (i32, i32) =
+        sqlx::query_as("SELECT releases, lost_picks FROM tasks WHERE id = $1")
+            .bind(late_id.as_uuid())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((releases, lost), (0, 0), "an unstarted task's hand-back costs it nothing");
     std::fs::remove_dir_all(&dir).ok();
 }
 

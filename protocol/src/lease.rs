@@ -66,6 +66,20 @@ pub struct LeaseBody {
     pub lease: LeaseToken,
 }
 
+/// The body of a release: the lease, and whether the command was never started (a task
+/// picked while the agent was already stopping). An unstarted task goes back to the queue
+/// as if it had never been picked, without counting as a hand-back; a started one is
+/// refunded only `max_attempts` times, so that a command cannot loop by making its agent hand
+/// it back. A task the server knows to have started (its first heartbeat came) is released
+/// as started whatever the flag says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReleaseBody {
+    pub lease: LeaseToken,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unstarted: bool,
+}
+
 /// The answer to a heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

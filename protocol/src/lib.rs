@@ -17,7 +17,7 @@ pub mod token;
 pub use agent::{AgentInfo, AgentState};
 pub use ids::{LeaseToken, ParseIdError, TaskId, TokenId};
 pub use lease::{
-    Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseTerms, Picked, MAX_PICK,
+    Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseTerms, Picked, ReleaseBody, MAX_PICK,
 };
 pub use output::{OutputAck, OutputCap, Stream};
 pub use problem::{Problem, ProblemType};

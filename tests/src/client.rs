@@ -332,6 +332,14 @@ impl Api {
         expect_json(request.send().await.unwrap(), StatusCode::OK).await
     }
 
+    /// `POST /tasks/<id>/release` of a task whose command the agent says it never started.
+    pub async fn release_unstarted(&self, id: TaskId, lease: LeaseToken) -> Answer<Task> {
+        let path = format!("/tasks/{id}/release");
+        let body = taskexec_protocol::ReleaseBody { lease, unstarted: true };
+        let request = self.agent(Method::POST, &path, "tester").json(&body);
+        expect_json(request.send().await.unwrap(), StatusCode::OK).await
+    }
+
     /// `POST /tasks/<id>/output?stream&offset&skip` with the raw bytes.
     pub async fn upload(
         &self,

@@ -102,6 +102,14 @@ fn isolate(config: &Config) -> Result<(), String> {
     }
     let Some(first) = config.run_as.first() else {
         log::warn!("{}", crate::isolation::SHARED_USER_WARNING);
+        if config.concurrency > 1 {
+            log::warn!(
+                "CONCURRENCY={} without RUN_AS: the commands of the slots run as one user, and \
+                 each can read the others' environments and signal them (set \
+                 RUN_AS=taskexec-run-{{slot}} to keep them apart)",
+                config.concurrency
+            );
+        }
         return Ok(());
     };
     let missing = crate::isolation::missing_capabilities();

@@ -11,7 +11,7 @@ use serde::Serialize;
 use taskexec_protocol::output::headers;
 use taskexec_protocol::{
     is_env_name, Assignment, FinishReport, HeartbeatReply, LeaseBody, LeaseToken, OutputAck,
-    Problem, ProblemType, Stream, TaskId,
+    Problem, ProblemType, ReleaseBody, Stream, TaskId,
 };
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 
@@ -361,11 +361,12 @@ impl Attempt {
     }
 
     /// Hands the task back to the queue (the agent is stopping), within `timeout`.
-    pub fn release(&self, timeout: Duration) -> Result<(), ClientError> {
+    /// Hands the task back; `unstarted` when its command never ran (the server then queues
+    /// it as if never picked, not counting a hand-back).
+    pub fn release(&self, timeout: Duration, unstarted: bool) -> Result<(), ClientError> {
         let path = format!("/tasks/{}/release", self.task);
-        self.client
-            .post(&path, &LeaseBody { lease: self.lease }, timeout.min(CALL_TIMEOUT))
-            .map(|_| ())
+        let body = ReleaseBody { lease: self.lease, unstarted };
+        self.client.post(&path, &body, timeout.min(CALL_TIMEOUT)).map(|_| ())
     }
 }
 

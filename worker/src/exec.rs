@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use taskexec_protocol::{OutputCap, Stream};
 
 use crate::capture::{capture, Capture, Captured, Runs};
+use crate::guard;
 use crate::isolation::Confinement;
 use crate::procs::{self, Scope};
 
@@ -194,8 +195,10 @@ impl Running {
         let mut survivors = 0;
         if self.sweep {
             // A guard that exits with a code has killed all of its descendants first; one
-            // that died of a signal may have been killed before it could.
-            if !matches!(exit, Exit::Code(_)) {
+            // that died of a signal may have been killed before it could, and one told to
+            // kill everything (a command that ignored SIGTERM) gives up after a bound.
+            let guard_clean = matches!(exit, Exit::Code(code) if code != i32::from(guard::KILLED));
+            if !guard_clean {
                 let live = guards();
                 let spared = live.as_ref().map(|g| g.keys().copied().collect()).unwrap_or_default();
                 survivors = procs::sweep(Scope::Orphans(&spared));

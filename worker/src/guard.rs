@@ -74,7 +74,7 @@ fn run(agent: &OsString, confinement: &OsString, command: &OsString) -> ExitCode
                 SIGHUP if agent_alive(agent) => {}
                 SIGHUP | SIGUSR1 => {
                     kill_descendants();
-                    std::process::exit(137);
+                    std::process::exit(KILLED.into());
                 }
                 // The group already got it; descendants that left the group did not.
                 _ => signal_strays(signal),
@@ -140,6 +140,11 @@ fn run(agent: &OsString, confinement: &OsString, command: &OsString) -> ExitCode
         (None, None) => ExitCode::from(125),
     }
 }
+
+/// The guard's exit code when told to kill everything (128 + SIGKILL, as a shell reports it).
+/// Its clean-up gives up after a bound (a fork bomb outrunning it), so the agent sweeps after
+/// this exit too.
+pub const KILLED: u8 = 137;
 
 fn agent_alive(agent: libc::pid_t) -> bool {
     // SAFETY: getppid cannot fail.

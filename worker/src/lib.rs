@@ -43,6 +43,15 @@ pub struct Worker {
     guard: Option<PathBuf>,
 }
 
+/// A picked task on its way to its slot, the slot already marked busy (`None`: the process
+/// is exiting), with the inbox its supervisor hears stop requests on.
+struct Handed {
+    assignment: Assignment,
+    busy: Option<stop::Busy>,
+    events: mpsc::Sender<task::Event>,
+    inbox: mpsc::Receiver<task::Event>,
+}
+
 /// What a slot's commands run with.
 struct Slot {
     /// The agent's variables that `TASK_ENV_ALLOW` and the few every command needs let
@@ -78,13 +87,13 @@ impl Worker {
         thread::scope(|scope| {
             let mut inboxes = Vec::new();
             for slot in 0..self.slots.len() {
-                let (inbox, assignments) = mpsc::channel::<Assignment>();
+                let (inbox, assignments) = mpsc::channel::<Handed>();
                 let freed = freed.clone();
                 thread::Builder::new()
                     .name(format!("slot-{slot}"))
                     .spawn_scoped(scope, move || {
-                        for assignment in assignments {
-                            self.run_task(slot, assignment, stop);
+                        for handed in assignments {
+                            self.run_task(slot, handed, stop);
                             if freed.send(slot).is_err() {
                                 break;
                             }
@@ -113,7 +122,11 @@ impl Worker {
                     Ok(picked) => {
                         for assignment in picked {
                             let slot = free.pop().expect("no more tasks than free slots");
-                            let _ = inboxes[slot].send(assignment);
+                            // Busy before it leaves this thread: an agent whose last task ends
+                            // meanwhile must not exit with this one on its way to its slot.
+                            let (events, inbox) = mpsc::channel();
+                            let busy = stop.busy(slot, events.clone());
+                            let _ = inboxes[slot].send(Handed { assignment, busy, events, inbox });
                         }
                     }
                     Err(e) => {
@@ -130,20 +143,21 @@ impl Worker {
 
     /// One task in `slot`, from its assignment to its report. Returns whether the API took
     /// note of the result (or took the task back).
-    fn run_task(&self, slot: usize, assignment: Assignment, stop: &Stop) -> bool {
+    fn run_task(&self, slot: usize, handed: Handed, stop: &Stop) -> bool {
+        let Handed { assignment, busy, events, inbox } = handed;
         let attempt = Attempt::new(self.client.clone(), &assignment);
-        let (events, inbox) = mpsc::channel();
         let id = attempt.task;
-        let Some(busy) = stop.busy(slot, events.clone()) else {
+        let Some(busy) = busy else {
             // The process is exiting: if the hand-back does not make it, the server refunds
             // the pick after its confirmation window. Either way it runs once, elsewhere.
-            return attempt.release(self.config.drain_timeout).is_ok();
+            return attempt.release(self.config.drain_timeout, true).is_ok();
         };
         if !busy.may_start() {
-            // A signal came while the pick was answered: hand the task back unstarted.
+            // A signal came while the pick was answered: hand the task back unstarted, which
+            // does not count against it.
             log::info!("task {id}: picked while stopping; handing it back unstarted");
             let timeout = self.config.drain_timeout;
-            return self.retry(id, "release", stop, || attempt.release(timeout));
+            return self.retry(id, "release", stop, || attempt.release(timeout, true));
         }
         log::info!("task {id}: picked (attempt {}, slot {slot})", assignment.task.attempts);
         let started = Instant::now();
@@ -258,7 +272,7 @@ impl Worker {
             Ending::Released => {
                 log::info!("task {id}: handing it back to the queue");
                 let timeout = self.config.drain_timeout;
-                return self.retry(id, "release", stop, || attempt.release(timeout));
+                return self.retry(id, "release", stop, || attempt.release(timeout, false));
             }
         };
         let exit_code = match (&execution.exit, &error) {

@@ -130,6 +130,9 @@ pub fn sweep(scope: Scope<'_>) -> usize {
         reap_some(&killed);
         let members = scope.members();
         if members.is_empty() {
+            if let Scope::Orphans(guards) = scope {
+                reap_orphans(guards);
+            }
             return killed.len();
         }
         for pid in &members {
@@ -143,6 +146,30 @@ pub fn sweep(scope: Scope<'_>) -> usize {
     }
     log::warn!("processes of a task survived 50 rounds of SIGKILL: {:?}", scope.members());
     killed.len()
+}
+
+/// Collects the zombies among this agent's children that are not the live `guards` (whose
+/// slots wait for them): orphans of a dead guard that exited by themselves, or that its guard
+/// had not reaped before it died. Called with the guards' registry held.
+fn reap_orphans(guards: &HashSet<libc::pid_t>) {
+    // SAFETY: getpid cannot fail.
+    let me = unsafe { libc::getpid() };
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if guards.contains(&pid) {
+            continue;
+        }
+        if let Some((found, true)) = read_any(pid) {
+            if found.ppid == me {
+                let mut status = 0;
+                // SAFETY: waitpid with WNOHANG on a zombie child of ours.
+                unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            }
+        }
+    }
 }
 
 /// Collects the exit status of those of `pids` that are finished children of ours (killed

@@ -7,7 +7,9 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use taskexec_protocol::output::OutputText;
 
-use taskexec_protocol::{is_env_name, is_tag, FinishReport, LeaseBody, NewTask, Task, TaskStatus};
+use taskexec_protocol::{
+    is_env_name, is_tag, FinishReport, LeaseBody, NewTask, ReleaseBody, Task, TaskStatus,
+};
 
 use crate::body::Limited;
 
@@ -310,6 +312,11 @@ impl Limited for FinishReport {
 }
 
 impl Limited for LeaseBody {
+    const LIMIT: &'static str = "task";
+    const DEFAULT_LIMIT: ByteUnit = ByteUnit::Kibibyte(128);
+}
+
+impl Limited for ReleaseBody {
     const LIMIT: &'static str = "task";
     const DEFAULT_LIMIT: ByteUnit = ByteUnit::Kibibyte(128);
 }

@@ -19,7 +19,7 @@ use taskexec_protocol::output::headers;
 use taskexec_protocol::output::OutputText;
 use taskexec_protocol::{
     Assignment, Attempt, FinishReport, HeartbeatReply, LeaseBody, NewTask, OutputCap, Picked,
-    Stream, Task, TaskId, TaskPage, TaskStatus, MAX_PICK,
+    ReleaseBody, Stream, Task, TaskId, TaskPage, TaskStatus, MAX_PICK,
 };
 
 use super::intake::Intake;
@@ -593,7 +593,7 @@ async fn heartbeat(
     tag = "agents",
     security(("bearer" = ["admin", "agent"])),
     params(("id" = TaskId, Path), AgentHeaders),
-    request_body(content = LeaseBody, content_type = "application/json"),
+    request_body(content = ReleaseBody, content_type = "application/json"),
     responses(
         (status = 200, description = "Back in the queue (or failed, handed back too often)", body = Task),
         (status = 409, response = Conflict),
@@ -610,9 +610,19 @@ async fn release(
     dispatcher: &State<Dispatcher>,
     metrics: &State<Metrics>,
     id: &str,
-    body: JsonBody<LeaseBody>,
+    body: JsonBody<ReleaseBody>,
 ) -> Result<Json<Task>, ApiError> {
     let lease = Lease { task: parse_id(id)?, token: body.0.lease };
+    // Never started (by the agent's word, and no heartbeat says otherwise): queued again as if
+    // never picked. Its command never ran, so it cannot be what keeps handing it back.
+    if body.0.unstarted && lease.unclaim(&***db).await? {
+        if let Some(task) = store::get(db, lease.task, None).await? {
+            dispatcher.events().announce(lease.task, Woken::Ended);
+            dispatcher.task_queued();
+            journal::released(&task);
+            return Ok(Json(task));
+        }
+    }
     let Some(task) = lease.release(db, config.max_attempts).await? else {
         return Err(not_current(db, lease).await);
     };
