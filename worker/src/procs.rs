@@ -13,19 +13,18 @@ struct Entry {
     pgid: libc::pid_t,
 }
 
+/// The ids of every process, as /proc lists them.
+fn pids() -> impl Iterator<Item = libc::pid_t> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<libc::pid_t>().ok())
+}
+
 /// Every live process (zombies left out).
 fn all() -> Vec<Entry> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        if let Some(entry) = read(pid) {
-            found.push(entry);
-        }
-    }
-    found
+    pids().filter_map(read).collect()
 }
 
 fn read(pid: libc::pid_t) -> Option<Entry> {
@@ -154,14 +153,7 @@ pub fn sweep(scope: Scope<'_>) -> usize {
 fn reap_orphans(guards: &HashSet<libc::pid_t>) {
     // SAFETY: getpid cannot fail.
     let me = unsafe { libc::getpid() };
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        if guards.contains(&pid) {
-            continue;
-        }
+    for pid in pids().filter(|pid| !guards.contains(pid)) {
         if let Some((found, true)) = read_any(pid) {
             if found.ppid == me {
                 let mut status = 0;
