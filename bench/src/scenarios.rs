@@ -245,7 +245,7 @@ pub async fn throughput(env: &Env, quick: bool) -> Vec<Row> {
     rows.push(
         Row::new(
             "2 end-to-end",
-            "the agent's guard + `sh -c true` per core",
+            "the agent's path for `true` (its guard forks `sh`) per core",
             format!("{guarded:.0}/s"),
         )
         .reference(format!("{spawns:.0}/s `sh -c true` alone"), guarded / spawns),

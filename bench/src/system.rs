@@ -129,7 +129,8 @@ impl Env {
     }
 
     /// How many times per second the machine can run `sh -c true`, back to back with one
-    /// spawner per core (the guard's path when `guarded`: the guard, which runs `sh -c true`).
+    /// spawner per core; when `guarded`, the agent's own path for a task `true`: a slot's guard
+    /// (started once, as an agent keeps it) forks `sh -c true`, its output captured.
     pub async fn spawn_rate(&self, span: Duration, guarded: bool) -> f64 {
         let worker = self.bin.join("taskexec-worker");
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -138,23 +139,31 @@ impl Env {
             .map(|_| {
                 let worker = worker.clone();
                 tokio::task::spawn_blocking(move || {
-                    let me = std::process::id().to_string();
+                    use taskexec_worker::{exec, isolation};
+                    // No confinement: as a native agent without RUN_AS runs it.
+                    let env = isolation::command_env(std::env::vars(), &[], None);
+                    let slot = std::sync::Arc::new(exec::GuardSlot::new(worker, env.clone()));
+                    let confinement = isolation::Confinement::default();
+                    let spec = exec::Spec {
+                        command: "true",
+                        env: &env,
+                        cap: taskexec_protocol::OutputCap::new(1024),
+                        guard: Some(&slot),
+                        confinement: &confinement,
+                        workdir: None,
+                    };
                     let mut spawned = 0u64;
                     while std::time::Instant::now() < until {
-                        let status = if guarded {
-                            std::process::Command::new(&worker)
-                                // No confinement (the empty argument): the guard as a native
-                                // agent without RUN_AS runs it.
-                                .args(["__guard", &me, "", "true"])
-                                .status()
-                                .expect("run the guard")
+                        let ran = if guarded {
+                            exec::run(&spec).exit == exec::Exit::Code(0)
                         } else {
                             std::process::Command::new("sh")
                                 .args(["-c", "true"])
                                 .status()
                                 .expect("run sh")
+                                .success()
                         };
-                        assert!(status.success());
+                        assert!(ran);
                         spawned += 1;
                     }
                     spawned
@@ -237,6 +246,27 @@ pub fn machine_cpu_seconds() -> f64 {
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     Some(stat.rsplit(')').next()?.split_whitespace().map(String::from).collect())
+}
+
+/// `roots` and every live descendant of theirs.
+fn tree_of(roots: &[u32]) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1)?.parse().ok()) {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut tree = roots.to_vec();
+    let mut next = 0;
+    while next < tree.len() {
+        let parent = tree[next];
+        tree.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
+        next += 1;
+    }
+    tree
 }
 
 /// CPU seconds of `pid`, with those of its children it has waited for when `reaped`.
@@ -323,10 +353,12 @@ impl Process {
         cpu_of(self.pid(), false)
     }
 
-    /// CPU time used so far by every process, with the children each has waited for (an
-    /// agent's guards, and their `sh`), in seconds.
+    /// CPU time used so far by every process and all its descendants (an agent's guards,
+    /// which live from task to task, and their `sh`), in seconds: the live ones by their own
+    /// figures, those already waited for through their parent's.
     pub fn cpu_seconds_with_children(&self) -> f64 {
-        self.children.iter().filter_map(|c| c.id()).map(|pid| cpu_of(pid, true)).sum()
+        let roots: Vec<u32> = self.children.iter().filter_map(|c| c.id()).collect();
+        tree_of(&roots).into_iter().map(|pid| cpu_of(pid, true)).sum()
     }
 
     /// Resident memory, in MiB.

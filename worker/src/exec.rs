@@ -1,10 +1,14 @@
-//! Running one command: `sh -c` through duct (under the guard), in its own process group, with
-//! stdout and stderr captured separately into bounded buffers and a clean environment.
+//! Running one command: `sh -c`, forked by its slot's guard (or through duct, without one), in
+//! its own process group, with stdout and stderr captured separately into bounded buffers and
+//! a clean environment.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -12,7 +16,7 @@ use std::time::{Duration, Instant};
 use taskexec_protocol::{OutputCap, Stream};
 
 use crate::capture::{capture, Capture, Captured, Runs};
-use crate::guard;
+use crate::guard::{self, wire};
 use crate::isolation::Confinement;
 use crate::procs::{self, Scope};
 
@@ -50,9 +54,9 @@ pub struct Spec<'a> {
     pub env: &'a [(String, String)],
     /// The most of each stream kept: first and last halves beyond it.
     pub cap: OutputCap,
-    /// This binary, to run the command under a guard that kills the command's process group
-    /// if the agent dies (see `guard`). `None` runs `sh -c` directly.
-    pub guard: Option<&'a Path>,
+    /// The slot's guard, which runs the command and kills all that is left of it when it
+    /// ends or the agent dies (see `guard`). `None` runs `sh -c` directly.
+    pub guard: Option<&'a Arc<GuardSlot>>,
     /// The user, limits and folder the guard runs the command with.
     pub confinement: &'a Confinement,
     pub workdir: Option<&'a Path>,
@@ -61,22 +65,139 @@ pub struct Spec<'a> {
 /// The agent's live guards, by pid (a count, should a pid be reused before its old guard's
 /// entry is gone): a sweep after one slot's guard died must spare the other slots' commands.
 /// Held while a guard is spawned, so that a sweep never sees a guard it does not know of.
+/// An entry goes once its guard has been waited for.
 static GUARDS: Mutex<Option<HashMap<libc::pid_t, usize>>> = Mutex::new(None);
 
 fn guards() -> std::sync::MutexGuard<'static, Option<HashMap<libc::pid_t, usize>>> {
     GUARDS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A slot's guard: started for the slot's first command, kept while it lives, started again
+/// after it died.
+pub struct GuardSlot {
+    /// This binary.
+    binary: PathBuf,
+    /// The guard's own environment: the slot's, without the task's variables or the token.
+    env: Vec<(String, String)>,
+    idle: Mutex<Option<Guard>>,
+}
+
+/// A guard process and the agent's end of its socket.
+struct Guard {
+    pid: libc::pid_t,
+    socket: Arc<UnixStream>,
+}
+
+impl GuardSlot {
+    pub fn new(binary: PathBuf, env: Vec<(String, String)>) -> GuardSlot {
+        GuardSlot { binary, env, idle: Mutex::new(None) }
+    }
+
+    fn take(&self) -> Option<Guard> {
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
+
+    fn put_back(&self, guard: Guard) {
+        *self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(guard);
+    }
+
+    /// Starts a guard, registered as live before anyone can see it.
+    fn spawn(&self) -> std::io::Result<Guard> {
+        let (ours, theirs) = UnixStream::pair()?;
+        ours.set_write_timeout(Some(GUARD_ANSWER))?;
+        let mut command = std::process::Command::new(&self.binary);
+        command
+            .arg(guard::ARG)
+            .arg(std::process::id().to_string())
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .current_dir("/")
+            // Not in the agent's group: a terminal's Ctrl-C is for the agent, which drains.
+            .process_group(0);
+        let mut live = guards();
+        let child = command.spawn()?;
+        let pid = child.id() as libc::pid_t;
+        *live.get_or_insert_with(HashMap::new).entry(pid).or_default() += 1;
+        Ok(Guard { pid, socket: Arc::new(ours) })
+    }
+}
+
+impl Guard {
+    /// Asks the guard to run `run`; the pid of its `sh` once it runs.
+    fn run(
+        &self,
+        run: &wire::Request,
+        stdout: &os_pipe::PipeWriter,
+        stderr: &os_pipe::PipeWriter,
+    ) -> Result<libc::pid_t, GuardFailure> {
+        let fds = [stdout.as_raw_fd(), stderr.as_raw_fd()];
+        wire::send(&self.socket, run, &fds).map_err(GuardFailure::Lost)?;
+        // A guard that does not answer (stopped by a command of the same user, say) is lost,
+        // not waited for: the slot would hang before any timeout of the task applies.
+        let answer = self
+            .socket
+            .set_read_timeout(Some(GUARD_ANSWER))
+            .and_then(|()| wire::receive::<wire::Reply>(&self.socket));
+        let answer = answer.and_then(|answer| {
+            self.socket.set_read_timeout(None)?;
+            Ok(answer)
+        });
+        match answer {
+            Ok(Some((wire::Reply::Started { pid }, _))) => Ok(pid),
+            Ok(Some((wire::Reply::NotStarted { why }, _))) => Err(GuardFailure::Refused(why)),
+            Ok(Some((other, _))) => Err(GuardFailure::Lost(std::io::Error::other(format!(
+                "the guard answered {other:?}"
+            )))),
+            Ok(None) => Err(GuardFailure::Lost(std::io::ErrorKind::UnexpectedEof.into())),
+            Err(e) => Err(GuardFailure::Lost(e)),
+        }
+    }
+
+    /// Sends `request` about the running command (within `GUARD_ANSWER`); a guard that has gone is noticed by
+    /// whoever waits for its reply.
+    fn tell(&self, request: &wire::Request) {
+        let _ = wire::send(&self.socket, request, &[]);
+    }
+
+    /// Kills the guard (if it is not dead already) and waits for it.
+    fn end(&self) -> Exit {
+        // SAFETY: kill only sends a signal; the pid is not reused before it has been waited
+        // for, which happens only here.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with a valid pointer.
+        let waited = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        forget_guard(self.pid);
+        if waited != self.pid {
+            return Exit::NotStarted("the guard could not be waited for".into());
+        }
+        let status = std::process::ExitStatus::from_raw(status);
+        exit_of(Ok(status))
+    }
+}
+
+/// How long a guard may take to take a request, or to answer that it started a command.
+const GUARD_ANSWER: Duration = Duration::from_secs(10);
+
+enum GuardFailure {
+    /// The guard could not start `sh` (a folder the command's user cannot enter, say).
+    Refused(String),
+    /// The guard is gone or broken.
+    Lost(std::io::Error),
+}
+
 /// A command that has been started: its process group and its output, still being read.
 pub struct Running {
-    handle: Arc<duct::Handle>,
+    /// Without a guard: `sh` itself, started through duct.
+    handle: Option<Arc<duct::Handle>>,
+    /// The slot's guard, which forked `sh`, and whether it has been lost during the command
+    /// (killed, or unable to kill everything): then the agent sweeps, and the slot starts a
+    /// new guard for its next command.
+    guard: Option<(Arc<GuardSlot>, Guard)>,
+    lost: Arc<AtomicBool>,
     group: Option<u32>,
-    /// The group is led by the guard, which can also kill descendants that left the group.
-    guarded: bool,
-    /// Whether to look for processes of the task once the guard has exited: the agent's
-    /// descendants (it is a subreaper, so orphans of a dead guard come back to it), and every
-    /// process of the run-as user.
-    sweep: bool,
     run_as: Option<u32>,
     stdout: Capture,
     stderr: Capture,
@@ -92,53 +213,66 @@ pub struct Running {
 pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
     let (stdout_reader, stdout_writer) = os_pipe::pipe()?;
     let (stderr_reader, stderr_writer) = os_pipe::pipe()?;
-    let expression = match spec.guard {
-        Some(guard) => {
-            let agent = std::process::id().to_string();
-            let confinement = spec.confinement.encode();
-            let args: [&OsStr; 4] = [
-                crate::guard::ARG.as_ref(),
-                agent.as_ref(),
-                confinement.as_ref(),
-                spec.command.as_ref(),
-            ];
-            duct::cmd(guard, args)
+    let (handle, guard, group) = match spec.guard {
+        Some(slot) => {
+            let request = wire::Request::Run(wire::Run {
+                command: spec.command.to_owned(),
+                env: spec.env.to_vec(),
+                workdir: spec.workdir.map(PathBuf::from),
+                confinement: spec.confinement.encode(),
+            });
+            // An idle guard may have died since its last command: then once more with a new one.
+            let mut kept = slot.take();
+            let (guard, pid) = loop {
+                let (guard, fresh) = match kept.take() {
+                    Some(guard) => (guard, false),
+                    None => (slot.spawn()?, true),
+                };
+                match guard.run(&request, &stdout_writer, &stderr_writer) {
+                    Ok(pid) => break (guard, pid),
+                    Err(GuardFailure::Refused(why)) => {
+                        slot.put_back(guard);
+                        return Err(std::io::Error::other(why));
+                    }
+                    Err(GuardFailure::Lost(e)) => {
+                        guard.end();
+                        if fresh {
+                            return Err(std::io::Error::other(format!("the guard failed: {e}")));
+                        }
+                    }
+                }
+            };
+            (None, Some((slot.clone(), guard)), Some(pid as u32))
         }
-        None => duct::cmd("sh", ["-c", spec.command]),
+        None => {
+            let handle = duct::cmd("sh", ["-c", spec.command]);
+            let handle = match spec.workdir {
+                Some(dir) => handle.dir(dir),
+                None => handle,
+            };
+            let handle = handle
+                .stdin_null()
+                .stdout_file(stdout_writer.try_clone()?)
+                .stderr_file(stderr_writer.try_clone()?)
+                .full_env(spec.env.iter().cloned())
+                .unchecked()
+                .before_spawn(|child| {
+                    child.process_group(0);
+                    Ok(())
+                })
+                .start()?;
+            let group = handle.pids().first().copied();
+            (Some(Arc::new(handle)), None, group)
+        }
     };
-    let expression = match spec.workdir {
-        Some(dir) => expression.dir(dir),
-        None => expression,
-    };
-    let expression = expression
-        .stdin_null()
-        .stdout_file(stdout_writer)
-        .stderr_file(stderr_writer)
-        .full_env(spec.env.iter().cloned())
-        .unchecked()
-        .before_spawn(|child| {
-            // Its own process group, so the whole tree can be signalled at once. (The guard
-            // gives up the agent's controlling terminal itself: a `setsid` here would need a
-            // pre_exec hook, which costs the agent posix_spawn's fast path on every task.)
-            child.process_group(0);
-            Ok(())
-        });
-    let mut live = guards();
-    let handle = expression.start();
-    // The expression holds our copies of the write ends: drop them, or the pipes never close.
-    drop(expression);
-    let handle = handle?;
-    let group = handle.pids().first().copied();
-    if let (Some(pid), Some(_)) = (group, spec.guard) {
-        *live.get_or_insert_with(HashMap::new).entry(pid as libc::pid_t).or_default() += 1;
-    }
-    drop(live);
+    // Our copies of the write ends: drop them, or the pipes never close.
+    drop((stdout_writer, stderr_writer));
     let runs = Arc::new(Mutex::new(Runs::default()));
     Ok(Running {
-        handle: Arc::new(handle),
+        handle,
+        guard,
+        lost: Arc::new(AtomicBool::new(false)),
         group,
-        guarded: spec.guard.is_some(),
-        sweep: spec.guard.is_some(),
         run_as: spec.confinement.identity.as_ref().map(|(uid, _, _)| *uid),
         stdout: capture(stdout_reader, spec.cap, Stream::Stdout, runs.clone()),
         stderr: capture(stderr_reader, spec.cap, Stream::Stderr, runs.clone()),
@@ -150,15 +284,41 @@ pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
 impl Running {
     /// Calls `exited` on another thread once the command has exited.
     pub fn on_exit(&self, exited: impl FnOnce(Exit) + Send + 'static) {
-        let handle = self.handle.clone();
-        let guard = self.group.filter(|_| self.guarded);
-        thread::spawn(move || {
-            let exit = exit_of(handle.wait().map(|output| output.status));
-            if let Some(pid) = guard {
-                forget_guard(pid as libc::pid_t);
+        match (&self.handle, &self.guard) {
+            (Some(handle), _) => {
+                let handle = handle.clone();
+                thread::spawn(move || exited(exit_of(handle.wait().map(|output| output.status))));
             }
-            exited(exit);
-        });
+            (None, Some((_, guard))) => {
+                let (socket, pid, lost) = (guard.socket.clone(), guard.pid, self.lost.clone());
+                thread::spawn(move || {
+                    let exit = match wire::receive::<wire::Reply>(&socket) {
+                        Ok(Some((wire::Reply::Exited { code, signal, clean }, _))) => {
+                            if !clean {
+                                // It exits, leaving what it could not kill to the sweep.
+                                lost.store(true, Ordering::SeqCst);
+                                Guard { pid, socket }.end();
+                            }
+                            match (code, signal) {
+                                (Some(code), _) => Exit::Code(code),
+                                (None, Some(signal)) => Exit::Signal(signal),
+                                (None, None) => {
+                                    Exit::NotStarted("the guard could not wait for sh".into())
+                                }
+                            }
+                        }
+                        // The guard is gone (killed with its command, say): how it ended
+                        // stands for how the command did.
+                        _ => {
+                            lost.store(true, Ordering::SeqCst);
+                            Guard { pid, socket }.end()
+                        }
+                    };
+                    exited(exit);
+                });
+            }
+            (None, None) => exited(Exit::NotStarted("nothing was started".into())),
+        }
     }
 
     /// The live buffers of stdout and stderr, and the order they were written in, for the
@@ -167,48 +327,78 @@ impl Running {
         ([self.stdout.buffer(), self.stderr.buffer()], self.runs.clone())
     }
 
-    /// The command's process group (the id of its leader, the guard).
+    /// The command's process group (the id of its leader, `sh`).
     pub fn group(&self) -> Option<u32> {
         self.group
     }
 
-    /// Sends `signal` to the command's whole process group (the guard passes SIGTERM on to
-    /// descendants that left the group).
-    pub fn signal(&self, signal: libc::c_int) {
+    /// Asks the command to stop: SIGTERM to its process group, and through the guard to its
+    /// descendants that left the group.
+    pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+        if let Some((_, guard)) = &self.guard {
+            guard.tell(&wire::Request::Term);
+        }
+    }
+
+    /// Has the guard kill every process of the command, in its group or not. False without a
+    /// guard, which leaves only `kill`.
+    pub fn kill_all(&self) -> bool {
+        match &self.guard {
+            Some((_, guard)) => {
+                guard.tell(&wire::Request::Kill);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// SIGKILL to the command's process group and to its guard, should the guard not have
+    /// done its work: the agent sweeps what is left.
+    pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+        if let Some((_, guard)) = self.guard.as_ref().filter(|_| !self.lost.load(Ordering::SeqCst))
+        {
+            // SAFETY: kill only sends a signal; the guard's pid is ours until it is waited
+            // for, which the thread that waits for the command's exit does once it has
+            // marked the guard lost.
+            unsafe { libc::kill(guard.pid, libc::SIGKILL) };
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
         if let Some(group) = self.group {
             kill_group(group, signal);
         }
     }
 
-    /// Whether the command runs under the guard, which kills all its descendants on SIGUSR1
-    /// (then exits) and whatever is left when `sh` exits.
-    pub fn is_guarded(&self) -> bool {
-        self.guarded
-    }
-
     /// After the command has exited: kills whatever it left running (the guard has already
-    /// done so unless it was killed itself), and collects the output.
+    /// done so unless it was lost), and collects the output. A guard that is still sound goes
+    /// back to its slot.
     pub fn finish(self, exit: Exit) -> Execution {
-        if !self.guarded {
-            self.signal(libc::SIGKILL);
-        }
         let mut survivors = 0;
-        if self.sweep {
-            // A guard that exits with a code has killed all of its descendants first; one
-            // that died of a signal may have been killed before it could, and one told to
-            // kill everything (a command that ignored SIGTERM) gives up after a bound.
-            let guard_clean = matches!(exit, Exit::Code(code) if code != i32::from(guard::KILLED));
-            if !guard_clean {
-                let live = guards();
-                let spared = live.as_ref().map(|g| g.keys().copied().collect()).unwrap_or_default();
-                survivors = procs::sweep(Scope::Orphans(&spared));
-            }
-            if let Some(uid) = self.run_as {
-                // Processes of the user that no task of this agent started (a daemon that
-                // slipped out some other way): not this task's doing, but they must go too.
-                let strays = procs::sweep(Scope::User(uid));
-                if strays > 0 {
-                    log::warn!("killed {strays} other processes of the run-as user (uid {uid})");
+        match self.guard {
+            None => self.signal(libc::SIGKILL),
+            Some((slot, guard)) => {
+                if self.lost.load(Ordering::SeqCst) {
+                    // The guard died (killed by its command, say) or gave up killing a fork
+                    // bomb: what it left came back to the agent, a subreaper.
+                    let live = guards();
+                    let spared =
+                        live.as_ref().map(|g| g.keys().copied().collect()).unwrap_or_default();
+                    survivors = procs::sweep(Scope::Orphans(&spared));
+                } else {
+                    slot.put_back(guard);
+                }
+                if let Some(uid) = self.run_as {
+                    // Processes of the user that no task of this agent started (a daemon that
+                    // slipped out some other way): not this task's doing, but they must go too.
+                    let strays = procs::sweep(Scope::User(uid));
+                    if strays > 0 {
+                        log::warn!(
+                            "killed {strays} other processes of the run-as user (uid {uid})"
+                        );
+                    }
                 }
             }
         }
@@ -254,10 +444,11 @@ impl Execution {
 pub fn run(spec: &Spec<'_>) -> Execution {
     match start(spec) {
         Ok(running) => {
-            let exit = exit_of(running.handle.wait().map(|output| output.status));
-            if let Some(pid) = running.group.filter(|_| running.guarded) {
-                forget_guard(pid as libc::pid_t);
-            }
+            let (exited, exit) = std::sync::mpsc::channel();
+            running.on_exit(move |exit| {
+                let _ = exited.send(exit);
+            });
+            let exit = exit.recv().unwrap_or_else(|_| Exit::NotStarted("no exit seen".into()));
             running.finish(exit)
         }
         Err(e) => Execution::not_started(format!("could not start the command: {e}"), spec.cap),

@@ -37,10 +37,8 @@ pub enum Error {
 pub struct Worker {
     config: Config,
     client: Arc<Client>,
-    /// By slot: the environment and confinement its commands run with.
+    /// By slot: the environment and confinement its commands run with, and its guard.
     slots: Vec<Slot>,
-    /// This binary, which runs each command under its guard.
-    guard: Option<PathBuf>,
 }
 
 /// A picked task on its way to its slot, the slot already marked busy (`None`: the process
@@ -61,23 +59,29 @@ struct Slot {
     confinement: Confinement,
     /// Where a command without a `cwd` starts: the run-as user's home.
     workdir: Option<PathBuf>,
+    /// The guard that runs the slot's commands (this binary), unless its path is unknown.
+    guard: Option<Arc<exec::GuardSlot>>,
 }
 
 impl Worker {
     pub fn new(config: Config) -> Worker {
         let client = Arc::new(Client::new(&config));
-        let guard = std::env::current_exe().ok();
+        let binary = std::env::current_exe().ok();
         let slots = (0..config.concurrency)
             .map(|slot| {
                 let run_as = config.run_as.get(slot);
+                let env = isolation::command_env(std::env::vars(), &config.env_allow, run_as);
                 Slot {
-                    env: isolation::command_env(std::env::vars(), &config.env_allow, run_as),
+                    guard: binary
+                        .clone()
+                        .map(|binary| Arc::new(exec::GuardSlot::new(binary, env.clone()))),
+                    env,
                     confinement: Confinement::new(run_as, config.limits),
                     workdir: run_as.map(isolation::RunAs::workdir),
                 }
             })
             .collect();
-        Worker { config, client, slots, guard }
+        Worker { config, client, slots }
     }
 
     /// Picks tasks for the free slots and hands each to its slot's thread, until a signal asks
@@ -208,7 +212,7 @@ impl Worker {
             env: &env,
             // Capped as the server keeps it, so that both agree on what is dropped.
             cap,
-            guard: self.guard.as_deref(),
+            guard: setup.guard.as_ref(),
             confinement: &setup.confinement,
             workdir: workdir.as_deref(),
         };

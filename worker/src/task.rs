@@ -103,26 +103,25 @@ pub fn supervise(
     }
 }
 
-/// How long the guard gets to kill every descendant on SIGUSR1 before the group is killed.
+/// How long the guard gets to kill every descendant before the group and the guard are killed.
 const GUARD_CLEANUP: Duration = Duration::from_secs(2);
 
-/// SIGTERM to the process group, up to `grace` for it to exit, then the kill: SIGUSR1 to the
-/// group, on which the guard kills every descendant (even those that left the group) and exits,
-/// then SIGKILL to the group if that did not end it. Signals go to the group, never to a pid
-/// that may have been reaped and reused. A second stop request (`Quit`) skips the rest of the
-/// grace.
+/// SIGTERM to the process group (and to descendants that left it), up to `grace` for it to
+/// exit, then the kill: the guard kills every descendant, even those that left the group; then
+/// SIGKILL to the group and the guard if that did not end it. Signals go to the group, never
+/// to a pid that may have been reaped and reused. A second stop request (`Quit`) skips the
+/// rest of the grace.
 fn stop_command(running: &Running, inbox: &Receiver<Event>, grace: Duration) -> Exit {
-    running.signal(libc::SIGTERM);
+    running.terminate();
     if let Some(exit) = wait_exit(inbox, grace, true) {
         return exit;
     }
-    if running.is_guarded() {
-        running.signal(libc::SIGUSR1);
+    if running.kill_all() {
         if let Some(exit) = wait_exit(inbox, GUARD_CLEANUP, false) {
             return exit;
         }
     }
-    running.signal(libc::SIGKILL);
+    running.kill();
     loop {
         match inbox.recv() {
             Ok(Event::Exited(exit)) => return exit,
