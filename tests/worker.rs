@@ -244,32 +244,44 @@ async fn the_worker_keeps_trying_until_the_api_is_reachable() {
 async fn one_guard_runs_a_slots_commands_one_after_another_and_a_killed_one_is_replaced() {
     let app = TestApp::spawn().await;
     let worker = WorkerProcess::start(&app, "kept", &[]);
-    // Each command prints its parent (the guard) and the guard's parent (the agent).
-    let parents = "echo $PPID $(awk '{print $4}' /proc/$PPID/stat)";
+    // A burst of short commands, one after another on the slot: each may end before its guard
+    // has said that it started it, and every one of them runs once, under the same guard.
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids.push(app.submit("echo $PPID").await.id);
+    }
     let mut guards = Vec::new();
-    for _ in 0..3 {
-        let task = app.submit(parents).await;
-        let task = app.until_done(task.id).await;
+    for id in ids {
+        let task = app.until_done(id).await;
         assert_eq!(task.status, TaskStatus::Finished, "{task:?}");
-        let line = task.stdout.clone().unwrap_or_default();
-        let pids: Vec<i32> = line.split_whitespace().filter_map(|p| p.parse().ok()).collect();
-        assert_eq!(pids.len(), 2, "{line}");
-        assert_eq!(pids[1], worker.pid(), "the guard is the agent's child: {line}");
-        assert_ne!(pids[0], worker.pid(), "the command runs under a guard: {line}");
-        guards.push(pids[0]);
+        assert_eq!(task.attempts, 1, "{task:?}");
+        guards.push(task.stdout.clone().unwrap_or_default());
     }
     assert!(guards.windows(2).all(|w| w[0] == w[1]), "one guard for every task: {guards:?}");
+    // That guard is the agent's child, and the command's parent.
+    let parents = "echo $PPID $(awk '{print $4}' /proc/$PPID/stat)";
+    let task = app.until_done(app.submit(parents).await.id).await;
+    let line = task.stdout.clone().unwrap_or_default();
+    let pids: Vec<i32> = line.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    assert_eq!(pids.len(), 2, "{line}");
+    assert_eq!(pids[1], worker.pid(), "the guard is the agent's child: {line}");
+    assert_eq!(pids[0].to_string(), guards[0].trim(), "the same guard: {line}");
+    let kept = pids[0];
 
-    // A command that kills its guard (it can, without RUN_AS) fails; the next gets a new one.
+    // A command that kills its guard (it can, without RUN_AS) fails, its `sleep` killed by the
+    // agent; the next command gets a new guard.
     let killer = app.until_done(app.submit("kill -9 $PPID; sleep 5").await.id).await;
     assert_eq!(killer.status, TaskStatus::Failed, "{killer:?}");
+    let error = killer.error.clone().unwrap_or_default();
+    // (Ended before or after the guard confirmed the start: either way, said.)
+    assert!(error.contains("guard ended before"), "{error}");
     let next = app.until_done(app.submit(parents).await.id).await;
     assert_eq!(next.status, TaskStatus::Finished, "{next:?}");
     let line = next.stdout.clone().unwrap_or_default();
     let guard: i32 = line.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap();
-    assert_ne!(guard, guards[0], "a new guard: {line}");
+    assert_ne!(guard, kept, "a new guard: {line}");
     assert!(
-        !std::path::Path::new(&format!("/proc/{}", guards[0])).exists(),
+        !std::path::Path::new(&format!("/proc/{kept}")).exists(),
         "the killed guard has been waited for"
     );
 }

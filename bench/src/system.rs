@@ -157,7 +157,7 @@ impl Env {
                         let ran = if guarded {
                             exec::run(&spec).exit == exec::Exit::Code(0)
                         } else {
-                            std::process::Command::new("sh")
+                            std::process::Command::new("/bin/sh")
                                 .args(["-c", "true"])
                                 .status()
                                 .expect("run sh")

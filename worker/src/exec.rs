@@ -39,8 +39,8 @@ pub struct Execution {
     pub stderr: Captured,
     /// When the command started, if it did.
     pub started: Option<Instant>,
-    /// Processes of the task that the agent had to kill after the guard had exited: the guard
-    /// was killed (a guard that exits kills them all first).
+    /// Processes of the task that the agent had to kill after its guard was lost: killed, or
+    /// beaten by a fork bomb (a sound guard kills them all before it reports the exit).
     pub survivors: usize,
 }
 
@@ -85,6 +85,9 @@ pub struct GuardSlot {
 /// A guard process and the agent's end of its socket.
 struct Guard {
     pid: libc::pid_t,
+    /// Whether the guard has not been waited for yet, held while it is signalled or waited
+    /// for: a pid is never signalled once it may have been reused.
+    unwaited: Arc<Mutex<bool>>,
     socket: Arc<UnixStream>,
 }
 
@@ -120,20 +123,29 @@ impl GuardSlot {
         let child = command.spawn()?;
         let pid = child.id() as libc::pid_t;
         *live.get_or_insert_with(HashMap::new).entry(pid).or_default() += 1;
-        Ok(Guard { pid, socket: Arc::new(ours) })
+        Ok(Guard { pid, unwaited: Arc::new(Mutex::new(true)), socket: Arc::new(ours) })
+    }
+}
+
+impl Drop for GuardSlot {
+    /// An idle guard has no command: it goes, and is waited for.
+    fn drop(&mut self) {
+        if let Some(guard) = self.take() {
+            guard.end();
+        }
     }
 }
 
 impl Guard {
-    /// Asks the guard to run `run`; the pid of its `sh` once it runs.
+    /// Asks the guard to run the framed `Run` request; the pid of its `sh` once it runs.
     fn run(
         &self,
-        run: &wire::Request,
+        run: &[u8],
         stdout: &os_pipe::PipeWriter,
         stderr: &os_pipe::PipeWriter,
     ) -> Result<libc::pid_t, GuardFailure> {
         let fds = [stdout.as_raw_fd(), stderr.as_raw_fd()];
-        wire::send(&self.socket, run, &fds).map_err(GuardFailure::Lost)?;
+        wire::send(&self.socket, run, &fds).map_err(GuardFailure::Unreachable)?;
         // A guard that does not answer (stopped by a command of the same user, say) is lost,
         // not waited for: the slot would hang before any timeout of the task applies.
         let answer = self
@@ -155,26 +167,45 @@ impl Guard {
         }
     }
 
-    /// Sends `request` about the running command (within `GUARD_ANSWER`); a guard that has gone is noticed by
-    /// whoever waits for its reply.
+    /// Sends `request` about the running command (within `GUARD_ANSWER`); a guard that has
+    /// gone is noticed by whoever waits for its reply.
     fn tell(&self, request: &wire::Request) {
-        let _ = wire::send(&self.socket, request, &[]);
+        if let Ok(frame) = wire::frame(request) {
+            let _ = wire::send(&self.socket, &frame, &[]);
+        }
     }
 
-    /// Kills the guard (if it is not dead already) and waits for it.
+    /// SIGKILL to the guard, unless it has been waited for already.
+    fn kill(&self) {
+        let unwaited = self.unwaited.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *unwaited {
+            // SAFETY: kill only sends a signal, to our own child, not waited for yet.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+    }
+
+    /// Kills the guard (if it is not dead already) and waits for it; how it ended.
     fn end(&self) -> Exit {
-        // SAFETY: kill only sends a signal; the pid is not reused before it has been waited
-        // for, which happens only here.
+        let mut unwaited = self.unwaited.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !*unwaited {
+            return Exit::NotStarted("the guard had ended".into());
+        }
+        // SAFETY: kill only sends a signal, to our own child, not waited for yet.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         let mut status = 0;
         // SAFETY: waitpid on our own child with a valid pointer.
         let waited = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        *unwaited = false;
         forget_guard(self.pid);
         if waited != self.pid {
             return Exit::NotStarted("the guard could not be waited for".into());
         }
-        let status = std::process::ExitStatus::from_raw(status);
-        exit_of(Ok(status))
+        exit_of(Ok(std::process::ExitStatus::from_raw(status)))
+    }
+
+    /// Another handle on the same guard, for the thread that waits for its reply.
+    fn share(&self) -> Guard {
+        Guard { pid: self.pid, unwaited: self.unwaited.clone(), socket: self.socket.clone() }
     }
 }
 
@@ -182,10 +213,24 @@ impl Guard {
 const GUARD_ANSWER: Duration = Duration::from_secs(10);
 
 enum GuardFailure {
+    /// The request did not go through: the guard never got it (an idle guard that died).
+    Unreachable(std::io::Error),
     /// The guard could not start `sh` (a folder the command's user cannot enter, say).
     Refused(String),
-    /// The guard is gone or broken.
+    /// The guard got the request but did not answer as it should: it may have started `sh`.
     Lost(std::io::Error),
+}
+
+/// Kills this agent's descendants outside its live guards (what a lost guard left behind):
+/// how many. Only in a subreaper, where they come back to: elsewhere (the bench) the
+/// process's descendants are its own business.
+fn sweep_orphans() -> usize {
+    if !procs::is_subreaper() {
+        return 0;
+    }
+    let live = guards();
+    let spared = live.as_ref().map(|g| g.keys().copied().collect()).unwrap_or_default();
+    procs::sweep(Scope::Orphans(&spared))
 }
 
 /// A command that has been started: its process group and its output, still being read.
@@ -215,13 +260,15 @@ pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
     let (stderr_reader, stderr_writer) = os_pipe::pipe()?;
     let (handle, guard, group) = match spec.guard {
         Some(slot) => {
-            let request = wire::Request::Run(wire::Run {
+            let request = wire::frame(&wire::Request::Run(wire::Run {
                 command: spec.command.to_owned(),
                 env: spec.env.to_vec(),
                 workdir: spec.workdir.map(PathBuf::from),
                 confinement: spec.confinement.encode(),
-            });
-            // An idle guard may have died since its last command: then once more with a new one.
+            }))?;
+            // An idle guard may have died since its last command: then once more with a new
+            // one. Only a request that never reached the guard is sent again; a guard lost
+            // after it may have started `sh`, which must neither run twice nor be left.
             let mut kept = slot.take();
             let (guard, pid) = loop {
                 let (guard, fresh) = match kept.take() {
@@ -234,18 +281,26 @@ pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
                         slot.put_back(guard);
                         return Err(std::io::Error::other(why));
                     }
-                    Err(GuardFailure::Lost(e)) => {
+                    Err(GuardFailure::Unreachable(e)) => {
                         guard.end();
                         if fresh {
                             return Err(std::io::Error::other(format!("the guard failed: {e}")));
                         }
+                    }
+                    Err(GuardFailure::Lost(e)) => {
+                        guard.end();
+                        let left = sweep_orphans();
+                        return Err(std::io::Error::other(format!(
+                            "the guard ended before it confirmed the start ({e}); the {left} \
+                             processes it left were killed"
+                        )));
                     }
                 }
             };
             (None, Some((slot.clone(), guard)), Some(pid as u32))
         }
         None => {
-            let handle = duct::cmd("sh", ["-c", spec.command]);
+            let handle = duct::cmd(guard::SH, ["-c", spec.command]);
             let handle = match spec.workdir {
                 Some(dir) => handle.dir(dir),
                 None => handle,
@@ -290,14 +345,14 @@ impl Running {
                 thread::spawn(move || exited(exit_of(handle.wait().map(|output| output.status))));
             }
             (None, Some((_, guard))) => {
-                let (socket, pid, lost) = (guard.socket.clone(), guard.pid, self.lost.clone());
+                let (guard, lost) = (guard.share(), self.lost.clone());
                 thread::spawn(move || {
-                    let exit = match wire::receive::<wire::Reply>(&socket) {
+                    let exit = match wire::receive::<wire::Reply>(&guard.socket) {
                         Ok(Some((wire::Reply::Exited { code, signal, clean }, _))) => {
                             if !clean {
                                 // It exits, leaving what it could not kill to the sweep.
                                 lost.store(true, Ordering::SeqCst);
-                                Guard { pid, socket }.end();
+                                guard.end();
                             }
                             match (code, signal) {
                                 (Some(code), _) => Exit::Code(code),
@@ -311,7 +366,7 @@ impl Running {
                         // stands for how the command did.
                         _ => {
                             lost.store(true, Ordering::SeqCst);
-                            Guard { pid, socket }.end()
+                            guard.end()
                         }
                     };
                     exited(exit);
@@ -357,12 +412,8 @@ impl Running {
     /// done its work: the agent sweeps what is left.
     pub fn kill(&self) {
         self.signal(libc::SIGKILL);
-        if let Some((_, guard)) = self.guard.as_ref().filter(|_| !self.lost.load(Ordering::SeqCst))
-        {
-            // SAFETY: kill only sends a signal; the guard's pid is ours until it is waited
-            // for, which the thread that waits for the command's exit does once it has
-            // marked the guard lost.
-            unsafe { libc::kill(guard.pid, libc::SIGKILL) };
+        if let Some((_, guard)) = &self.guard {
+            guard.kill();
         }
     }
 
@@ -383,10 +434,7 @@ impl Running {
                 if self.lost.load(Ordering::SeqCst) {
                     // The guard died (killed by its command, say) or gave up killing a fork
                     // bomb: what it left came back to the agent, a subreaper.
-                    let live = guards();
-                    let spared =
-                        live.as_ref().map(|g| g.keys().copied().collect()).unwrap_or_default();
-                    survivors = procs::sweep(Scope::Orphans(&spared));
+                    survivors = sweep_orphans();
                 } else {
                     slot.put_back(guard);
                 }

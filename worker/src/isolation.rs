@@ -1,7 +1,8 @@
 //! What keeps a command away from its agent and from the tasks after it: the user it runs as
 //! (`RUN_AS`), its resource limits (`TASK_MAX_*`), its environment (an allowlist) and its open
 //! descriptors (0, 1 and 2 only). The agent resolves the settings at start and hands them to
-//! the guard as one argument; the guard applies them between fork and exec of `sh`.
+//! the guard with each command, in one field; the guard applies them between fork and exec
+//! of `sh`.
 
 use std::ffi::CString;
 use std::path::PathBuf;
@@ -102,7 +103,7 @@ impl Limits {
     }
 }
 
-/// What the guard applies to `sh`, written as one argument of numbers only:
+/// What the guard applies to `sh`, written as one field of numbers only:
 /// `uid=N,gid=N,groups=N:N,nproc=N,as=N,nofile=N,fsize=N` (each part optional).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Confinement {
@@ -311,8 +312,8 @@ pub fn with_task_env(
     overridable: &[String],
 ) -> Result<Vec<(String, String)>, String> {
     // The dynamic loader's variables are never a task's to set, whatever the agent allows:
-    // the task's environment reaches the guard before it drops to `RUN_AS`, and the loader
-    // would honour them there, as root.
+    // they would load a library of the task's choosing into every binary the operator
+    // installed, `sh` first.
     let refused: Vec<&str> = task
         .keys()
         .filter(|name| {
@@ -379,7 +380,7 @@ mod tests {
     }
 
     #[test]
-    fn a_confinement_goes_through_its_argument_unchanged() {
+    fn a_confinement_goes_through_its_field_unchanged() {
         let limits =
             Limits { processes: Some(64), memory: None, open_files: Some(256), file_size: Some(9) };
         for identity in [None, Some((1000, 1001, vec![1001, 27])), Some((5, 6, vec![]))] {

@@ -175,6 +175,15 @@ fn reap_some(pids: &HashSet<libc::pid_t>) {
     }
 }
 
+/// Whether this process is a child subreaper (the agent is): orphans of its descendants come
+/// back to it.
+pub fn is_subreaper() -> bool {
+    let mut flag: libc::c_int = 0;
+    // SAFETY: PR_GET_CHILD_SUBREAPER writes an int through the valid pointer.
+    let read = unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut flag as *mut libc::c_int) };
+    read == 0 && flag != 0
+}
+
 /// Collects the exit status of any finished child (orphans re-parented to us included).
 pub fn reap() {
     let mut status = 0;

@@ -15,8 +15,9 @@
 //!   parent-death signal on `sh` alone would not do: it is not inherited by the command's own
 //!   children.
 //! - It runs as the agent's user (root, with `RUN_AS`), and only `sh` drops to the command's
-//!   user, limits and descriptors (see `isolation`): a command cannot signal its guard. It is
-//!   not dumpable, so that a command of the same user cannot read an earlier command's
+//!   user, limits and descriptors (see `isolation`): with `RUN_AS`, a command cannot signal its
+//!   guard (without it, a command that kills its guard is reported, and the agent kills what
+//!   it left and starts another guard for the slot). It is not dumpable, so that a command of the same user cannot read an earlier command's
 //!   environment out of its memory either.
 //!
 //! The guard is this same binary, started as `taskexec-worker __guard <agent pid>`, with its
@@ -42,6 +43,10 @@ use wire::{Reply, Request};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+/// The shell, by its path: not looked up in the command's `PATH` (a failed exec for each
+/// folder before it, on every task), and not one a task's `PATH` could put elsewhere.
+pub const SH: &str = "/bin/sh";
+
 /// The first argument that turns the binary into a guard.
 pub const ARG: &str = "__guard";
 
@@ -61,6 +66,13 @@ fn run(agent: &OsString) -> ExitCode {
     close_on_exec_from_3();
     reset_signals();
     leave_terminal();
+    // Caught, not ignored: a caught signal is back to its default in `sh`, an ignored one
+    // would stay ignored there. The group's SIGINT from a terminal, or a command's SIGTERM,
+    // must not end the guard of the tasks to come. Caught before the parent-death signal is
+    // armed: it also comes when the agent's thread that started the guard ends.
+    let Ok(mut signals) = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGQUIT]) else {
+        return ExitCode::from(125);
+    };
     // SAFETY: prctl with these options only changes attributes of this process.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, SIGHUP as libc::c_ulong, 0, 0, 0);
@@ -71,19 +83,13 @@ fn run(agent: &OsString) -> ExitCode {
     if !agent_alive(agent) {
         return ExitCode::from(125);
     }
-    // Caught, not ignored: a caught signal is back to its default in `sh`, an ignored one
-    // would stay ignored there. The group's SIGINT from a terminal, or a command's SIGTERM,
-    // must not end the guard of the other tasks to come.
-    let Ok(mut signals) = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGQUIT]) else {
-        return ExitCode::from(125);
-    };
     std::thread::spawn(move || {
         for signal in signals.forever() {
             // HUP from anyone but the kernel's parent-death notice is the command's own
             // business: only act when the agent is really gone.
             if signal == SIGHUP && !agent_alive(agent) {
                 kill_descendants();
-                std::process::exit(125);
+                quit();
             }
         }
     });
@@ -107,17 +113,20 @@ fn run(agent: &OsString) -> ExitCode {
         };
         match request {
             (Request::Run(run), fds) => {
-                let reply = match start(run, fds) {
+                let said = match start(run, fds) {
                     Ok((child, stderr, limits)) => {
                         let pid = child.id() as libc::pid_t;
                         command = Some(pid);
+                        // `Started` goes before anything can report the exit of a short
+                        // command (`sh` keeps its status until it is waited for).
+                        let said = say(&replies, &Reply::Started { pid });
                         let replies = replies.clone();
                         std::thread::spawn(move || await_exit(child, stderr, limits, &replies));
-                        Reply::Started { pid }
+                        said
                     }
-                    Err(why) => Reply::NotStarted { why },
+                    Err(why) => say(&replies, &Reply::NotStarted { why }),
                 };
-                if say(&replies, &reply).is_err() {
+                if said.is_err() {
                     kill_descendants();
                     return ExitCode::SUCCESS;
                 }
@@ -136,7 +145,7 @@ fn run(agent: &OsString) -> ExitCode {
 
 fn say(replies: &Mutex<UnixStream>, reply: &Reply) -> std::io::Result<()> {
     let socket = replies.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    wire::send(&socket, reply, &[])
+    wire::send(&socket, &wire::frame(reply)?, &[])
 }
 
 /// Forks `sh -c` for `run`, its stdout and stderr the two descriptors that came with it.
@@ -152,7 +161,7 @@ fn start(
         .try_into()
         .map_err(|fds: Vec<OwnedFd>| format!("the guard got {} descriptors, not 2", fds.len()))?;
     let stderr_copy = File::from(stderr.try_clone().map_err(|e| e.to_string())?);
-    let mut sh = Command::new("sh");
+    let mut sh = Command::new(SH);
     sh.arg("-c")
         .arg(&run.command)
         .env_clear()
@@ -216,8 +225,15 @@ fn await_exit(
     // The command's output ends here: the agent waits for the pipes to close.
     drop(stderr);
     if say(replies, &reply).is_err() || !clean {
-        std::process::exit(125);
+        quit();
     }
+}
+
+/// Ends the guard from any of its threads (`exit` is not safe to call from two at once, and
+/// there is nothing to flush).
+fn quit() -> ! {
+    // SAFETY: _exit ends the process at once; no other precondition.
+    unsafe { libc::_exit(125) }
 }
 
 fn me() -> libc::pid_t {

@@ -57,18 +57,23 @@ pub enum Reply {
 /// The most a message may weigh: a command and its environment, with room to spare.
 const MAX_MESSAGE: usize = 64 << 20;
 
-/// Sends `message`, with `fds` attached (copies: the caller still owns them).
-pub fn send(socket: &UnixStream, message: &impl Serialize, fds: &[RawFd]) -> std::io::Result<()> {
+/// `message` as it goes over the socket: its length, then its JSON.
+pub fn frame(message: &impl Serialize) -> std::io::Result<Vec<u8>> {
     let body = serde_json::to_vec(message).map_err(std::io::Error::other)?;
     let length = u32::try_from(body.len()).map_err(std::io::Error::other)?;
     let mut frame = length.to_le_bytes().to_vec();
     frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Sends a `frame`, with `fds` attached (copies: the caller still owns them).
+pub fn send(socket: &UnixStream, frame: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     let sent = loop {
         match sendmsg::<()>(
             socket.as_raw_fd(),
-            &[IoSlice::new(&frame)],
+            &[IoSlice::new(frame)],
             cmsgs,
             MsgFlags::MSG_NOSIGNAL,
             None,
