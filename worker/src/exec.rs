@@ -42,6 +42,8 @@ pub struct Execution {
     /// Processes of the task that the agent had to kill after its guard was lost: killed, or
     /// beaten by a fork bomb (a sound guard kills them all before it reports the exit).
     pub survivors: usize,
+    /// Whether the command's guard was lost while it ran: then its exit is the guard's.
+    pub guard_lost: bool,
 }
 
 /// How long to wait for the output pipes to close once the command has exited and its process
@@ -101,7 +103,12 @@ impl GuardSlot {
     }
 
     fn put_back(&self, guard: Guard) {
-        *self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(guard);
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // One command at a time per slot, so none is there; should one be (a caller of the
+        // library running two at once), it goes rather than being dropped unwaited.
+        if let Some(other) = idle.replace(guard) {
+            other.end();
+        }
     }
 
     /// Starts a guard, registered as live before anyone can see it.
@@ -193,8 +200,15 @@ impl Guard {
         // SAFETY: kill only sends a signal, to our own child, not waited for yet.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         let mut status = 0;
-        // SAFETY: waitpid on our own child with a valid pointer.
-        let waited = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        let waited = loop {
+            // SAFETY: waitpid on our own child with a valid pointer.
+            let waited = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            if waited != -1
+                || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+            {
+                break waited;
+            }
+        };
         *unwaited = false;
         forget_guard(self.pid);
         if waited != self.pid {
@@ -291,8 +305,8 @@ pub fn start(spec: &Spec<'_>) -> std::io::Result<Running> {
                         guard.end();
                         let left = sweep_orphans();
                         return Err(std::io::Error::other(format!(
-                            "the guard ended before it confirmed the start ({e}); the {left} \
-                             processes it left were killed"
+                            "the guard ended before it confirmed the start ({e}); {left} \
+                             processes it left were killed by the agent"
                         )));
                     }
                 }
@@ -413,6 +427,9 @@ impl Running {
     pub fn kill(&self) {
         self.signal(libc::SIGKILL);
         if let Some((_, guard)) = &self.guard {
+            // Lost from now on, even if it reported a clean exit meanwhile: a guard killed
+            // here must not go back to its slot.
+            self.lost.store(true, Ordering::SeqCst);
             guard.kill();
         }
     }
@@ -427,13 +444,17 @@ impl Running {
     /// done so unless it was lost), and collects the output. A guard that is still sound goes
     /// back to its slot.
     pub fn finish(self, exit: Exit) -> Execution {
-        let mut survivors = 0;
+        let (mut survivors, mut guard_lost) = (0, false);
         match self.guard {
             None => self.signal(libc::SIGKILL),
             Some((slot, guard)) => {
-                if self.lost.load(Ordering::SeqCst) {
-                    // The guard died (killed by its command, say) or gave up killing a fork
-                    // bomb: what it left came back to the agent, a subreaper.
+                guard_lost = self.lost.load(Ordering::SeqCst);
+                if guard_lost {
+                    // The guard died (killed by its command, say), gave up killing a fork
+                    // bomb, or was killed by a stop: what it left came back to the agent, a
+                    // subreaper. (Waited for already, unless a stop killed it after its
+                    // report: `end` does nothing twice.)
+                    guard.end();
                     survivors = sweep_orphans();
                 } else {
                     slot.put_back(guard);
@@ -457,6 +478,7 @@ impl Running {
             stderr: self.stderr.collect(deadline),
             started: Some(self.started),
             survivors,
+            guard_lost,
         }
     }
 }
@@ -483,6 +505,7 @@ impl Execution {
             stderr: Captured::new(cap),
             started: None,
             survivors: 0,
+            guard_lost: false,
         }
     }
 }

@@ -249,9 +249,9 @@ impl Worker {
     ) -> bool {
         let id = attempt.task;
         let (execution, error, aborted, timed_out) = match ending {
-            Ending::Ran(execution) if execution.survivors > 0 => {
+            Ending::Ran(execution) if execution.guard_lost => {
                 let error = format!(
-                    "the command's guard ended before its processes ({}); the {} processes it \
+                    "the command's guard ended before its processes ({}); {} processes it \
                      left were killed",
                     exec::describe(&execution.exit).unwrap_or_else(|| "exited".into()),
                     execution.survivors

@@ -108,9 +108,10 @@ const GUARD_CLEANUP: Duration = Duration::from_secs(2);
 
 /// SIGTERM to the process group (and to descendants that left it), up to `grace` for it to
 /// exit, then the kill: the guard kills every descendant, even those that left the group; then
-/// SIGKILL to the group and the guard if that did not end it. Signals go to the group, never
-/// to a pid that may have been reaped and reused. A second stop request (`Quit`) skips the
-/// rest of the grace.
+/// SIGKILL to the group and the guard if that did not end it. Signals go to the group, not to
+/// single pids (the guard reaps `sh`, so a group that has just emptied could in principle be
+/// reused before the agent hears of the exit; pids would have to wrap around meanwhile). A
+/// second stop request (`Quit`) skips the rest of the grace.
 fn stop_command(running: &Running, inbox: &Receiver<Event>, grace: Duration) -> Exit {
     running.terminate();
     if let Some(exit) = wait_exit(inbox, grace, true) {

@@ -17,8 +17,8 @@
 //! - It runs as the agent's user (root, with `RUN_AS`), and only `sh` drops to the command's
 //!   user, limits and descriptors (see `isolation`): with `RUN_AS`, a command cannot signal its
 //!   guard (without it, a command that kills its guard is reported, and the agent kills what
-//!   it left and starts another guard for the slot). It is not dumpable, so that a command of the same user cannot read an earlier command's
-//!   environment out of its memory either.
+//!   it left and starts another guard for the slot). It is not dumpable, so that a command of
+//!   the same user cannot read an earlier command's environment out of its memory either.
 //!
 //! The guard is this same binary, started as `taskexec-worker __guard <agent pid>`, with its
 //! end of the socket as stdin.
