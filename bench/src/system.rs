@@ -248,27 +248,6 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(stat.rsplit(')').next()?.split_whitespace().map(String::from).collect())
 }
 
-/// `roots` and every live descendant of theirs.
-fn tree_of(roots: &[u32]) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1)?.parse().ok()) {
-            parents.push((pid, ppid));
-        }
-    }
-    let mut tree = roots.to_vec();
-    let mut next = 0;
-    while next < tree.len() {
-        let parent = tree[next];
-        tree.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
-        next += 1;
-    }
-    tree
-}
-
 /// CPU seconds of `pid`, with those of its children it has waited for when `reaped`.
 fn cpu_of(pid: u32, reaped: bool) -> f64 {
     let Some(fields) = stat_fields(pid) else { return 0.0 };
@@ -357,8 +336,12 @@ impl Process {
     /// which live from task to task, and their `sh`), in seconds: the live ones by their own
     /// figures, those already waited for through their parent's.
     pub fn cpu_seconds_with_children(&self) -> f64 {
-        let roots: Vec<u32> = self.children.iter().filter_map(|c| c.id()).collect();
-        tree_of(&roots).into_iter().map(|pid| cpu_of(pid, true)).sum()
+        let roots = self.children.iter().filter_map(|c| c.id());
+        let tree = roots.flat_map(|root| {
+            let below = taskexec_worker::procs::descendants_of(root as libc::pid_t);
+            std::iter::once(root).chain(below.into_iter().map(|(pid, _)| pid as u32))
+        });
+        tree.map(|pid| cpu_of(pid, true)).sum()
     }
 
     /// Resident memory, in MiB.

@@ -17,7 +17,7 @@ pub mod config;
 pub mod exec;
 mod guard;
 pub mod isolation;
-mod procs;
+pub mod procs;
 mod stop;
 mod stream;
 mod task;

@@ -114,14 +114,14 @@ fn run(agent: &OsString) -> ExitCode {
         match request {
             (Request::Run(run), fds) => {
                 let said = match start(run, fds) {
-                    Ok((child, stderr, limits)) => {
+                    Ok((child, limited)) => {
                         let pid = child.id() as libc::pid_t;
                         command = Some(pid);
                         // `Started` goes before anything can report the exit of a short
                         // command (`sh` keeps its status until it is waited for).
                         let said = say(&replies, &Reply::Started { pid });
                         let replies = replies.clone();
-                        std::thread::spawn(move || await_exit(child, stderr, limits, &replies));
+                        std::thread::spawn(move || await_exit(child, limited, &replies));
                         said
                     }
                     Err(why) => say(&replies, &Reply::NotStarted { why }),
@@ -149,18 +149,19 @@ fn say(replies: &Mutex<UnixStream>, reply: &Reply) -> std::io::Result<()> {
 }
 
 /// Forks `sh -c` for `run`, its stdout and stderr the two descriptors that came with it.
-/// Returns the child, a copy of its stderr (to name the limits should it fail) and the limits.
-fn start(
-    run: wire::Run,
-    fds: Vec<OwnedFd>,
-) -> Result<(std::process::Child, File, Option<String>), String> {
+/// Returns the child and, when it runs under limits, a copy of its stderr and the limits (to
+/// name them should it fail).
+fn start(run: wire::Run, fds: Vec<OwnedFd>) -> Result<(std::process::Child, Limited), String> {
     let Some(confinement) = Confinement::decode(&run.confinement) else {
         return Err("the guard's confinement is malformed".into());
     };
     let [stdout, stderr]: [OwnedFd; 2] = fds
         .try_into()
         .map_err(|fds: Vec<OwnedFd>| format!("the guard got {} descriptors, not 2", fds.len()))?;
-    let stderr_copy = File::from(stderr.try_clone().map_err(|e| e.to_string())?);
+    let limited = match confinement.limits.describe() {
+        Some(limits) => Some((File::from(stderr.try_clone().map_err(|e| e.to_string())?), limits)),
+        None => None,
+    };
     let mut sh = Command::new(SH);
     sh.arg("-c")
         .arg(&run.command)
@@ -198,32 +199,30 @@ fn start(
         };
     }
     let child = sh.spawn().map_err(|e| format!("could not start sh: {e}"))?;
-    Ok((child, stderr_copy, confinement.limits.describe()))
+    Ok((child, limited))
 }
+
+/// The command's stderr and its limits, in words, when it has any.
+type Limited = Option<(File, String)>;
 
 /// Waits for `sh`, kills whatever it left, and reports. A guard that could not kill it all
 /// exits after its report: the agent sweeps what is left, and starts a new guard.
-fn await_exit(
-    mut child: std::process::Child,
-    mut stderr: File,
-    limits: Option<String>,
-    replies: &Mutex<UnixStream>,
-) {
+fn await_exit(mut child: std::process::Child, limited: Limited, replies: &Mutex<UnixStream>) {
     let status = child.wait();
     let clean = kill_descendants();
     let reply = match status {
         Ok(status) => {
-            if let (false, Some(limits)) = (status.success(), limits) {
+            if let (false, Some((stderr, limits))) = (status.success(), &limited) {
                 // An error from a limit ("Resource temporarily unavailable", "Cannot allocate
                 // memory") does not say which setting it was: this line does.
-                let _ = writeln!(stderr, "taskexec: the command ran with the limits {limits}");
+                let _ = writeln!(&*stderr, "taskexec: the command ran with the limits {limits}");
             }
             Reply::Exited { code: status.code(), signal: status.signal(), clean }
         }
         Err(_) => Reply::Exited { code: None, signal: None, clean },
     };
     // The command's output ends here: the agent waits for the pipes to close.
-    drop(stderr);
+    drop(limited);
     if say(replies, &reply).is_err() || !clean {
         quit();
     }
